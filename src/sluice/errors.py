@@ -1,0 +1,185 @@
+"""One exception tree for everything a client can be told, each mapped to OpenAI's envelope.
+
+    SluiceError                      500 api_error
+    ├── InvalidRequestError          400 invalid_request_error   (malformed JSON, schema)
+    │   └── ContextLengthExceededError  400 (prompt + max_tokens over the context)
+    ├── AuthenticationError          401 authentication_error
+    ├── PermissionDeniedError        403 permission_error
+    ├── NotFoundError                404 not_found_error         (unknown route)
+    │   └── ModelNotFoundError       404 (unknown model; code model_not_found)
+    ├── PayloadTooLargeError         413 invalid_request_error
+    ├── RateLimitError               429 rate_limit_error        (carries Retry-After)
+    ├── ServiceUnavailableError      503 service_unavailable     (draining, overloaded)
+    └── UpstreamError                502 upstream_error          (anything from a backend)
+        ├── UpstreamConnectError     502 (unreachable, reset before a response)
+        ├── UpstreamTimeoutError     504 (connect, first byte or total timeout)
+        └── UpstreamStatusError      the upstream's own status and body, relayed as is
+
+A handler walks nothing: every class knows its status, type and code, and `envelope()`
+renders the body. Backends translate their library's exceptions into this tree at their
+boundary, so callers above them see only these classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class SluiceError(Exception):
+    """Base of every error Sluice reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "api_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    @property
+    def http_status(self) -> int:
+        return self.status
+
+    @property
+    def kind(self) -> str:
+        """Short label for metrics and logs (``upstream_timeout``, ``invalid_request``…)."""
+        return _snake(type(self).__name__.removesuffix("Error"))
+
+    def envelope(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.envelope())
+
+
+class InvalidRequestError(SluiceError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class AuthenticationError(SluiceError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDeniedError(SluiceError):
+    status = 403
+    type = "permission_error"
+    default_code = "model_not_allowed"
+
+
+class NotFoundError(SluiceError):
+    status = 404
+    type = "not_found_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLargeError(SluiceError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimitError(SluiceError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class ServiceUnavailableError(SluiceError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "service_unavailable"
+
+
+class UpstreamError(SluiceError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    default_code = "upstream_unreachable"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    default_code = "upstream_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an error status; its body is relayed unchanged."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        super().__init__(f"upstream returned HTTP {status}")
+        self.upstream_status = status
+        self.upstream_body = body
+        self.content_type = content_type
+
+    @property
+    def http_status(self) -> int:
+        return self.upstream_status
+
+    @property
+    def kind(self) -> str:
+        return f"upstream_http_{self.upstream_status // 100}xx"
+
+    def body(self) -> bytes:
+        # Relay faithfully when the upstream already speaks OpenAI's envelope.
+        if self.content_type.startswith("application/json"):
+            try:
+                parsed = orjson.loads(self.upstream_body)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+                return self.upstream_body
+        text = self.upstream_body[:2000].decode("utf-8", "replace")
+        return orjson.dumps(
+            {
+                "error": {
+                    "message": f"upstream returned HTTP {self.upstream_status}: {text}",
+                    "type": "upstream_error",
+                    "param": None,
+                    "code": f"upstream_http_{self.upstream_status}",
+                }
+            }
+        )
+
+
+def _snake(name: str) -> str:
+    out: list[str] = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i:
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out) or "error"
