@@ -1,0 +1,1 @@
+"""The HTTP surface: OpenAI routes, health and metrics, middleware and error rendering."""

@@ -1,0 +1,142 @@
+"""Pure ASGI middleware around every request: id, draining, metrics and the access log.
+
+It is the outermost layer of Sluice's own code: it gives each request its id (the
+client's ``X-Request-ID`` when well formed, a new one otherwise) and echoes it back,
+refuses new work with 503 once the process drains, and after the last byte records
+latency, upstream time, gateway overhead, TTFT and tokens, then writes one access record.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sluice.api.context import SCOPE_KEY, RequestContext
+from sluice.errors import ServiceUnavailableError
+from sluice.lifecycle import Lifecycle
+from sluice.observability.logging import AccessLog
+from sluice.observability.metrics import GatewayMetrics
+
+_API_ROUTES = {
+    f"{prefix}/{route}": route
+    for prefix in ("/v1", "")
+    for route in ("chat/completions", "completions", "embeddings", "models")
+}
+_QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if _VALID_ID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+class ObserveRequests:
+    def __init__(
+        self, app: ASGIApp, lifecycle: Lifecycle, metrics: GatewayMetrics, access_log: AccessLog
+    ) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        ctx = RequestContext(
+            request_id=_request_id(scope["headers"]),
+            started=time.perf_counter(),
+            route=_API_ROUTES.get(path, "other"),
+        )
+        scope[SCOPE_KEY] = ctx
+        id_header = (b"x-request-id", ctx.request_id.encode())
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        if not self.lifecycle.accepting and path not in _QUIET_PATHS:
+            error = ServiceUnavailableError(
+                "The server is shutting down; retry on another replica."
+            )
+            await _send_error(send_with_id, error)
+            ctx.error_kind = error.kind
+            self._record(ctx, path, status)
+            return
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(ctx, path, status)
+
+    def _record(self, ctx: RequestContext, path: str, status: int) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        model = ctx.model or "-"
+        m = self.metrics
+        if ctx.route != "other":
+            m.requests.labels(model, ctx.route, str(status)).inc()
+            m.latency.labels(model, ctx.route).observe(elapsed)
+        if ctx.deployment is not None:
+            m.upstream_latency.labels(model, ctx.deployment).observe(ctx.upstream_seconds)
+            m.overhead.labels(ctx.route).observe(max(elapsed - ctx.upstream_seconds, 0.0))
+        if ctx.ttft_seconds is not None:
+            m.ttft.labels(model).observe(ctx.ttft_seconds)
+        if ctx.prompt_tokens:
+            m.tokens.labels(model, "prompt").inc(ctx.prompt_tokens)
+        if ctx.completion_tokens:
+            m.tokens.labels(model, "completion").inc(ctx.completion_tokens)
+        if path in _QUIET_PATHS and status < 400:
+            return
+        record: dict[str, Any] = {
+            "request_id": ctx.request_id,
+            "path": path,
+            "status": status,
+            "latency_ms": round(elapsed * 1000, 3),
+        }
+        if ctx.model is not None:
+            record["model"] = ctx.model
+            record["deployment"] = ctx.deployment
+            record["stream"] = ctx.stream
+            record["upstream_ms"] = round(ctx.upstream_seconds * 1000, 3)
+            record["prompt_tokens"] = ctx.prompt_tokens
+            record["completion_tokens"] = ctx.completion_tokens
+        if ctx.ttft_seconds is not None:
+            record["ttft_ms"] = round(ctx.ttft_seconds * 1000, 3)
+        if ctx.error_kind is not None:
+            record["error"] = ctx.error_kind
+        if ctx.client_disconnected:
+            record["client_disconnected"] = True
+        self.access_log.write(record)
+
+
+async def _send_error(send: Send, error: ServiceUnavailableError) -> None:
+    body = error.body()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.http_status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

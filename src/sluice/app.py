@@ -1,0 +1,104 @@
+"""build_app(settings): the one place where Sluice's services are created and wired.
+
+Everything with a lifetime (upstream pools, local engines) is started in the lifespan and
+closed when it ends; the app holds no module-level state, so tests build as many as they
+like side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from types import FrameType
+from typing import Any
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+
+from sluice.api.errors import install_error_handlers
+from sluice.api.health import HealthRoutes
+from sluice.api.middleware import ObserveRequests
+from sluice.api.openai import OpenAIService
+from sluice.backends.factory import BackendFactory
+from sluice.lifecycle import Lifecycle
+from sluice.observability.logging import AccessLog, configure_logging
+from sluice.observability.metrics import GatewayMetrics
+from sluice.routing.router import Router
+from sluice.settings import Settings, load_settings
+
+CONFIG_ENV = "SLUICE_CONFIG"
+
+
+def build_app(settings: Settings) -> FastAPI:
+    lifecycle = Lifecycle()
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    router = Router(BackendFactory(registry).deployments(settings))
+    openai = OpenAIService(router, metrics, settings.server.max_body_bytes)
+    health = HealthRoutes(lifecycle, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        backends = router.backends()
+        await asyncio.gather(*(backend.start() for backend in backends))
+        _drain_on_signals(lifecycle)
+        lifecycle.ready()
+        try:
+            yield
+        finally:
+            lifecycle.drain()
+            await asyncio.gather(*(backend.close() for backend in backends))
+
+    app = FastAPI(
+        title="Sluice",
+        summary="OpenAI-compatible LLM gateway",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.lifecycle = lifecycle
+    app.state.metrics = metrics
+    app.state.router = router
+    app.router.routes.extend([*health.routes(), *openai.routes()])
+    install_error_handlers(app)
+    app.add_middleware(
+        ObserveRequests,
+        lifecycle=lifecycle,
+        metrics=metrics,
+        access_log=AccessLog(settings.logging.access_log),
+    )
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """Factory for worker processes: settings come from ``SLUICE_CONFIG`` and ``SLUICE_*``."""
+    settings = load_settings(os.environ.get(CONFIG_ENV) or None)
+    configure_logging(settings.logging.level)
+    return build_app(settings)
+
+
+def _drain_on_signals(lifecycle: Lifecycle) -> None:
+    """Flip readiness the moment SIGTERM/SIGINT arrives, then let the server's handler run.
+
+    uvicorn installs its own handlers before the lifespan starts; chaining onto them here
+    works the same in a single process and in every worker of a multi-process server.
+    Outside the main thread (tests running a server in a thread) there is nothing to chain.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(
+            signum: int,
+            frame: FrameType | None,
+            previous: Callable[[int, FrameType | None], Any] = previous,
+        ) -> None:
+            lifecycle.drain()
+            previous(signum, frame)
+
+        with suppress(ValueError):
+            signal.signal(sig, handler)

@@ -1,0 +1,136 @@
+"""The ``sluice`` command: serve, check-config, mock-upstream.
+
+Every ``serve`` flag can also come from the environment (``SLUICE_CONFIG``,
+``SLUICE_SERVER__PORT``…), through the settings loader.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sluice.settings import ConfigError, LocalDeployment, Settings, load_settings, resolve_secret
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sluice-gateway")
+def main() -> None:
+    """Sluice: a fast, OpenAI-compatible LLM gateway."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    envvar="SLUICE_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML settings file (default: serve the embedded model).",
+)
+@click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8080).")
+@click.option("--workers", type=int, default=None, help="Worker processes (default 1).")
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int | None) -> None:
+    """Serve the OpenAI API."""
+    from sluice.server import serve as run_server
+
+    settings = _load_or_exit(config_path, host=host, port=port, workers=workers)
+    run_server(settings, config_path)
+
+
+@main.command("check-config")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+def check_config(config_path: str) -> None:
+    """Validate a settings file and print the resolved model table."""
+    settings = _load_or_exit(config_path)
+    problems = _missing_secrets(settings)
+    click.echo(
+        f"server: {settings.server.host}:{settings.server.port} "
+        f"workers={settings.server.workers} max_body_bytes={settings.server.max_body_bytes}"
+    )
+    click.echo(
+        f"{'MODEL':<28} {'DEPLOYMENT':<28} {'PROVIDER':<8} {'TARGET':<44} "
+        f"{'UPSTREAM MODEL':<24} WEIGHT"
+    )
+    for model in settings.models:
+        for index, spec in enumerate(model.deployments):
+            name = spec.id or f"{model.name}/{index}"
+            if isinstance(spec, LocalDeployment):
+                target, upstream = spec.model_path or "(packaged SmolLM2 GGUF)", model.name
+            else:
+                target, upstream = spec.api_base, spec.model or model.name
+            click.echo(
+                f"{model.name:<28} {name:<28} {spec.provider:<8} {target:<44} "
+                f"{upstream:<24} {spec.weight:g}"
+            )
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(1)
+    click.echo("configuration OK")
+
+
+@main.command("mock-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=9100, show_default=True)
+@click.option(
+    "--latency-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Delay before each response's headers.",
+)
+@click.option(
+    "--tokens-per-second",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Stream pacing (0: as fast as possible).",
+)
+@click.option("--completion-tokens", type=int, default=8, show_default=True)
+@click.option(
+    "--status",
+    type=int,
+    default=200,
+    show_default=True,
+    help="Answer every request with this status (error injection).",
+)
+def mock_upstream(
+    host: str,
+    port: int,
+    latency_ms: float,
+    tokens_per_second: float,
+    completion_tokens: int,
+    status: int,
+) -> None:
+    """Run a mock OpenAI-compatible upstream for tests and demos."""
+    from sluice.testing.mock_upstream import MockBehaviour, run_mock_upstream
+
+    behaviour = MockBehaviour(
+        latency_ms=latency_ms,
+        tokens_per_second=tokens_per_second,
+        completion_tokens=completion_tokens,
+        status=status,
+    )
+    run_mock_upstream(host, port, behaviour)
+
+
+def _load_or_exit(path: str | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(path, **overrides)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _missing_secrets(settings: Settings) -> list[str]:
+    problems = []
+    for model in settings.models:
+        for spec in model.deployments:
+            if isinstance(spec, LocalDeployment):
+                continue
+            try:
+                resolve_secret(spec.api_key)
+            except ConfigError as exc:
+                problems.append(f"model {model.name}: {exc}")
+    return problems

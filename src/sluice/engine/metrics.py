@@ -1,0 +1,121 @@
+"""Prometheus metrics for the local engine, registered on a registry the caller owns.
+
+The decode thread updates these directly (prometheus_client is thread-safe). Rates such as
+tokens per second come from PromQL, e.g. ``rate(sluice_engine_generated_tokens_total[1m])``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class EngineMetrics:
+    """The engine's instruments, all prefixed ``sluice_engine_``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.queue_depth = Gauge(
+            "sluice_engine_queue_depth",
+            "Requests waiting for a free sequence slot.",
+            registry=registry,
+        )
+        self.running_sequences = Gauge(
+            "sluice_engine_running_sequences",
+            "Sequences holding a slot (prefilling or decoding).",
+            registry=registry,
+        )
+        self.batch_sequences = Histogram(
+            "sluice_engine_batch_sequences",
+            "Sequences in one decode step's batch.",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            "sluice_engine_batch_tokens",
+            "Tokens (prompt chunks plus decoded tokens) in one decode step's batch.",
+            buckets=_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.generated_tokens = Counter(
+            "sluice_engine_generated_tokens",
+            "Completion tokens sampled.",
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "sluice_engine_prompt_tokens",
+            "Prompt tokens prefilled.",
+            registry=registry,
+        )
+        self.requests = Counter(
+            "sluice_engine_requests",
+            "Requests finished, by outcome (stop, length, cancelled, error).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "sluice_engine_rejected",
+            "Requests refused before admission, by reason (queue_full, queue_timeout).",
+            ["reason"],
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "sluice_engine_queue_time_seconds",
+            "Time from submission to admission into a slot.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "sluice_engine_time_to_first_token_seconds",
+            "Time from submission to the first sampled token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "sluice_engine_inter_token_latency_seconds",
+            "Time between consecutive sampled tokens of one sequence.",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.step_time = Histogram(
+            "sluice_engine_step_seconds",
+            "Wall time of one llama_decode step, by phase: prefill (prompt tokens only), "
+            "decode (sampled tokens only) or mixed.",
+            ["phase"],
+            buckets=_STEP_BUCKETS,
+            registry=registry,
+        )
+
+    def observe_step(
+        self, *, sequences: int, prompt_tokens: int, decode_tokens: int, seconds: float
+    ) -> None:
+        """Record one decode step."""
+        self.batch_sequences.observe(sequences)
+        self.batch_tokens.observe(prompt_tokens + decode_tokens)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if prompt_tokens and decode_tokens:
+            phase = "mixed"
+        elif prompt_tokens:
+            phase = "prefill"
+        else:
+            phase = "decode"
+        self.step_time.labels(phase).observe(seconds)

@@ -1,0 +1,70 @@
+"""Structured JSON logs, one object per line, with secrets scrubbed.
+
+Access records carry the request id, model, route, status, latency and tokens as fields.
+No request headers are ever logged; as a second line of defence the formatter masks
+anything that looks like a bearer token or API key in free-text messages and tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import orjson
+
+ACCESS_LOGGER = "sluice.access"
+_SECRET = re.compile(r"(?i)(bearer\s+|api[-_]?key[\"'=:\s]+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
+_STANDARD_ATTRS = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+def scrub(text: str) -> str:
+    """Mask bearer tokens and key-looking strings."""
+    return _SECRET.sub(lambda m: (m.group(1) or "") + "[redacted]", text)
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a record as one JSON object: ts, level, logger, msg, then the record's extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS:
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = scrub(self.formatException(record.exc_info))
+        return orjson.dumps(entry, default=str).decode()
+
+
+def configure_logging(level: str) -> None:
+    """Send every logger (ours and uvicorn's) to stdout as JSON lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # Sluice writes its own access log
+
+
+class AccessLog:
+    """Writes one access record per request; a no-op when access logging is off."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+        self.enabled = enabled
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if self.enabled and self._logger.isEnabledFor(logging.INFO):
+            self._logger.info("request", extra=fields)

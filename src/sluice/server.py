@@ -1,0 +1,69 @@
+"""Running the app under uvicorn: one process, or a supervisor with N worker processes.
+
+Shutdown: on SIGTERM the app's readiness turns false at once (see `app._drain_on_signals`),
+uvicorn stops accepting, lets in-flight requests and streams finish for at most
+``server.drain_timeout`` seconds, runs the lifespan's shutdown, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from sluice.app import CONFIG_ENV, build_app
+from sluice.observability.logging import configure_logging
+from sluice.settings import Settings
+
+
+def _uvicorn_options(settings: Settings) -> dict[str, object]:
+    server = settings.server
+    return {
+        "host": server.host,
+        "port": server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "server_header": False,
+        "log_config": None,
+        "timeout_graceful_shutdown": server.drain_timeout,
+        "timeout_keep_alive": 75,
+        "backlog": 4096,
+    }
+
+
+def serve(settings: Settings, config_path: str | None) -> None:
+    configure_logging(settings.logging.level)
+    if settings.server.workers == 1:
+        app = build_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings)))  # type: ignore[arg-type]
+        # uvicorn re-raises the signal it caught once it has shut down gracefully; a no-op
+        # handler turns that into a normal return, so a drained server exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: None)
+        server.run()
+        return
+    _serve_workers(settings, config_path)
+
+
+def _serve_workers(settings: Settings, config_path: str | None) -> None:
+    """N worker processes on one socket; metrics aggregated through a shared directory."""
+    metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    if config_path is not None:
+        os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+    # Command-line overrides reach the workers as environment overrides.
+    os.environ["SLUICE_SERVER__HOST"] = settings.server.host
+    os.environ["SLUICE_SERVER__PORT"] = str(settings.server.port)
+    config = uvicorn.Config(
+        "sluice.app:app_from_environment",
+        factory=True,
+        workers=settings.server.workers,
+        **_uvicorn_options(settings),  # type: ignore[arg-type]
+    )
+    Multiprocess(config, sockets=[config.bind_socket()]).run()

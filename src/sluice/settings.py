@@ -1,0 +1,198 @@
+"""Typed settings: a YAML file, then ``SLUICE_*`` environment overrides, then CLI flags.
+
+Nested keys are reached with a double underscore: ``SLUICE_SERVER__PORT=9000`` overrides
+``server.port``. Provider secrets are never written inline: ``api_key`` holds a reference,
+``os.environ/NAME`` (read from the environment) or ``file:/path`` (a mounted secret), and is
+resolved only when the backend is built, so the resolved value never enters the settings
+object, ``check-config`` output or any log.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
+_ENV_REF = "os.environ/"
+_FILE_REF = "file:"
+
+
+class ConfigError(Exception):
+    """A configuration file or value that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TimeoutSettings(_Strict):
+    connect: float = Field(5.0, gt=0, description="seconds to open the TCP/TLS connection")
+    first_byte: float = Field(
+        60.0, gt=0, description="seconds until response headers, and between stream chunks"
+    )
+    total: float = Field(600.0, gt=0, description="seconds for the whole request, streams included")
+
+
+class OpenAIDeployment(_Strict):
+    """Any OpenAI-compatible HTTP upstream: OpenAI, vLLM, TGI, llama.cpp server, Ollama."""
+
+    provider: Literal["openai"]
+    id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
+    api_base: str = Field(description="base URL including /v1, e.g. http://127.0.0.1:8000/v1")
+    api_key: str | None = Field(None, description="os.environ/NAME or file:/path; never inline")
+    model: str | None = Field(None, description="the upstream's model name (default: public name)")
+    weight: float = Field(1.0, gt=0)
+    timeout: TimeoutSettings = TimeoutSettings()
+    max_concurrency: int = Field(256, ge=1, description="connection cap to this upstream")
+    headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
+    stream_usage: bool = Field(
+        True, description="ask for usage on streams (stripped unless the client asked)"
+    )
+
+    @field_validator("api_base")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _secret_reference(cls, value: str | None) -> str | None:
+        if value is None or value.startswith((_ENV_REF, _FILE_REF)):
+            return value
+        raise ValueError(
+            "inline secrets are not allowed: write os.environ/NAME or file:/path "
+            "(omit api_key for upstreams without auth)"
+        )
+
+
+class LocalDeployment(_Strict):
+    """The in-process model, run by llama.cpp with continuous batching."""
+
+    provider: Literal["local"]
+    id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
+    model_path: str | None = Field(None, description="GGUF file; default: the packaged SmolLM2")
+    context_size: int = Field(2048, ge=256, description="tokens of context shared by all slots")
+    parallel: int = Field(8, ge=1, le=256, description="sequences decoded together")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    batch_size: int = Field(512, ge=16, description="tokens per llama_decode step")
+    max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
+    max_queue_wait: float = Field(30.0, gt=0, description="seconds a request may wait for a slot")
+    weight: float = Field(1.0, gt=0)
+
+
+Deployment = Annotated[OpenAIDeployment | LocalDeployment, Field(discriminator="provider")]
+
+
+class ModelSettings(_Strict):
+    name: str = Field(min_length=1, description="the model name clients send")
+    deployments: list[Deployment] = Field(min_length=1)
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight work may finish")
+
+
+class LoggingSettings(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Settings(BaseSettings):
+    """Everything Sluice reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = ServerSettings()
+    logging: LoggingSettings = LoggingSettings()
+    models: list[ModelSettings] = Field(
+        default_factory=lambda: [
+            ModelSettings(name=DEFAULT_LOCAL_MODEL, deployments=[LocalDeployment(provider="local")])
+        ]
+    )
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} is defined twice")
+            seen.add(model.name)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; the environment overrides them.
+        return env_settings, init_settings
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any), apply the environment, then ``server`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded or {}
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    server_overrides = {k: v for k, v in overrides.items() if v is not None}
+    if server_overrides:
+        try:
+            server = ServerSettings(**(settings.server.model_dump() | server_overrides))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, "command line")) from None
+        settings = settings.model_copy(update={"server": server})
+    return settings
+
+
+def resolve_secret(reference: str | None) -> str | None:
+    """Turn ``os.environ/NAME`` or ``file:/path`` into the secret; raise ConfigError if absent."""
+    if reference is None:
+        return None
+    if reference.startswith(_ENV_REF):
+        name = reference.removeprefix(_ENV_REF)
+        value = os.environ.get(name)
+        if not value:
+            raise ConfigError(f"environment variable {name} (from {reference}) is not set")
+        return value
+    path = Path(reference.removeprefix(_FILE_REF))
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+def _describe(exc: ValidationError, source: str | os.PathLike[str] | None) -> str:
+    where = f"{source}: " if source else ""
+    lines = [f"{where}invalid configuration ({exc.error_count()} problem(s))"]
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {error['msg']}")
+    return "\n".join(lines)
