@@ -23,7 +23,7 @@ from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.factory import BackendFactory
-from sluice.lifecycle import Lifecycle
+from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
 from sluice.routing.router import Router
@@ -44,12 +44,12 @@ def build_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = router.backends()
         await asyncio.gather(*(backend.start() for backend in backends))
-        _drain_on_signals(lifecycle)
+        _drain_on_signals(lifecycle, settings.server.drain_delay)
         lifecycle.ready()
         try:
             yield
         finally:
-            lifecycle.drain()
+            lifecycle.stop()
             await asyncio.gather(*(backend.close() for backend in backends))
 
     app = FastAPI(
@@ -80,13 +80,15 @@ def app_from_environment() -> FastAPI:
     return build_app(settings)
 
 
-def _drain_on_signals(lifecycle: Lifecycle) -> None:
-    """Flip readiness the moment SIGTERM/SIGINT arrives, then let the server's handler run.
+def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
+    """On SIGTERM/SIGINT: readiness false at once, stop accepting ``delay`` seconds later.
 
     uvicorn installs its own handlers before the lifespan starts; chaining onto them here
-    works the same in a single process and in every worker of a multi-process server.
-    Outside the main thread (tests running a server in a thread) there is nothing to chain.
+    works the same in a single process and in every worker of a multi-process server. The
+    delay lets load balancers see /readyz fail before the listening socket closes; a second
+    signal skips it. Outside the main thread (a server run by a test) nothing is chained.
     """
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):
@@ -97,8 +99,15 @@ def _drain_on_signals(lifecycle: Lifecycle) -> None:
             frame: FrameType | None,
             previous: Callable[[int, FrameType | None], Any] = previous,
         ) -> None:
-            lifecycle.drain()
-            previous(signum, frame)
+            def stop() -> None:
+                lifecycle.stop()
+                previous(signum, frame)
+
+            if lifecycle.phase is Phase.DRAINING or delay <= 0:
+                stop()
+            else:
+                lifecycle.drain()
+                loop.call_later(delay, stop)
 
         with suppress(ValueError):
             signal.signal(sig, handler)

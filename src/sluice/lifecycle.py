@@ -1,4 +1,11 @@
-"""The process's serving state, read by /readyz and the request middleware."""
+"""The process's serving state, read by /readyz and the request middleware.
+
+    STARTING ──lifespan done──▶ READY ──SIGTERM──▶ DRAINING ──drain_delay──▶ STOPPING
+
+While DRAINING, /readyz answers 503 so load balancers stop sending traffic, but requests
+that still arrive are served; once STOPPING, the server accepts no new connections and the
+middleware refuses any request that slips in, while in-flight work finishes.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +16,10 @@ class Phase(enum.Enum):
     STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
+    STOPPING = "stopping"
 
 
 class Lifecycle:
-    """Starting until the lifespan has built every service; draining from SIGTERM on."""
-
     def __init__(self) -> None:
         self.phase = Phase.STARTING
 
@@ -22,11 +28,15 @@ class Lifecycle:
             self.phase = Phase.READY
 
     def drain(self) -> None:
-        self.phase = Phase.DRAINING
+        if self.phase is not Phase.STOPPING:
+            self.phase = Phase.DRAINING
+
+    def stop(self) -> None:
+        self.phase = Phase.STOPPING
 
     @property
     def accepting(self) -> bool:
-        return self.phase is not Phase.DRAINING
+        return self.phase is not Phase.STOPPING
 
     @property
     def is_ready(self) -> bool:

@@ -100,6 +100,9 @@ class ServerSettings(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    drain_delay: float = Field(
+        0.0, ge=0, description="seconds between SIGTERM (readiness false) and closing the socket"
+    )
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight work may finish")
 
 
