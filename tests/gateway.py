@@ -38,6 +38,7 @@ def config_for(upstream_url: str, **deployment: Any) -> dict[str, Any]:
     }
     return {
         "logging": {"level": "info", "access_log": True},
+        "usage": {"enabled": False},
         "models": [
             {"name": "gpt-4o-mini", "deployments": [{**spec, "model": "mock-chat"}]},
             {"name": "text-embedding-3-small", "deployments": [spec]},

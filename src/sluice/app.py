@@ -18,15 +18,18 @@ from typing import Any
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from sluice.api.admin import admin_router
 from sluice.api.errors import install_error_handlers
 from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.factory import BackendFactory
+from sluice.keys import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
 from sluice.routing.router import Router
+from sluice.services import build_services
 from sluice.settings import Settings, load_settings
 
 CONFIG_ENV = "SLUICE_CONFIG"
@@ -37,20 +40,24 @@ def build_app(settings: Settings) -> FastAPI:
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     router = Router(BackendFactory(registry).deployments(settings))
-    openai = OpenAIService(router, metrics, settings.server.max_body_bytes)
+    services = build_services(settings, metrics)
+    openai = OpenAIService(router, metrics, settings.server.max_body_bytes, services.guard)
     health = HealthRoutes(lifecycle, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         backends = router.backends()
+        await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
         _drain_on_signals(lifecycle, settings.server.drain_delay)
         lifecycle.ready()
         try:
             yield
         finally:
+            # uvicorn has drained every connection by now: nothing records usage any more.
             lifecycle.stop()
             await asyncio.gather(*(backend.close() for backend in backends))
+            await services.close()
 
     app = FastAPI(
         title="Sluice",
@@ -62,13 +69,18 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router
+    app.state.services = services
     app.router.routes.extend([*health.routes(), *openai.routes()])
+    if services.keys is not None and services.usage is not None:
+        key_service = KeyService(services.keys, services.invalidation)
+        app.include_router(admin_router(key_service, services.usage, services.master_key))
     install_error_handlers(app)
     app.add_middleware(
         ObserveRequests,
         lifecycle=lifecycle,
         metrics=metrics,
         access_log=AccessLog(settings.logging.access_log),
+        accounting=services.accounting,
     )
     return app
 

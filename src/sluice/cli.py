@@ -6,7 +6,11 @@ Every ``serve`` flag can also come from the environment (``SLUICE_CONFIG``,
 
 from __future__ import annotations
 
+import asyncio
 import sys
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any
 
 import click
 
@@ -134,3 +138,86 @@ def _missing_secrets(settings: Settings) -> list[str]:
             except ConfigError as exc:
                 problems.append(f"model {model.name}: {exc}")
     return problems
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke virtual API keys (straight in the configured database)."""
+
+
+_config_option = click.option(
+    "--config",
+    "config_path",
+    envvar="SLUICE_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="YAML settings file naming the database (default: SQLite under the data dir).",
+)
+
+
+@keys.command("create")
+@_config_option
+@click.option("--models", help="Comma-separated models the key may use (default: all).")
+@click.option("--rpm", type=int, help="Requests per minute.")
+@click.option("--tpm", type=int, help="Tokens per minute.")
+@click.option("--max-parallel", type=int, help="Concurrent requests.")
+@click.option("--budget-usd", type=float, help="Spend limit in USD.")
+@click.option("--budget-period", type=click.Choice(["daily", "weekly", "monthly"]))
+@click.option("--expires-at", type=click.DateTime(), help="Expiry (UTC).")
+@click.option("--meta", multiple=True, help="Metadata as key=value (repeatable).")
+def keys_create(config_path: str | None, **options: Any) -> None:
+    """Create a key and print its secret (shown only now)."""
+    from sluice.admin_cli import create_key
+
+    settings = _load_or_exit(config_path)
+    click.echo(_run(create_key(settings, options)))
+
+
+@keys.command("list")
+@_config_option
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
+def keys_list(config_path: str | None, include_revoked: bool) -> None:
+    """List keys (never their secrets)."""
+    from sluice.admin_cli import list_keys
+
+    click.echo(_run(list_keys(_load_or_exit(config_path), include_revoked)))
+
+
+@keys.command("revoke")
+@_config_option
+@click.argument("key_id")
+def keys_revoke(config_path: str | None, key_id: str) -> None:
+    """Revoke a key; running replicas drop it from their caches."""
+    from sluice.admin_cli import revoke_key
+
+    click.echo(_run(revoke_key(_load_or_exit(config_path), key_id)))
+
+
+@main.command()
+@_config_option
+@click.option("--key-id")
+@click.option("--model")
+@click.option("--since", type=click.DateTime(), help="From this time (UTC).")
+@click.option("--group-by", default="key,model,day", show_default=True)
+def usage(
+    config_path: str | None,
+    key_id: str | None,
+    model: str | None,
+    since: datetime | None,
+    group_by: str,
+) -> None:
+    """Usage and spend by key, model and day."""
+    from sluice.admin_cli import show_usage
+
+    settings = _load_or_exit(config_path)
+    click.echo(_run(show_usage(settings, key_id, model, since, group_by.split(","))))
+
+
+def _run(work: Coroutine[Any, Any, str]) -> str:
+    try:
+        return asyncio.run(work)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except LookupError as exc:
+        click.echo(f"error: {exc.args[0]}", err=True)
+        sys.exit(1)

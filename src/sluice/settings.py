@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
@@ -28,6 +36,19 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _reference(value: str | None) -> str | None:
+    """Secrets are written as references, never inline."""
+    if value is None or value.startswith((_ENV_REF, _FILE_REF)):
+        return value
+    raise ValueError(
+        "inline secrets are not allowed: write os.environ/NAME or file:/path "
+        "(omit the key where none is needed)"
+    )
+
+
+SecretRef = Annotated[str | None, AfterValidator(_reference)]
 
 
 class TimeoutSettings(_Strict):
@@ -44,7 +65,7 @@ class OpenAIDeployment(_Strict):
     provider: Literal["openai"]
     id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
     api_base: str = Field(description="base URL including /v1, e.g. http://127.0.0.1:8000/v1")
-    api_key: str | None = Field(None, description="os.environ/NAME or file:/path; never inline")
+    api_key: SecretRef = Field(None, description="os.environ/NAME or file:/path; never inline")
     model: str | None = Field(None, description="the upstream's model name (default: public name)")
     weight: float = Field(1.0, gt=0)
     timeout: TimeoutSettings = TimeoutSettings()
@@ -60,16 +81,6 @@ class OpenAIDeployment(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("api_key")
-    @classmethod
-    def _secret_reference(cls, value: str | None) -> str | None:
-        if value is None or value.startswith((_ENV_REF, _FILE_REF)):
-            return value
-        raise ValueError(
-            "inline secrets are not allowed: write os.environ/NAME or file:/path "
-            "(omit api_key for upstreams without auth)"
-        )
 
 
 class LocalDeployment(_Strict):
@@ -90,9 +101,17 @@ class LocalDeployment(_Strict):
 Deployment = Annotated[OpenAIDeployment | LocalDeployment, Field(discriminator="provider")]
 
 
+class PricingSettings(_Strict):
+    """USD per million tokens, for usage records and budgets."""
+
+    prompt_per_million: float = Field(0.0, ge=0)
+    completion_per_million: float = Field(0.0, ge=0)
+
+
 class ModelSettings(_Strict):
     name: str = Field(min_length=1, description="the model name clients send")
     deployments: list[Deployment] = Field(min_length=1)
+    pricing: PricingSettings = PricingSettings()
 
 
 class ServerSettings(_Strict):
@@ -111,6 +130,33 @@ class LoggingSettings(_Strict):
     access_log: bool = True
 
 
+class AuthSettings(_Strict):
+    master_key: SecretRef = Field(
+        None, description="os.environ/NAME or file:/path; when set, every /v1 request needs a key"
+    )
+    key_cache_ttl: float = Field(5.0, ge=0, description="seconds a key lookup is cached")
+
+
+class LimitsSettings(_Strict):
+    redis_failure: Literal["open", "closed"] = Field(
+        "open", description="when Redis is unreachable: admit (open) or answer 503 (closed)"
+    )
+    default_max_tokens: int = Field(
+        1024, ge=1, description="completion tokens reserved when a request sets no max_tokens"
+    )
+
+
+class UsageSettings(_Strict):
+    enabled: bool = Field(True, description="write one usage record per request")
+    batch_size: int = Field(500, ge=1)
+    flush_interval: float = Field(0.5, gt=0, description="seconds between batched writes")
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return os.path.join(base, "sluice")
+
+
 class Settings(BaseSettings):
     """Everything Sluice reads at start-up."""
 
@@ -120,6 +166,18 @@ class Settings(BaseSettings):
 
     server: ServerSettings = ServerSettings()
     logging: LoggingSettings = LoggingSettings()
+    auth: AuthSettings = AuthSettings()
+    limits: LimitsSettings = LimitsSettings()
+    usage: UsageSettings = UsageSettings()
+    data_dir: str = Field(default_factory=_default_data_dir, description="SQLite file, spool")
+    database_url: str | None = Field(
+        None,
+        description="sqlite:///path, postgresql://… or a secret reference; default: SQLite "
+        "under data_dir",
+    )
+    redis_url: str | None = Field(
+        None, description="redis://… or a secret reference: shared limits, key invalidation"
+    )
     models: list[ModelSettings] = Field(
         default_factory=lambda: [
             ModelSettings(name=DEFAULT_LOCAL_MODEL, deployments=[LocalDeployment(provider="local")])
@@ -190,6 +248,13 @@ def resolve_secret(reference: str | None) -> str | None:
         return path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc.strerror}") from exc
+
+
+def resolve_url(value: str | None) -> str | None:
+    """A URL may be written inline or as a secret reference (it can carry a password)."""
+    if value is not None and value.startswith((_ENV_REF, _FILE_REF)):
+        return resolve_secret(value)
+    return value
 
 
 def _describe(exc: ValidationError, source: str | os.PathLike[str] | None) -> str:

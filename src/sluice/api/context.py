@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sluice.pipeline.auth import Principal
+    from sluice.pipeline.limits import Admission, Ticket
 
 SCOPE_KEY = "sluice.request"
 
@@ -21,3 +26,12 @@ class RequestContext:
     completion_tokens: int | None = None
     error_kind: str | None = None
     client_disconnected: bool = False
+    content_events: int = 0
+    """Stream events relayed, the completion's size when the upstream reports no usage."""
+    prompt_estimate: int = 0
+    principal: Principal | None = None
+    admission: Admission | None = None
+    ticket: Ticket | None = None
+    reserved_tokens: int = 0
+    accepted: bool = False
+    """Passed authentication and admission and went to a backend: gets a usage record."""

@@ -20,6 +20,8 @@ from sluice.errors import ServiceUnavailableError
 from sluice.lifecycle import Lifecycle
 from sluice.observability.logging import AccessLog
 from sluice.observability.metrics import GatewayMetrics
+from sluice.pipeline.accounting import Accounting
+from sluice.pipeline.guard import ratelimit_headers
 
 _API_ROUTES = {
     f"{prefix}/{route}": route
@@ -42,12 +44,18 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 class ObserveRequests:
     def __init__(
-        self, app: ASGIApp, lifecycle: Lifecycle, metrics: GatewayMetrics, access_log: AccessLog
+        self,
+        app: ASGIApp,
+        lifecycle: Lifecycle,
+        metrics: GatewayMetrics,
+        access_log: AccessLog,
+        accounting: Accounting | None = None,
     ) -> None:
         self.app = app
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.access_log = access_log
+        self.accounting = accounting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -67,7 +75,10 @@ class ObserveRequests:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                headers = [*message.get("headers", ()), id_header]
+                if ctx.admission is not None:
+                    headers += ratelimit_headers(ctx.admission)
+                message["headers"] = headers
             await send(message)
 
         if not self.lifecycle.accepting and path not in _QUIET_PATHS:
@@ -76,7 +87,7 @@ class ObserveRequests:
             )
             await _send_error(send_with_id, error)
             ctx.error_kind = error.kind
-            self._record(ctx, path, status)
+            self._record(ctx, path, status, time.perf_counter() - ctx.started)
             return
 
         self.metrics.in_flight.inc()
@@ -84,10 +95,12 @@ class ObserveRequests:
             await self.app(scope, receive, send_with_id)
         finally:
             self.metrics.in_flight.dec()
-            self._record(ctx, path, status)
+            elapsed = time.perf_counter() - ctx.started
+            self._record(ctx, path, status, elapsed)
+            if self.accounting is not None:
+                await self.accounting.finish(ctx, status, elapsed)
 
-    def _record(self, ctx: RequestContext, path: str, status: int) -> None:
-        elapsed = time.perf_counter() - ctx.started
+    def _record(self, ctx: RequestContext, path: str, status: int, elapsed: float) -> None:
         model = ctx.model or "-"
         m = self.metrics
         if ctx.route != "other":
@@ -123,6 +136,8 @@ class ObserveRequests:
             record["error"] = ctx.error_kind
         if ctx.client_disconnected:
             record["client_disconnected"] = True
+        if ctx.principal is not None:
+            record["key_id"] = ctx.principal.key_id or "master"
         self.access_log.write(record)
 
 

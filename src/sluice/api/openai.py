@@ -25,6 +25,7 @@ from sluice.api.usage import read_body_usage
 from sluice.backends.base import Route, UpstreamCall
 from sluice.errors import PayloadTooLargeError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
+from sluice.pipeline.guard import Guard
 from sluice.protocol import parse_json_object, validate, wants_usage
 from sluice.routing.router import Deployment, Router
 
@@ -35,10 +36,17 @@ JSON = "application/json"
 class OpenAIService:
     """Serves the OpenAI surface in front of the router's deployments."""
 
-    def __init__(self, router: Router, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        router: Router,
+        metrics: GatewayMetrics,
+        max_body_bytes: int,
+        guard: Guard | None = None,
+    ) -> None:
         self._router = router
         self._metrics = metrics
         self._max_body = max_body_bytes
+        self._guard = guard
         created = int(time.time())
         self._models = [
             {"id": name, "object": "model", "created": created, "owned_by": "sluice"}
@@ -68,22 +76,44 @@ class OpenAIService:
         return await self._proxy(request, "embeddings")
 
     async def list_models(self, request: Request) -> Response:
-        return Response(self._models_body, media_type=JSON)
+        allowed = await self._allowed_models(request)
+        if allowed is None:
+            return Response(self._models_body, media_type=JSON)
+        data = [m for m in self._models if m["id"] in allowed]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
 
     async def get_model(self, request: Request) -> Response:
         name = request.path_params["model"]
+        allowed = await self._allowed_models(request)
+        if allowed is not None and name not in allowed:
+            name = ""  # a model the key may not use does not exist for it
         self._router.route(name)  # raises the 404 for an unknown model
         model = next(m for m in self._models if m["id"] == name)
         return Response(orjson.dumps(model), media_type=JSON)
 
+    async def _allowed_models(self, request: Request) -> set[str] | None:
+        """The model names the caller may see; None for all."""
+        if self._guard is None:
+            return None
+        ctx: RequestContext = request.scope[SCOPE_KEY]
+        await self._guard.identify(ctx, request.scope["headers"], request.scope["query_string"])
+        key = ctx.principal.key if ctx.principal is not None else None
+        return set(key.models) if key is not None and key.models is not None else None
+
     async def _proxy(self, request: Request, route: Route) -> Response:
         ctx: RequestContext = request.scope[SCOPE_KEY]
+        if self._guard is not None:
+            await self._guard.identify(ctx, request.scope["headers"], request.scope["query_string"])
         raw = await self._read_body(request)
         body = parse_json_object(raw)
         model = validate(route, body)
         deployment = self._router.route(model)
         ctx.model = model
         ctx.deployment = deployment.id
+        ctx.prompt_estimate = max(1, len(raw) // 4)
+        if self._guard is not None:
+            await self._guard.admit(ctx, model, body, len(raw))
+        ctx.accepted = True
 
         forward: bytes | None = raw
         if deployment.upstream_model != model:

@@ -49,6 +49,7 @@ async def relay_events(
             if b'"usage"' in event and _read_usage(event, ctx) and strip_usage:
                 continue
             out.append(event + b"\n\n")
+            ctx.content_events += 1
         if out:
             if ctx.ttft_seconds is None:
                 ctx.ttft_seconds = time.perf_counter() - ctx.started

@@ -32,6 +32,9 @@ class EngineConfig:
     """Most requests waiting for a slot; more are refused with `QueueFullError`."""
     max_queue_wait_s: float = 30.0
     """Longest a request may wait for a slot before `QueueTimeoutError`."""
+    prefill_chunk: int | None = None
+    """Most prompt tokens prefilled per step (None: as many as the batch has room for).
+    Smaller chunks keep inter-token latency of running sequences low under long prompts."""
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -44,6 +47,8 @@ class EngineConfig:
             raise ValueError("batch_size must exceed parallel")
         if self.max_queue < 0:
             raise ValueError("max_queue must not be negative")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
         if self.max_queue_wait_s <= 0:
             raise ValueError("max_queue_wait_s must be positive")
 

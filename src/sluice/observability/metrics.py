@@ -80,6 +80,16 @@ class GatewayMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.limiter_failures = Counter(
+            "sluice_limiter_failures_total",
+            "Rate-limiter calls that failed (Redis unreachable); fail-open admits the request.",
+            registry=registry,
+        )
+        self.usage_write_failures = Counter(
+            "sluice_usage_write_failures_total",
+            "Failed batched writes of usage records (each is retried; none is dropped).",
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "sluice_upstream_errors_total",
             "Backend failures by model, deployment and kind (timeout, unreachable, http_5xx…).",

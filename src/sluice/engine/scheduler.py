@@ -1,0 +1,281 @@
+"""Continuous batching: the decode thread that owns the llama.cpp context.
+
+Each step the thread (1) drops cancelled and expired requests, (2) admits waiting requests
+into free sequence slots (highest priority first, then first come, first served), (3) builds
+one `llama_batch` with one token for every decoding sequence plus chunks of prompt tokens
+for sequences still prefilling (chunked prefill, so a long prompt never stalls decodes),
+(4) runs one `llama_decode`, and (5) samples every sequence that produced logits with its
+own sampler chain. A sequence that ends or is cancelled leaves the KV cache
+(`llama_memory_seq_rm`) and frees its slot in the same step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp
+
+from sluice.engine.metrics import EngineMetrics
+from sluice.engine.model import LlamaModel
+from sluice.engine.sequence import Sequence, make_sampler
+from sluice.engine.types import (
+    DecodeError,
+    EngineClosedError,
+    EngineError,
+    EngineStats,
+    QueueFullError,
+    QueueTimeoutError,
+)
+
+log = logging.getLogger("sluice.engine")
+
+StepObserver = Callable[[int, int, int], None]
+"""Called after each step with (sequences, prompt tokens, decoded tokens)."""
+
+
+class Scheduler:
+    """Owns the model's context on one thread; everything else talks to it via `submit`."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        *,
+        max_queue: int,
+        max_queue_wait_s: float,
+        prefill_chunk: int,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        self._model = model
+        self._max_queue = max_queue
+        self._max_wait = max_queue_wait_s
+        self._prefill_chunk = prefill_chunk
+        self._metrics = metrics
+        self._batch: Any = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
+        self._cond = threading.Condition()
+        self._waiting: list[Sequence] = []  # sorted by Sequence.sort_key; under _cond
+        self._free = list(range(model.n_seq - 1, -1, -1))  # under _cond
+        self._running: list[Sequence] = []  # decode thread only
+        self._n_running = 0  # under _cond, mirrors len(_running) for stats()
+        self._stopping = False
+        self._order = 0
+        self.step_observers: list[StepObserver] = []
+        self._thread = threading.Thread(target=self._run, name="sluice-decode", daemon=True)
+
+    # -- event-loop side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq_factory: Callable[[int], Sequence]) -> Sequence:
+        """Queue a new sequence; raise `QueueFullError` at once when the queue is full."""
+        with self._cond:
+            if self._stopping:
+                raise EngineClosedError("engine is shutting down")
+            waiting = sum(1 for s in self._waiting if not s.cancelled)
+            if self._free and not waiting:
+                pass  # a slot is free right now: never refuse, even with max_queue=0
+            elif waiting >= self._max_queue:
+                if self._metrics:
+                    self._metrics.rejected.labels("queue_full").inc()
+                raise QueueFullError(f"engine queue is full ({self._max_queue} waiting)")
+            self._order += 1
+            seq = seq_factory(self._order)
+            bisect.insort(self._waiting, seq, key=lambda s: s.sort_key)
+            self._gauge_queue()
+            self._cond.notify()
+            return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        with self._cond:
+            seq.cancelled = True
+            if seq in self._waiting:
+                self._waiting.remove(seq)
+                self._gauge_queue()
+                if self._metrics:
+                    self._metrics.requests.labels("cancelled").inc()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            waiting = sum(1 for s in self._waiting if not s.cancelled)
+            running = self._n_running
+        return EngineStats(running, waiting, self._model.n_seq - running, self._model.n_seq)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the thread (blocking); pending and running requests get `EngineClosedError`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._batch is not None and not self._thread.is_alive():
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    # -- decode thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        error: BaseException = EngineClosedError("engine closed")
+        try:
+            while self._admit():
+                self._release_cancelled()
+                if self._running:
+                    self._step()
+        except BaseException as exc:
+            log.exception("decode loop failed")
+            error = EngineError(f"local engine failed: {exc}")
+        finally:
+            with self._cond:
+                self._stopping = True
+                waiting, self._waiting = self._waiting, []
+                self._gauge_queue()
+            for seq in waiting:
+                seq.fail(error)
+            for seq in list(self._running):
+                self._release(seq, outcome="error")
+                seq.fail(error)
+
+    def _admit(self) -> bool:
+        """Expire, drop and admit waiting sequences; block while idle. False: stop."""
+        with self._cond:
+            while not self._stopping and not self._running and not self._waiting:
+                self._cond.wait()
+            if self._stopping:
+                return False
+            now = time.monotonic()
+            keep: list[Sequence] = []
+            for seq in self._waiting:
+                if seq.cancelled:
+                    continue
+                if not self._free:
+                    if now - seq.submitted > self._max_wait:
+                        if self._metrics:
+                            self._metrics.rejected.labels("queue_timeout").inc()
+                        seq.fail(QueueTimeoutError("timed out waiting for a free slot"))
+                    else:
+                        keep.append(seq)
+                    continue
+                self._start(seq, self._free.pop(), now)
+            self._waiting = keep
+            self._n_running = len(self._running)
+            self._gauge_queue()
+            return True
+
+    def _start(self, seq: Sequence, slot: int, now: float) -> None:
+        seq.slot = slot
+        seq.sampler = make_sampler(seq.req)
+        self._running.append(seq)
+        if self._metrics:
+            self._metrics.queue_time.observe(now - seq.submitted)
+
+    def _release_cancelled(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._release(seq, outcome="cancelled")
+
+    def _release(self, seq: Sequence, *, outcome: str) -> None:
+        """Free the slot, the KV cells and the sampler of a sequence that is done."""
+        llama_cpp.llama_memory_seq_rm(self._model.memory, seq.slot, -1, -1)
+        seq.free_sampler()
+        self._running.remove(seq)
+        with self._cond:
+            self._free.append(seq.slot)
+            self._n_running = len(self._running)
+        if self._metrics:
+            self._metrics.running_sequences.set(len(self._running))
+            self._metrics.requests.labels(outcome).inc()
+
+    def _gauge_queue(self) -> None:
+        if self._metrics:
+            self._metrics.queue_depth.set(len(self._waiting))
+            self._metrics.running_sequences.set(len(self._running))
+
+    def _step(self) -> None:
+        batch = self._batch
+        token, pos, n_seq_id, seq_id, logits = (
+            batch.token,
+            batch.pos,
+            batch.n_seq_id,
+            batch.seq_id,
+            batch.logits,
+        )
+        n = 0
+        in_batch: list[Sequence] = []
+        for seq in self._running:
+            seq.batch_index = -1
+            if not seq.prefilling:
+                token[n], pos[n], n_seq_id[n], logits[n] = seq.next_token, seq.n_past, 1, 1
+                seq_id[n][0] = seq.slot
+                seq.batch_index = n
+                seq.n_past += 1
+                n += 1
+                in_batch.append(seq)
+        decoded = n
+        budget = min(self._prefill_chunk, self._model.n_batch - n)
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if not seq.prefilling:
+                continue
+            take = min(budget, len(seq.prompt) - seq.cursor)
+            for tok in seq.prompt[seq.cursor : seq.cursor + take]:
+                token[n], pos[n], n_seq_id[n], logits[n] = tok, seq.cursor, 1, 0
+                seq_id[n][0] = seq.slot
+                seq.cursor += 1
+                n += 1
+            budget -= take
+            seq.n_past = seq.cursor
+            if not seq.prefilling:
+                logits[n - 1] = 1
+                seq.batch_index = n - 1
+            in_batch.append(seq)
+        batch.n_tokens = n
+        started = time.perf_counter()
+        rc = llama_cpp.llama_decode(self._model.ctx, batch)
+        elapsed = time.perf_counter() - started
+        if rc != 0:
+            for seq in in_batch:
+                self._release(seq, outcome="error")
+                seq.fail(DecodeError(f"llama_decode failed with status {rc}"))
+            return
+        if self._metrics:
+            self._metrics.observe_step(
+                sequences=len(in_batch),
+                prompt_tokens=n - decoded,
+                decode_tokens=decoded,
+                seconds=elapsed,
+            )
+        for observe in self.step_observers:
+            observe(len(in_batch), n - decoded, decoded)
+        for seq in in_batch:
+            if seq.batch_index >= 0:
+                self._sample(seq)
+
+    def _sample(self, seq: Sequence) -> None:
+        model = self._model
+        tok = int(llama_cpp.llama_sampler_sample(seq.sampler, model.ctx, seq.batch_index))
+        now = time.monotonic()
+        if self._metrics:
+            self._metrics.generated_tokens.inc()
+            if seq.generated == 0:
+                self._metrics.ttft.observe(now - seq.submitted)
+            else:
+                self._metrics.inter_token.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        if model.is_eog(tok):
+            seq.generated += 1
+            self._release(seq, outcome="stop")
+            seq.finish("stop", seq.tail())
+            return
+        text, stopped = seq.accept(tok, model.token_to_piece(tok))
+        if stopped:
+            self._release(seq, outcome="stop")
+            seq.finish("stop", text)
+        elif seq.generated >= seq.req.max_tokens or seq.n_past >= model.n_ctx:
+            self._release(seq, outcome="length")
+            seq.finish("length", text + seq.tail())
+        else:
+            seq.emit(text)

@@ -1,0 +1,1 @@
+"""Per-request policies: authentication, limits, budgets, accounting."""

@@ -1,0 +1,65 @@
+"""After a request: reconcile its token reservation and write its usage record.
+
+Runs once per request from the request middleware, after the last byte (or the client's
+departure), so streams are settled with what they really used. When the upstream reported
+no usage (a stream cut short), the prompt is counted at its estimate and the completion as
+the number of content events relayed.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sluice.api.context import RequestContext
+from sluice.pipeline.limits import Limiter
+from sluice.settings import PricingSettings
+from sluice.store.recorder import UsageRecorder
+from sluice.store.usage import UsageRecord
+
+
+class Accounting:
+    def __init__(
+        self,
+        recorder: UsageRecorder | None,
+        limiter: Limiter | None,
+        prices: dict[str, PricingSettings],
+    ) -> None:
+        self._recorder = recorder
+        self._limiter = limiter
+        self._prices = prices
+
+    async def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
+        if not ctx.accepted:
+            return
+        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
+        completion = (
+            ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
+        )
+        if self._recorder is not None:
+            self._recorder.record(
+                UsageRecord(
+                    request_id=ctx.request_id,
+                    key_id=ctx.principal.key_id if ctx.principal is not None else None,
+                    model=ctx.model or "",
+                    deployment=ctx.deployment,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    cost_usd=self.cost(ctx.model, prompt, completion),
+                    latency_ms=round(latency_s * 1000, 3),
+                    status=status,
+                    cache_hit=False,
+                    stream=ctx.stream,
+                    created_at=datetime.now(UTC),
+                )
+            )
+        if ctx.ticket is not None and self._limiter is not None:
+            await self._limiter.settle(ctx.ticket, prompt + completion)
+
+    def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
+        price = self._prices.get(model or "")
+        if price is None:
+            return 0.0
+        return (
+            prompt_tokens * price.prompt_per_million
+            + completion_tokens * price.completion_per_million
+        ) / 1_000_000

@@ -1,0 +1,128 @@
+"""Who is calling: the master key, a virtual key, or nobody (401).
+
+Keys are read from ``Authorization: Bearer <key>`` or ``api-key: <key>`` only; a key in the
+query string is refused outright, so it never sits in an access log or a proxy's history.
+The master key is compared in constant time. Virtual keys are looked up by their SHA-256
+hash (the secret is never stored or logged) through a short-lived memory cache, which
+``invalidate`` clears on revocation (across replicas through Redis pub/sub, see
+`sluice.pipeline.invalidation`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl
+
+from sluice.errors import AuthenticationError, PermissionDeniedError
+from sluice.pipeline import apikeys
+from sluice.store.keys import KeyRecord, KeyStore
+
+_MAX_CACHED = 50_000
+_QUERY_KEY_NAMES = frozenset({"key", "api_key", "api-key", "apikey", "access_token"})
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated caller: the master key (no key record) or a virtual key."""
+
+    key: KeyRecord | None
+
+    @property
+    def key_id(self) -> str | None:
+        return self.key.id if self.key is not None else None
+
+    def authorize(self, model: str) -> None:
+        """403 when the key may not use ``model``."""
+        if self.key is not None and self.key.models is not None and model not in self.key.models:
+            raise PermissionDeniedError(
+                f"This API key ({self.key.display}) is not allowed to use the model '{model}'.",
+                param="model",
+            )
+
+
+MASTER = Principal(key=None)
+
+
+def credential(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str | None:
+    """The key the client sent, from the headers it may use."""
+    if query_string and _QUERY_KEY_NAMES & {
+        name.lower() for name, _ in parse_qsl(query_string.decode("latin-1"))
+    }:
+        raise AuthenticationError(
+            "API keys are not accepted in the query string; send 'Authorization: Bearer <key>'.",
+            code="key_in_query_string",
+        )
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        elif name == b"api-key" and value.strip():
+            return value.decode("latin-1").strip()
+    return None
+
+
+class Authenticator:
+    def __init__(
+        self,
+        keys: KeyStore,
+        master_key: str,
+        cache_ttl: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._keys = keys
+        self._master = master_key.encode()
+        self._ttl = cache_ttl
+        self._clock = clock
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def authenticate(
+        self, headers: list[tuple[bytes, bytes]], query_string: bytes = b""
+    ) -> Principal:
+        secret = credential(headers, query_string)
+        if secret is None:
+            raise AuthenticationError(
+                "You didn't provide an API key. Send it in an Authorization header using "
+                "Bearer auth (Authorization: Bearer YOUR_KEY).",
+                code="missing_api_key",
+            )
+        if hmac.compare_digest(secret.encode(), self._master):
+            return MASTER
+        if not apikeys.well_formed(secret):
+            raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
+        record = await self._lookup(apikeys.hash_key(secret))
+        if record is None:
+            raise AuthenticationError(
+                f"Incorrect API key provided: {apikeys.display(secret)}.", code="invalid_api_key"
+            )
+        if record.revoked_at is not None:
+            raise AuthenticationError(
+                f"The API key {record.display} has been revoked.", code="key_revoked"
+            )
+        if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
+            raise AuthenticationError(
+                f"The API key {record.display} has expired.", code="key_expired"
+            )
+        return Principal(record)
+
+    def invalidate(self, key_hash: str | None = None) -> None:
+        """Forget one cached key (or all): the next request reads the store again."""
+        if key_hash is None:
+            self._cache.clear()
+        else:
+            self._cache.pop(key_hash, None)
+
+    async def _lookup(self, key_hash: str) -> KeyRecord | None:
+        now = self._clock()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        record = await self._keys.get_by_hash(key_hash)
+        if len(self._cache) >= _MAX_CACHED:
+            self._cache.clear()
+        self._cache[key_hash] = (now + self._ttl, record)
+        return record

@@ -1,0 +1,133 @@
+"""Admission for one request: who is calling, may they use this model, within budget and limits.
+
+`identify` runs before the body is read (401 costs nothing); `admit` runs once the model is
+known: 403 for a model the key may not use, 429 ``budget_exceeded`` (``x-should-retry:
+false``) once spend reaches the budget, then one limiter call over the key's scopes that
+reserves an estimate of the tokens (prompt size + ``max_tokens``). The reservation is
+reconciled with the real usage by `sluice.pipeline.accounting` when the request ends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sluice.api.context import RequestContext
+from sluice.errors import RateLimitError
+from sluice.pipeline.auth import Authenticator, Principal
+from sluice.pipeline.limits import Admission, Limiter, LimitSpec, Scope
+
+_BYTES_PER_TOKEN = 4  # a deliberate over-estimate of prompt tokens from the JSON body size
+
+
+class Guard:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        limiter: Limiter,
+        *,
+        default_max_tokens: int,
+        lease_seconds: float,
+    ) -> None:
+        self._auth = authenticator
+        self._limiter = limiter
+        self._default_max_tokens = default_max_tokens
+        self._lease = lease_seconds
+
+    async def identify(
+        self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
+    ) -> None:
+        ctx.principal = await self._auth.authenticate(headers, query_string)
+
+    async def admit(self, ctx: RequestContext, model: str, body: dict[str, Any], size: int) -> None:
+        principal: Principal | None = ctx.principal
+        if principal is None or principal.key is None:
+            return  # the master key is not limited
+        key = principal.key
+        principal.authorize(model)
+        if key.budget_usd is not None and key.spend_usd >= key.budget_usd:
+            raise RateLimitError(
+                f"Budget exceeded: the API key {key.display} has spent ${key.spend_usd:.4f} of "
+                f"its ${key.budget_usd:.2f} budget"
+                + (f" for this {_PERIOD_NOUN[key.budget_period]}." if key.budget_period else "."),
+                code="budget_exceeded",
+                headers={"x-should-retry": "false"},
+            )
+        scopes = _scopes(key.id, key.rpm, key.tpm, key.max_parallel, key.model_limits, model)
+        if not scopes:
+            return
+        tokens = self._estimate_tokens(ctx.route, body, size)
+        admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
+        ctx.admission = admission
+        if not admission.allowed:
+            raise _refusal(admission)
+        ctx.ticket = admission.ticket
+        ctx.reserved_tokens = tokens
+
+    def _estimate_tokens(self, route: str, body: dict[str, Any], size: int) -> int:
+        prompt = max(1, size // _BYTES_PER_TOKEN)
+        if route == "embeddings":
+            return prompt
+        completion = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(completion, int):
+            completion = self._default_max_tokens
+        n = body.get("n")
+        return prompt + completion * (n if isinstance(n, int) and n > 0 else 1)
+
+
+_PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}
+
+
+def _scopes(
+    key_id: str,
+    rpm: int | None,
+    tpm: int | None,
+    max_parallel: int | None,
+    model_limits: dict[str, dict[str, int]] | None,
+    model: str,
+) -> list[Scope]:
+    scopes = []
+    if rpm is not None or tpm is not None or max_parallel is not None:
+        scopes.append(Scope(f"key:{key_id}", LimitSpec(rpm, tpm, max_parallel)))
+    per_model = (model_limits or {}).get(model)
+    if per_model:
+        spec = LimitSpec(per_model.get("rpm"), per_model.get("tpm"), per_model.get("max_parallel"))
+        scopes.append(Scope(f"key:{key_id}:model:{model}", spec))
+    return scopes
+
+
+def _refusal(admission: Admission) -> RateLimitError:
+    wait = max(admission.retry_after, 0.001)
+    what = {
+        "rpm": "requests per minute",
+        "tpm": "tokens per minute",
+        "parallel": "concurrent requests",
+    }.get(admission.reason or "", "rate")
+    return RateLimitError(
+        f"Rate limit reached for {what}. Please retry after {wait:.3f} seconds.",
+        code=f"rate_limit_{admission.reason or 'exceeded'}",
+        headers={
+            "Retry-After": str(math.ceil(wait)),
+            "retry-after-ms": str(math.ceil(wait * 1000)),
+        },
+    )
+
+
+def ratelimit_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit-* headers for a response."""
+    out: list[tuple[bytes, bytes]] = []
+    for kind, limit, remaining, reset in (
+        (
+            "requests",
+            admission.limit_requests,
+            admission.remaining_requests,
+            admission.reset_requests,
+        ),
+        ("tokens", admission.limit_tokens, admission.remaining_tokens, admission.reset_tokens),
+    ):
+        if limit is None:
+            continue
+        out.append((f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()))
+        out.append((f"x-ratelimit-remaining-{kind}".encode(), str(remaining or 0).encode()))
+        out.append((f"x-ratelimit-reset-{kind}".encode(), f"{reset or 0:.3f}s".encode()))
+    return out

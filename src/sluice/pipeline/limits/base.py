@@ -1,0 +1,131 @@
+"""The rate limiter's vocabulary: limits, scopes, admissions, tickets and the protocol.
+
+A request is checked against several *scopes* at once (the key, the key's model, …); each
+scope has its own requests-per-minute, tokens-per-minute and parallel-request limits. The
+limiter admits the request into every scope or into none (``acquire``) and later reconciles
+the token estimate with the real usage and frees the parallel slot (``settle``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Reason = Literal["rpm", "tpm", "parallel"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """Limits of one scope; ``None`` means unlimited."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.max_parallel is None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """A named counter set, e.g. ``key:abc`` or ``key:abc:model:gpt-4o``."""
+
+    name: str
+    spec: LimitSpec
+
+
+class Ticket:
+    """Opaque receipt of an admission; hand it to ``settle`` exactly once (more is harmless).
+
+    ``token_scopes`` are the scopes that reserved tokens, ``lease_scopes`` those that took a
+    parallel slot; ``second`` is the bucket (limiter clock, whole seconds) the reservation
+    went into. A ``noop`` ticket (fail-open admission) settles as nothing.
+    """
+
+    __slots__ = (
+        "lease_scopes",
+        "noop",
+        "request_id",
+        "second",
+        "settled",
+        "token_scopes",
+        "tokens",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        *,
+        tokens: int,
+        second: int,
+        token_scopes: tuple[str, ...] = (),
+        lease_scopes: tuple[str, ...] = (),
+        noop: bool = False,
+    ) -> None:
+        self.request_id = request_id
+        self.tokens = tokens
+        self.second = second
+        self.token_scopes = token_scopes
+        self.lease_scopes = lease_scopes
+        self.noop = noop
+        self.settled = False
+
+    def claim(self) -> bool:
+        """Mark settled; True when this caller must do the work: the first call on a ticket
+        that holds something (makes ``settle`` idempotent)."""
+        if self.settled:
+            return False
+        self.settled = True
+        return not self.noop and bool(self.token_scopes or self.lease_scopes)
+
+    def __repr__(self) -> str:
+        return (
+            f"Ticket({self.request_id!r}, tokens={self.tokens}, second={self.second}, "
+            f"settled={self.settled}, noop={self.noop})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The verdict of ``acquire`` plus what OpenAI's ``x-ratelimit-*`` headers need.
+
+    ``reason`` names the limit that refused, in the first refusing scope (rpm, then tpm,
+    then parallel within a scope). ``retry_after`` is the wait (seconds) until every
+    refusing limit would let this request through: for rpm/tpm the time until enough of
+    the oldest buckets leave the window (at most 61 s), 60.0 when the token estimate alone
+    exceeds a tpm limit (it can never pass), 1.0 for a full parallel limit; 0 when allowed.
+    The header fields come from the most constrained scope that has that limit (least
+    remaining), ``None`` when no scope limits it; ``reset_*`` is the time until that
+    scope's oldest counted bucket leaves the window (0 when nothing is counted).
+    """
+
+    allowed: bool
+    reason: Reason | None
+    retry_after: float
+    limit_requests: int | None
+    remaining_requests: int | None
+    reset_requests: float | None
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_tokens: float | None
+    ticket: Ticket | None
+
+
+class Limiter(Protocol):
+    async def acquire(
+        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+    ) -> Admission:
+        """All or nothing over ``scopes``: count the request, reserve ``tokens`` and take a
+        parallel slot (a lease expiring after ``lease_seconds``) in each, or change nothing.
+        Scope names must be distinct; ``request_id`` must be unique among in-flight requests.
+        """
+        ...
+
+    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        """Refund or charge ``actual_tokens - reserved`` in the reservation's bucket and free
+        the parallel slots. Idempotent per ticket; never raises for backend failures."""
+        ...
+
+    async def close(self) -> None: ...

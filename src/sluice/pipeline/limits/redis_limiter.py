@@ -1,0 +1,151 @@
+"""Rate limiter shared by every replica through one Redis: one round trip per call.
+
+``acquire`` and ``settle`` each run one Lua script (EVALSHA) over all scopes, atomically,
+on Redis's clock. When Redis fails (unreachable, timeout, script error), ``acquire``
+either admits the request with a no-op ticket and reports the error to ``on_failure``
+(``failure_mode="open"``) or reports it and raises ``ServiceUnavailableError``
+(``"closed"``); ``settle`` only reports (the leases expire on their own) and never retries,
+since a timed-out script may have run.
+
+Key layout and the Redis Cluster caveat: each scope uses ``<prefix><scope name>:{r,t,p}``.
+One script touches the keys of every scope of a request, so on a cluster all of them
+must hash to one slot: give related scope names a common hash tag, e.g. ``{key:abc}`` and
+``{key:abc}:model:gpt-4o``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sluice.errors import ServiceUnavailableError
+from sluice.pipeline.limits.base import Admission, Scope, Ticket
+from sluice.pipeline.limits.lua import ACQUIRE, REASON_CODES, SETTLE
+from sluice.pipeline.limits.window import ScopeUsage, build_admission
+
+FailureMode = Literal["open", "closed"]
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _or_none(value: int) -> int | None:
+    return None if value < 0 else value
+
+
+def _limit_arg(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+class RedisLimiter:
+    """``Limiter`` over Redis; several replicas sharing the Redis share the limits."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "sluice:rl:",
+        failure_mode: FailureMode = "open",
+        on_failure: Callable[[Exception], None] | None = None,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._failure_mode = failure_mode
+        self._on_failure = on_failure
+        self._acquire = redis.register_script(ACQUIRE)
+        self._settle = redis.register_script(SETTLE)
+
+    async def acquire(
+        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+    ) -> Admission:
+        tokens = max(tokens, 0)
+        limited = [scope for scope in scopes if not scope.spec.unlimited]
+        if not limited:
+            return _unlimited(request_id, tokens)
+        keys: list[str] = []
+        args: list[int | str] = [tokens, request_id, max(round(lease_seconds * 1000), 1)]
+        for scope in limited:
+            base = self._prefix + scope.name
+            keys += (base + ":r", base + ":t", base + ":p")
+            spec = scope.spec
+            args += (_limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel))
+        try:
+            reply: list[int] = await self._acquire(keys=keys, args=args)
+        except _FAILURES as exc:
+            return self._fail(exc, request_id, tokens)
+
+        allowed, code, retry_ms, now_ms = reply[0], reply[1], reply[2], reply[3]
+        usages: list[ScopeUsage] = []
+        for i, scope in enumerate(limited):
+            requests, oldest_req, used_tokens, oldest_tok = reply[4 + 4 * i : 8 + 4 * i]
+            usages.append(
+                ScopeUsage(
+                    rpm=scope.spec.rpm,
+                    requests=requests,
+                    oldest_request=_or_none(oldest_req),
+                    tpm=scope.spec.tpm,
+                    tokens=used_tokens,
+                    oldest_token=_or_none(oldest_tok),
+                )
+            )
+        ticket = None
+        if allowed:
+            ticket = Ticket(
+                request_id,
+                tokens=tokens,
+                second=now_ms // 1000,
+                token_scopes=tuple(s.name for s in limited if s.spec.tpm is not None),
+                lease_scopes=tuple(s.name for s in limited if s.spec.max_parallel is not None),
+            )
+        return build_admission(
+            allowed=bool(allowed),
+            reason=None if allowed else REASON_CODES[code],
+            retry_after=retry_ms / 1000,
+            usages=usages,
+            now=now_ms / 1000,
+            ticket=ticket,
+        )
+
+    async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        if not ticket.claim():
+            return
+        delta = max(actual_tokens, 0) - ticket.tokens
+        token_keys = [self._prefix + name + ":t" for name in ticket.token_scopes] if delta else []
+        lease_keys = [self._prefix + name + ":p" for name in ticket.lease_scopes]
+        if not token_keys and not lease_keys:
+            return
+        args: list[Any] = [len(token_keys), ticket.second, delta, ticket.request_id]
+        try:
+            await self._settle(keys=token_keys + lease_keys, args=args)
+        except _FAILURES as exc:
+            self._report(exc)
+
+    async def close(self) -> None:
+        """The Redis client belongs to the caller, who closes it."""
+
+    def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
+        self._report(exc)
+        if self._failure_mode == "closed":
+            raise ServiceUnavailableError(
+                "rate limiter unavailable", headers={"Retry-After": "1"}
+            ) from exc
+        return _unlimited(request_id, tokens, noop=True)
+
+    def _report(self, exc: Exception) -> None:
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
+
+def _unlimited(request_id: str, tokens: int, *, noop: bool = False) -> Admission:
+    """An admission no scope limits (no scopes, or fail-open); its ticket settles as nothing."""
+    return build_admission(
+        allowed=True,
+        reason=None,
+        retry_after=0.0,
+        usages=(),
+        now=0.0,
+        ticket=Ticket(request_id, tokens=tokens, second=0, noop=noop),
+    )

@@ -1,0 +1,104 @@
+"""Rolling-window arithmetic shared by the memory and Redis limiters.
+
+Usage is counted in one-second buckets (bucket ``s`` holds everything that happened in
+``[s, s + 1)``). A bucket stays in the window for ``WINDOW_BUCKETS`` = 61 seconds after
+it opened, i.e. the current second plus the 60 before it. That is one bucket more than
+"the last 60 buckets" on purpose: every request is then counted for at least a full 60 s
+after it happened, so *no* 60-second span can ever hold more than the limit (with 60
+buckets, a burst at the end of second 0 and another at the start of second 60 would
+both fit in one minute: up to twice the limit). The price is that a saturated key gets
+``limit`` requests per 60 to 61 s instead of per 60 s (≤ 1.7 % less throughput).
+
+The Lua script in ``lua.py`` implements the same rules; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sluice.pipeline.limits.base import Admission, Reason, Ticket
+
+WINDOW_BUCKETS = 61
+"""Seconds a bucket stays counted after it opened."""
+
+NEVER_RETRY_AFTER = 60.0
+"""retry_after when the request alone exceeds a limit (it can never pass)."""
+
+PARALLEL_RETRY_AFTER = 1.0
+"""retry_after when every parallel slot is taken."""
+
+
+def first_live_second(now: float) -> int:
+    """Oldest bucket second still inside the window at ``now``."""
+    return int(now) - WINDOW_BUCKETS + 1
+
+
+def seconds_until_freed(buckets: Iterable[tuple[int, int]], need: int, now: float) -> float:
+    """Time until the oldest ``buckets`` (ascending seconds) holding ``need`` units leave.
+
+    ``need`` is how much usage must drop for the request to fit; the answer lies in
+    ``(0, WINDOW_BUCKETS]`` for a live window.
+    """
+    freed = 0
+    for second, amount in buckets:
+        freed += amount
+        if freed >= need:
+            return max(second + WINDOW_BUCKETS - now, 0.001)
+    return float(WINDOW_BUCKETS)
+
+
+def seconds_until_reset(oldest: int | None, now: float) -> float:
+    """Time until the oldest counted bucket leaves the window (0 when nothing is counted)."""
+    if oldest is None:
+        return 0.0
+    return max(oldest + WINDOW_BUCKETS - now, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeUsage:
+    """One scope's limits and (post-decision) usage, for the rate-limit headers."""
+
+    rpm: int | None
+    requests: int
+    oldest_request: int | None
+    tpm: int | None
+    tokens: int
+    oldest_token: int | None
+
+
+def _headers(
+    pairs: Sequence[tuple[int, int, int | None]], now: float
+) -> tuple[int | None, int | None, float | None]:
+    """(limit, remaining, reset) of the most constrained (limit, used, oldest) triple."""
+    if not pairs:
+        return None, None, None
+    limit, used, oldest = min(pairs, key=lambda p: (p[0] - p[1], p[0]))
+    return limit, max(limit - used, 0), seconds_until_reset(oldest, now)
+
+
+def build_admission(
+    *,
+    allowed: bool,
+    reason: Reason | None,
+    retry_after: float,
+    usages: Sequence[ScopeUsage],
+    now: float,
+    ticket: Ticket | None,
+) -> Admission:
+    req = [(u.rpm, u.requests, u.oldest_request) for u in usages if u.rpm is not None]
+    tok = [(u.tpm, u.tokens, u.oldest_token) for u in usages if u.tpm is not None]
+    limit_requests, remaining_requests, reset_requests = _headers(req, now)
+    limit_tokens, remaining_tokens, reset_tokens = _headers(tok, now)
+    return Admission(
+        allowed=allowed,
+        reason=reason,
+        retry_after=0.0 if allowed else retry_after,
+        limit_requests=limit_requests,
+        remaining_requests=remaining_requests,
+        reset_requests=reset_requests,
+        limit_tokens=limit_tokens,
+        remaining_tokens=remaining_tokens,
+        reset_tokens=reset_tokens,
+        ticket=ticket if allowed else None,
+    )

@@ -1,0 +1,150 @@
+"""The stateful services behind the request path, built from settings and started together.
+
+    database  ─ KeyStore, UsageStore ─ UsageRecorder (batched, durable writes)
+    redis     ─ RedisLimiter, KeyInvalidation (pub/sub)      (MemoryLimiter without Redis)
+    auth      ─ Authenticator ─ Guard (identify, admit)      (only with auth.master_key)
+              ─ Accounting (settle reservations, record usage)
+
+The database is opened when keys are enabled or usage is recorded; Redis only when
+``redis_url`` is set. Shutdown order matters: the recorder drains into the database before
+the database closes, so no usage record is lost on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from sluice.observability.metrics import GatewayMetrics
+from sluice.pipeline.accounting import Accounting
+from sluice.pipeline.auth import Authenticator
+from sluice.pipeline.guard import Guard
+from sluice.pipeline.invalidation import KeyInvalidation
+from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
+from sluice.settings import Settings, resolve_secret, resolve_url
+from sluice.store.database import Database, default_database_url
+from sluice.store.keys import KeyStore
+from sluice.store.recorder import UsageRecorder
+from sluice.store.usage import UsageStore
+
+log = logging.getLogger("sluice.services")
+PARALLEL_LEASE_SECONDS = 900.0
+
+
+@dataclass
+class Services:
+    limiter: Limiter
+    invalidation: KeyInvalidation
+    accounting: Accounting
+    database: Database | None = None
+    redis: aioredis.Redis | None = None
+    keys: KeyStore | None = None
+    usage: UsageStore | None = None
+    recorder: UsageRecorder | None = None
+    guard: Guard | None = None
+    master_key: str | None = None
+
+    async def start(self) -> None:
+        if self.database is not None:
+            await self.database.start()
+        if self.recorder is not None:
+            await self.recorder.start()
+        await self.invalidation.start()
+
+    async def close(self) -> None:
+        await self.invalidation.close()
+        if self.recorder is not None:
+            await self.recorder.close()
+        if self.database is not None:
+            await self.database.close()
+        await self.limiter.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
+    master_key = resolve_secret(settings.auth.master_key)
+    redis = _redis(settings.redis_url)
+    limiter: Limiter
+    if redis is not None:
+        limiter = RedisLimiter(
+            redis,
+            failure_mode=settings.limits.redis_failure,
+            on_failure=lambda exc: _limiter_failed(metrics, exc),
+        )
+    else:
+        limiter = MemoryLimiter()
+    prices = {model.name: model.pricing for model in settings.models}
+
+    if master_key is None and not settings.usage.enabled:
+        return Services(
+            limiter,
+            KeyInvalidation(redis, lambda _: None),
+            Accounting(None, None, prices),
+            redis=redis,
+        )
+
+    data_dir = Path(settings.data_dir).expanduser()
+    database = database_for(settings)
+    keys, usage = KeyStore(database), UsageStore(database)
+    recorder = None
+    if settings.usage.enabled:
+        recorder = UsageRecorder(
+            usage,
+            batch_size=settings.usage.batch_size,
+            flush_interval=settings.usage.flush_interval,
+            spool_path=data_dir / "usage-spool.jsonl",
+            on_error=lambda exc: metrics.usage_write_failures.inc(),
+        )
+    guard = None
+    authenticator = None
+    if master_key is not None:
+        authenticator = Authenticator(keys, master_key, settings.auth.key_cache_ttl)
+        guard = Guard(
+            authenticator,
+            limiter,
+            default_max_tokens=settings.limits.default_max_tokens,
+            lease_seconds=PARALLEL_LEASE_SECONDS,
+        )
+    invalidation = KeyInvalidation(
+        redis, authenticator.invalidate if authenticator is not None else lambda _: None
+    )
+    return Services(
+        limiter=limiter,
+        invalidation=invalidation,
+        accounting=Accounting(recorder, limiter, prices),
+        database=database,
+        redis=redis,
+        keys=keys,
+        usage=usage,
+        recorder=recorder,
+        guard=guard,
+        master_key=master_key,
+    )
+
+
+def database_for(settings: Settings) -> Database:
+    """The configured database, or SQLite under the data directory."""
+    default = default_database_url(Path(settings.data_dir).expanduser())
+    return Database(resolve_url(settings.database_url) or default)
+
+
+def redis_for(settings: Settings) -> aioredis.Redis | None:
+    return _redis(settings.redis_url)
+
+
+def _redis(url: str | None) -> aioredis.Redis | None:
+    resolved = resolve_url(url)
+    if resolved is None:
+        return None
+    return aioredis.Redis.from_url(
+        resolved, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=30
+    )
+
+
+def _limiter_failed(metrics: GatewayMetrics, exc: Exception) -> None:
+    metrics.limiter_failures.inc()
+    log.warning("rate limiter unavailable, admitting the request (fail open): %s", exc)

@@ -1,0 +1,1 @@
+"""Alembic environment for Sluice's store; run through ``sluice.store.migrate``."""

@@ -1,0 +1,203 @@
+"""Writing usage records off the request path: buffer, batch, retry, drain, spool.
+
+``record()`` only appends to an in-memory buffer. One background task writes batches
+with ``insert_many``; a failed write is retried with exponential backoff and the batch is
+kept. ``close()`` drains the buffer; whatever the database still refuses when its
+timeout runs out is appended to the spool file as JSON lines, and the next ``start()``
+replays that file (``insert_many`` is idempotent, so records already written are not
+counted twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from sluice.store.usage import UsageRecord
+
+log = logging.getLogger(__name__)
+
+
+class UsageSink(Protocol):
+    """What the recorder writes to; ``UsageStore`` is one."""
+
+    async def insert_many(self, records: Sequence[UsageRecord]) -> int: ...
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        store: UsageSink,
+        *,
+        batch_size: int = 500,
+        flush_interval: float = 0.5,
+        spool_path: Path | None = None,
+        on_error: Callable[[Exception], None] | None = None,
+        retry_initial: float = 0.1,
+        retry_max: float = 5.0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self._store = store
+        self._batch_size = batch_size
+        self._flush_interval = flush_interval
+        self._spool_path = spool_path
+        self._on_error = on_error
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._buffer: deque[UsageRecord] = deque()
+        self._batch: list[UsageRecord] = []  # taken from the buffer, not yet written
+        self._replay: list[UsageRecord] = []  # from the spool file, not yet written
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self.written = 0
+        self.failures = 0
+
+    @property
+    def pending(self) -> int:
+        """Records buffered or in flight, not yet written."""
+        return len(self._buffer) + len(self._batch) + len(self._replay)
+
+    def record(self, rec: UsageRecord) -> None:
+        """Queue one record; never blocks (call it from the event loop's thread)."""
+        if self._closed:
+            self._late(rec)
+            return
+        self._buffer.append(rec)
+        if len(self._buffer) >= self._batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Replay the spool file, if any, then start the background writer."""
+        if self._task is not None or self._closed:
+            raise RuntimeError("UsageRecorder.start() called twice or after close()")
+        spooled = await asyncio.to_thread(self._read_spool)
+        if spooled:
+            try:
+                for i in range(0, len(spooled), self._batch_size):
+                    await self._store.insert_many(spooled[i : i + self._batch_size])
+            except Exception as exc:
+                self._failed(exc, len(spooled), "replaying the usage spool")
+                self._replay = spooled  # the writer retries it first; the file stays
+            else:
+                self._remove_spool()
+        self._task = asyncio.create_task(self._run(), name="sluice-usage-recorder")
+
+    async def close(self, timeout: float = 10) -> None:  # noqa: ASYNC109 (a drain deadline)
+        """Write everything buffered; after ``timeout`` seconds, spool what is left."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._task is None:  # never started: drain here, under the same deadline
+            self._task = asyncio.create_task(self._run(), name="sluice-usage-recorder")
+        task = self._task
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        finally:
+            self._closed = True
+            if not task.done():
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        left = [*self._batch, *self._buffer]  # the spool file still holds self._replay
+        self._batch, self._replay = [], []
+        self._buffer.clear()
+        if left:
+            await asyncio.to_thread(self._spool, left)
+
+    async def _run(self) -> None:
+        if self._replay:
+            await self._write(self._replay)
+            self._replay = []
+            self._remove_spool()
+        while True:
+            if len(self._buffer) < self._batch_size and not self._closing:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            if not self._buffer:
+                if self._closing:
+                    return
+                continue
+            count = min(len(self._buffer), self._batch_size)
+            self._batch = [self._buffer.popleft() for _ in range(count)]
+            await self._write(self._batch)
+            self.written += count
+            self._batch = []
+
+    async def _write(self, records: list[UsageRecord]) -> None:
+        """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""
+        for i in range(0, len(records), self._batch_size):
+            chunk = records[i : i + self._batch_size]
+            delay = self._retry_initial
+            while True:
+                try:
+                    await self._store.insert_many(chunk)
+                    break
+                except Exception as exc:
+                    self._failed(exc, len(chunk), f"writing usage; retrying in {delay:.2f}s")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self._retry_max)
+
+    def _failed(self, exc: Exception, count: int, doing: str) -> None:
+        self.failures += 1
+        log.warning("%s (%d records): %s: %s", doing, count, type(exc).__name__, exc)
+        if self._on_error is not None:
+            try:
+                self._on_error(exc)
+            except Exception:
+                log.exception("usage recorder on_error callback failed")
+
+    def _late(self, rec: UsageRecord) -> None:
+        """A record after close(): straight to the spool, or logged as lost."""
+        try:
+            self._spool([rec])
+        except OSError:
+            log.exception("usage record %s lost: recorder closed, spool failed", rec.request_id)
+
+    def _spool(self, records: list[UsageRecord]) -> None:
+        if self._spool_path is None:
+            log.error(
+                "usage recorder closed with %d records unwritten and no spool file: they are lost",
+                len(records),
+            )
+            return
+        self._spool_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._spool_path.open("a", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec.to_json(), separators=(",", ":")) + "\n")
+        log.error(
+            "database unavailable: spooled %d usage records to %s for replay on start",
+            len(records),
+            self._spool_path,
+        )
+
+    def _read_spool(self) -> list[UsageRecord]:
+        if self._spool_path is None or not self._spool_path.exists():
+            return []
+        records: list[UsageRecord] = []
+        with self._spool_path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(UsageRecord.from_json(json.loads(line)))
+                except (ValueError, TypeError, KeyError) as exc:  # a torn last line, say
+                    log.error(
+                        "skipping bad line %d of usage spool %s: %s", number, self._spool_path, exc
+                    )
+        return records
+
+    def _remove_spool(self) -> None:
+        if self._spool_path is not None:
+            self._spool_path.unlink(missing_ok=True)
+            log.info("replayed usage spool %s", self._spool_path)

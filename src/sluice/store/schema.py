@@ -1,0 +1,73 @@
+"""The tables, as SQLAlchemy Core ``Table`` objects on one ``MetaData``.
+
+The database schema itself is created and changed only by the Alembic migrations in
+``sluice/store/migrations/versions``; keep these definitions and the newest migration
+in step (``tests/store/test_migrations.py`` compares them).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+
+from sluice.store.types import UTCDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),  # "key_<12 hex>"
+    Column("key_hash", Text, nullable=False, unique=True),  # hex sha256 of the secret
+    Column("display", Text, nullable=False),  # prefix + "…" + last 4
+    Column("models", JSON(none_as_null=True), nullable=True),  # null: every model
+    Column("model_limits", JSON(none_as_null=True), nullable=True),  # {model: {rpm, tpm}}
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("max_parallel", Integer, nullable=True),
+    Column("budget_usd", Float, nullable=True),
+    Column("budget_period", Text, nullable=True),  # daily | weekly | monthly | null: lifetime
+    Column("spend_usd", Float, nullable=False, server_default=text("0")),
+    Column("period_started_at", UTCDateTime(), nullable=True),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("metadata", JSON, nullable=False, server_default=text("'{}'")),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+usage_records = Table(
+    "usage_records",
+    metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("key_id", Text, nullable=True),
+    Column("model", Text, nullable=False),
+    Column("deployment", Text, nullable=True),
+    Column("prompt_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("completion_tokens", Integer, nullable=False, server_default=text("0")),
+    Column("cost_usd", Float, nullable=False, server_default=text("0")),
+    Column("latency_ms", Float, nullable=False, server_default=text("0")),
+    Column("status", Integer, nullable=False),
+    Column("cache_hit", Boolean, nullable=False, server_default=text("false")),
+    Column("stream", Boolean, nullable=False, server_default=text("false")),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "key_id"),
+    Index(None, "created_at"),
+)

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from sluice.store.database import Database, default_database_url, normalise_url
+from sluice.store.migrate import MIGRATIONS_DIR, current_revision, downgrade, upgrade
+from sluice.store.schema import metadata
+from tests.store.conftest import BACKENDS, temp_postgres_database
+
+
+@pytest.fixture(params=BACKENDS)
+def fresh_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_unreachable: str | None
+) -> Iterator[str]:
+    """An empty database per test, so migrations really start from nothing."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'sluice.db'}"
+    else:
+        yield from temp_postgres_database(postgres_unreachable)
+
+
+@pytest.mark.parametrize(
+    ("url", "driver"),
+    [
+        ("sqlite:///x.db", "sqlite+aiosqlite"),
+        ("sqlite+aiosqlite:///x.db", "sqlite+aiosqlite"),
+        ("postgresql://u@h/db", "postgresql+asyncpg"),
+        ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+        ("postgres://u@h/db", "postgresql+asyncpg"),
+    ],
+)
+def test_urls_are_normalised_to_async_drivers(url: str, driver: str) -> None:
+    assert normalise_url(url).drivername == driver
+
+
+def test_unsupported_url_is_refused() -> None:
+    with pytest.raises(ValueError, match="unsupported database URL"):
+        Database("mysql://u@h/db")
+
+
+def test_default_url_is_a_sqlite_file_under_the_data_dir(tmp_path: Path) -> None:
+    url = default_database_url(tmp_path / "data")
+    assert url == f"sqlite+aiosqlite:///{tmp_path / 'data' / 'sluice.db'}"
+
+
+def test_migrations_ship_inside_the_package() -> None:
+    assert (MIGRATIONS_DIR / "env.py").is_file()
+    assert (MIGRATIONS_DIR / "script.py.mako").is_file()
+    assert list((MIGRATIONS_DIR / "versions").glob("0001_*.py"))
+
+
+async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) -> None:
+    db = Database(fresh_url)
+    await db.start()
+    try:
+        assert await current_revision(db.engine) == "0001"
+        async with db.engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("usage_records")}
+            )
+            # The migrated schema matches schema.py (no autogenerate differences).
+            diffs = await conn.run_sync(
+                lambda c: compare_metadata(MigrationContext.configure(c), metadata)
+            )
+        assert {"api_keys", "usage_records", "alembic_version"} <= tables
+        assert {"ix_usage_records_key_id", "ix_usage_records_created_at"} <= indexes
+        assert diffs == []
+
+        await upgrade(db.writer)  # again: nothing to do, nothing breaks
+        assert await current_revision(db.engine) == "0001"
+    finally:
+        await db.close()
+
+    again = Database(fresh_url)  # a restart runs migrations again
+    await again.start()
+    try:
+        assert await current_revision(again.engine) == "0001"
+        await downgrade(again.writer, "base")
+        async with again.engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert not {"api_keys", "usage_records"} & tables
+        await upgrade(again.writer)
+        assert await current_revision(again.engine) == "0001"
+    finally:
+        await again.close()
+
+
+async def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'a' / 'b.db'}")
+    await db.start()
+    try:
+        async with db.engine.connect() as conn:
+            assert (await conn.scalar(text("PRAGMA journal_mode"))) == "wal"
+            assert (await conn.scalar(text("PRAGMA busy_timeout"))) == 5000
+            assert (await conn.scalar(text("PRAGMA foreign_keys"))) == 1
+    finally:
+        await db.close()
+    assert (tmp_path / "a" / "b.db").is_file()
+
+
+async def test_in_memory_sqlite_works(tmp_path: Path) -> None:
+    db = Database("sqlite://")
+    await db.start()
+    try:
+        assert await current_revision(db.engine) == "0001"
+    finally:
+        await db.close()
+
+
+async def test_engine_before_start_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="start"):
+        _ = Database("sqlite://").engine

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from sluice.store.database import Database
+from sluice.store.keys import KeyRecord, KeyStore
+from sluice.store.recorder import UsageRecorder
+from sluice.store.usage import UsageRecord, UsageStore
+
+NOW = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
+
+
+class FlakyStore:
+    """Wraps a real store: counts calls, and fails while ``failing`` is set."""
+
+    def __init__(self, inner: UsageStore, *, failing: bool = False) -> None:
+        self.inner = inner
+        self.failing = failing
+        self.calls: list[int] = []
+        self.failed_calls = 0
+
+    async def insert_many(self, records: Sequence[UsageRecord]) -> int:
+        self.calls.append(len(records))
+        if self.failing:
+            self.failed_calls += 1
+            raise ConnectionError("database is down")
+        return await self.inner.insert_many(records)
+
+
+def records(n: int, prefix: str = "r", cost: float = 0.01) -> list[UsageRecord]:
+    return [
+        UsageRecord(request_id=f"{prefix}{i}", model="m", key_id="key_a", cost_usd=cost,
+                    created_at=NOW)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+async def wait_until(condition: object, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+async def test_many_records_are_written_in_few_batches(db: Database) -> None:
+    flaky = FlakyStore(UsageStore(db))
+    recorder = UsageRecorder(flaky, batch_size=100, flush_interval=30)
+    await recorder.start()
+    for r in records(1000):
+        recorder.record(r)  # plain call: nothing to await on the request path
+    await wait_until(lambda: recorder.written == 1000)  # full batches don't wait the interval
+    assert flaky.calls == [100] * 10
+    assert recorder.pending == 0
+    await recorder.close()
+    assert await UsageStore(db).count() == 1000
+
+
+async def test_partial_batch_is_flushed_after_the_interval(db: Database) -> None:
+    recorder = UsageRecorder(UsageStore(db), batch_size=500, flush_interval=0.05)
+    await recorder.start()
+    for r in records(3):
+        recorder.record(r)
+    assert recorder.pending == 3
+    await wait_until(lambda: recorder.written == 3)
+    assert await UsageStore(db).count() == 3
+    await recorder.close()
+
+
+async def test_failed_writes_retry_with_backoff_and_lose_nothing(db: Database) -> None:
+    await KeyStore(db).create(KeyRecord(id="key_a", key_hash="h", display="d", created_at=NOW))
+    flaky = FlakyStore(UsageStore(db), failing=True)
+    errors: list[Exception] = []
+    recorder = UsageRecorder(
+        flaky, batch_size=50, flush_interval=0.01, on_error=errors.append,
+        retry_initial=0.01, retry_max=0.04,
+    )  # fmt: skip
+    await recorder.start()
+    for r in records(120):
+        recorder.record(r)
+    await wait_until(lambda: flaky.failed_calls >= 5)
+    assert recorder.written == 0
+    assert recorder.pending == 120  # the failing batch is kept, not dropped
+    assert len(errors) == flaky.failed_calls
+    assert all(isinstance(e, ConnectionError) for e in errors)
+
+    flaky.failing = False
+    await wait_until(lambda: recorder.written == 120)
+    await recorder.close()
+    assert await UsageStore(db).count() == 120
+    key = await KeyStore(db).get("key_a")
+    assert key is not None
+    assert key.spend_usd == pytest.approx(1.2)  # retried batches charged exactly once
+
+
+async def test_close_drains_everything_buffered(db: Database) -> None:
+    recorder = UsageRecorder(UsageStore(db), batch_size=64, flush_interval=60)
+    await recorder.start()
+    for r in records(300):
+        recorder.record(r)
+    await recorder.close(timeout=5)
+    assert recorder.pending == 0
+    assert recorder.written == 300
+    assert await UsageStore(db).count() == 300
+
+
+async def test_close_without_start_still_drains(db: Database) -> None:
+    recorder = UsageRecorder(UsageStore(db))
+    for r in records(5):
+        recorder.record(r)
+    await recorder.close()
+    assert await UsageStore(db).count() == 5
+
+
+async def test_persistent_failure_spools_and_next_start_replays(
+    db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await KeyStore(db).create(KeyRecord(id="key_a", key_hash="h", display="d", created_at=NOW))
+    spool = tmp_path / "spool" / "usage.jsonl"
+    flaky = FlakyStore(UsageStore(db), failing=True)
+    recorder = UsageRecorder(
+        flaky, batch_size=10, flush_interval=0.01, spool_path=spool,
+        retry_initial=0.01, retry_max=0.02,
+    )  # fmt: skip
+    await recorder.start()
+    for r in records(25):
+        recorder.record(r)
+    await wait_until(lambda: flaky.failed_calls >= 2)
+    with caplog.at_level(logging.ERROR, logger="sluice.store.recorder"):
+        await recorder.close(timeout=0.1)
+    assert "spooled 25 usage records" in caplog.text
+    lines = spool.read_text().splitlines()
+    assert sorted(json.loads(line)["request_id"] for line in lines) == sorted(
+        r.request_id for r in records(25)
+    )
+    assert recorder.pending == 0 and recorder.written == 0
+    assert await UsageStore(db).count() == 0
+
+    # Some may have reached the database already (committed, then the reply was lost):
+    # the replay must neither duplicate them nor charge them twice.
+    await UsageStore(db).insert_many(records(5))
+
+    flaky.failing = False
+    restarted = UsageRecorder(flaky, spool_path=spool)
+    await restarted.start()  # replays before accepting new work
+    assert not spool.exists()
+    assert await UsageStore(db).count() == 25
+    key = await KeyStore(db).get("key_a")
+    assert key is not None and key.spend_usd == pytest.approx(0.25)
+    await restarted.close()
+
+
+async def test_replay_that_fails_at_start_is_retried_in_the_background(
+    db: Database, tmp_path: Path
+) -> None:
+    spool = tmp_path / "usage.jsonl"
+    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(3)) + "\n{torn line\n")
+    flaky = FlakyStore(UsageStore(db), failing=True)
+    errors: list[Exception] = []
+    recorder = UsageRecorder(
+        flaky, spool_path=spool, on_error=errors.append, retry_initial=0.01, retry_max=0.02
+    )
+    await recorder.start()  # does not fail the app's start-up
+    assert errors
+    assert spool.exists()
+    assert recorder.pending == 3
+    flaky.failing = False
+    await wait_until(lambda: not spool.exists())
+    assert await UsageStore(db).count() == 3
+    await recorder.close()
+
+
+async def test_record_after_close_goes_to_the_spool(db: Database, tmp_path: Path) -> None:
+    spool = tmp_path / "usage.jsonl"
+    recorder = UsageRecorder(UsageStore(db), spool_path=spool)
+    await recorder.start()
+    await recorder.close()
+    recorder.record(records(1, prefix="late")[0])
+    assert json.loads(spool.read_text())["request_id"] == "late0"

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sluice.store.database import Database
+from sluice.store.keys import KeyRecord, KeyStore
+from sluice.store.usage import UsageRecord, UsageStore
+
+DAY1 = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
+DAY2 = datetime(2025, 3, 6, 0, 0, 1, tzinfo=UTC)
+
+
+def rec(request_id: str, **fields: object) -> UsageRecord:
+    values: dict[str, object] = {
+        "request_id": request_id,
+        "model": "m1",
+        "key_id": "key_a",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cost_usd": 1.0,
+        "created_at": DAY1,
+    }
+    values.update(fields)
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
+async def add_key(db: Database, key_id: str = "key_a", **fields: object) -> None:
+    values: dict[str, object] = {"id": key_id, "key_hash": f"h-{key_id}", "display": "sk…x"}
+    values.update(fields)
+    await KeyStore(db).create(KeyRecord(**values))  # type: ignore[arg-type]
+
+
+async def spend(db: Database, key_id: str = "key_a", now: datetime = DAY1) -> float:
+    key = await KeyStore(db).get(key_id, now=now)
+    assert key is not None
+    return key.spend_usd
+
+
+def test_record_json_round_trip() -> None:
+    record = rec("r1", deployment="d1", cache_hit=True, stream=True, latency_ms=1.5)
+    assert UsageRecord.from_json(record.to_json()) == record
+
+
+async def test_replaying_a_batch_stores_and_charges_it_once(db: Database) -> None:
+    await add_key(db, created_at=DAY1)
+    store = UsageStore(db)
+    batch = [rec(f"r{i}", cost_usd=0.25) for i in range(4)]
+
+    assert await store.insert_many(batch) == 4
+    assert await store.insert_many(batch) == 0
+    assert await store.insert_many([*batch[:2], rec("r9", cost_usd=0.5)]) == 1
+    assert await store.count() == 5
+    assert await spend(db) == pytest.approx(1.5)
+
+
+async def test_duplicates_inside_one_batch_count_once(db: Database) -> None:
+    await add_key(db)
+    store = UsageStore(db)
+    assert await store.insert_many([rec("r1"), rec("r1"), rec("r2")]) == 2
+    assert await store.insert_many([]) == 0
+    assert await spend(db) == pytest.approx(2.0)
+
+
+async def test_spend_accumulates_per_key_and_ignores_unknown_keys(db: Database) -> None:
+    await add_key(db, "key_a")
+    await add_key(db, "key_b", budget_usd=100.0)
+    store = UsageStore(db)
+    await store.insert_many(
+        [
+            rec("r1", key_id="key_a", cost_usd=1.0),
+            rec("r2", key_id="key_b", cost_usd=2.0),
+            rec("r3", key_id="key_a", cost_usd=0.5),
+            rec("r4", key_id="key_config", cost_usd=9.0),  # not in the table
+            rec("r5", key_id=None, cost_usd=9.0),
+        ]
+    )
+    await store.insert_many([rec("r6", key_id="key_b", cost_usd=3.0)])
+    assert await spend(db, "key_a") == pytest.approx(1.5)
+    assert await spend(db, "key_b") == pytest.approx(5.0)
+    assert await store.count() == 6
+
+
+async def test_daily_spend_resets_at_the_period_boundary(db: Database) -> None:
+    await add_key(db, budget_usd=10.0, budget_period="daily", created_at=DAY1)
+    store = UsageStore(db)
+    keys = KeyStore(db)
+    await store.insert_many([rec("r1", cost_usd=1.0), rec("r2", cost_usd=2.0)])
+    assert await spend(db, now=DAY1) == pytest.approx(3.0)
+
+    # Read after midnight, before anything new is written: lazily rolled over.
+    rolled = await keys.get("key_a", now=DAY2)
+    assert rolled is not None
+    assert rolled.spend_usd == 0.0
+    assert rolled.period_started_at == datetime(2025, 3, 6, tzinfo=UTC)
+    assert rolled.budget_left(DAY2) == 10.0
+
+    # The write after midnight resets the stored spend in SQL...
+    await store.insert_many([rec("r3", cost_usd=0.5, created_at=DAY2)])
+    assert await spend(db, now=DAY2) == pytest.approx(0.5)
+    # ...and a late record from the day before does not leak into the new day.
+    await store.insert_many([rec("r4", cost_usd=4.0, created_at=DAY1)])
+    assert await spend(db, now=DAY2) == pytest.approx(0.5)
+    # One batch spanning the boundary leaves only the newest period's spend.
+    day3 = DAY2 + timedelta(days=1)
+    await store.insert_many(
+        [rec("r5", cost_usd=1.0, created_at=day3), rec("r6", cost_usd=7.0, created_at=DAY2)]
+    )
+    stored = await keys.get("key_a", now=day3)
+    assert stored is not None
+    assert stored.spend_usd == pytest.approx(1.0)
+    assert stored.period_started_at == datetime(2025, 3, 7, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("period", "before", "after"),
+    [
+        ("weekly", datetime(2025, 3, 9, 23, tzinfo=UTC), datetime(2025, 3, 10, 1, tzinfo=UTC)),
+        ("monthly", datetime(2025, 3, 31, 23, tzinfo=UTC), datetime(2025, 4, 1, 1, tzinfo=UTC)),
+    ],
+)
+async def test_weekly_and_monthly_periods(
+    db: Database, period: str, before: datetime, after: datetime
+) -> None:
+    await add_key(db, budget_usd=10.0, budget_period=period, created_at=before)
+    store = UsageStore(db)
+    await store.insert_many([rec("r1", cost_usd=2.0, created_at=before)])
+    await store.insert_many([rec("r2", cost_usd=1.0, created_at=before + timedelta(minutes=1))])
+    assert await spend(db, now=before) == pytest.approx(3.0)
+    await store.insert_many([rec("r3", cost_usd=0.5, created_at=after)])
+    assert await spend(db, now=after) == pytest.approx(0.5)
+
+
+async def test_lifetime_budget_never_resets(db: Database) -> None:
+    await add_key(db, budget_usd=10.0, created_at=DAY1)
+    store = UsageStore(db)
+    await store.insert_many([rec("r1", cost_usd=2.0)])
+    await store.insert_many([rec("r2", cost_usd=2.0, created_at=DAY1 + timedelta(days=400))])
+    assert await spend(db, now=DAY1 + timedelta(days=401)) == pytest.approx(4.0)
+
+
+async def test_query_groups_and_filters(db: Database) -> None:
+    store = UsageStore(db)
+    late = datetime(2025, 3, 5, 23, 59, 59, 999_000, tzinfo=UTC)
+    await store.insert_many(
+        [
+            rec("a1", key_id="key_a", model="m1", created_at=DAY1),
+            rec("a2", key_id="key_a", model="m1", created_at=late, cost_usd=0.5),
+            rec("a3", key_id="key_a", model="m2", created_at=DAY2, prompt_tokens=100),
+            rec("b1", key_id="key_b", model="m1", created_at=DAY2, completion_tokens=7),
+            rec("n1", key_id=None, model="m1", created_at=DAY2),
+        ]
+    )
+
+    rows = await store.query()
+    assert rows == [
+        {"key_id": "key_a", "model": "m1", "day": "2025-03-05", "requests": 2,
+         "prompt_tokens": 20, "completion_tokens": 10, "cost_usd": 1.5},
+        {"key_id": "key_a", "model": "m2", "day": "2025-03-06", "requests": 1,
+         "prompt_tokens": 100, "completion_tokens": 5, "cost_usd": 1.0},
+        {"key_id": "key_b", "model": "m1", "day": "2025-03-06", "requests": 1,
+         "prompt_tokens": 10, "completion_tokens": 7, "cost_usd": 1.0},
+        {"key_id": None, "model": "m1", "day": "2025-03-06", "requests": 1,
+         "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 1.0},
+    ]  # fmt: skip
+
+    by_day = await store.query(group_by=["day"])
+    assert [(r["day"], r["requests"]) for r in by_day] == [("2025-03-05", 2), ("2025-03-06", 3)]
+    assert set(by_day[0]) == {"day", "requests", "prompt_tokens", "completion_tokens", "cost_usd"}
+
+    by_model = await store.query(key_id="key_a", group_by=["model"])
+    assert [(r["model"], r["requests"], r["cost_usd"]) for r in by_model] == [
+        ("m1", 2, 1.5),
+        ("m2", 1, 1.0),
+    ]
+    assert await store.query(model="m2", group_by=["key"]) == [
+        {"key_id": "key_a", "requests": 1, "prompt_tokens": 100, "completion_tokens": 5,
+         "cost_usd": 1.0},
+    ]  # fmt: skip
+
+    window = await store.query(since=late, until=DAY2, group_by=[])
+    assert window == [{"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5}]
+    assert await store.query(since=DAY2 + timedelta(seconds=1), group_by=[]) == []
+    assert await store.query(key_id="key_missing") == []
