@@ -47,9 +47,7 @@ def raw_tokens_per_s(width: int, tokens: int, threads: int, n_ctx: int) -> tuple
                 batch.logits[i] = 1 if i == len(prompt) - 1 else 0
             batch.n_tokens = len(prompt)
             assert llama_cpp.llama_decode(model.ctx, batch) == 0
-        last = [
-            llama_cpp.llama_sampler_sample(samplers[s], model.ctx, -1) for s in range(width)
-        ]
+        last = [llama_cpp.llama_sampler_sample(samplers[s], model.ctx, -1) for s in range(width)]
         # Decode steps of `width` tokens each.
         decode_s = 0.0
         started = time.perf_counter()
@@ -102,8 +100,10 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=256)
     args = parser.parse_args()
     widths = [int(w) for w in args.batches.split(",")]
-    print(f"# {platform.processor() or platform.machine()}, llama-cpp-python "
-          f"{llama_cpp.__version__}, threads={args.threads}, tokens/seq={args.tokens}")
+    print(
+        f"# {platform.processor() or platform.machine()}, llama-cpp-python "
+        f"{llama_cpp.__version__}, threads={args.threads}, tokens/seq={args.tokens}"
+    )
     print("| sequences | raw decode tok/s | raw decode+sample tok/s | engine tok/s | engine/raw |")
     print("|---:|---:|---:|---:|---:|")
     for width in widths:

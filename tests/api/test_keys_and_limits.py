@@ -1,4 +1,4 @@
-"""Keys, limits, budgets and usage through the HTTP API, on SQLite + memory and PostgreSQL + Redis."""
+"""Keys, limits, budgets and usage over HTTP: on SQLite + memory and on PostgreSQL + Redis."""
 
 from __future__ import annotations
 
@@ -72,9 +72,7 @@ def gw(request: pytest.FixtureRequest, upstream: MockUpstream, tmp_path: Path) -
         return
     redis_url = require_redis()
     with fresh_postgres_database() as database_url:
-        config = auth_config(
-            upstream.url, tmp_path, database_url=database_url, redis_url=redis_url
-        )
+        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
         with running_gateway(config) as url, _admin(url) as admin:
             yield Gateway(url, admin)
 
@@ -106,9 +104,11 @@ def test_key_lifecycle_through_the_sdk(gw: Gateway) -> None:
         "id": created["id"],
         "revoked": True,
     }
-    with openai.OpenAI(base_url=gw.url, api_key=secret, max_retries=0) as sdk:
-        with pytest.raises(openai.AuthenticationError) as caught:
-            sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"])  # type: ignore[arg-type]
+    with (
+        openai.OpenAI(base_url=gw.url, api_key=secret, max_retries=0) as sdk,
+        pytest.raises(openai.AuthenticationError) as caught,
+    ):
+        sdk.chat.completions.create(model="gpt-4o-mini", messages=CHAT["messages"])  # type: ignore[arg-type]
     assert caught.value.code == "key_revoked"
 
 
@@ -150,7 +150,10 @@ def test_master_key_serves_and_admin_needs_it(gw: Gateway) -> None:
     key = gw.new_key()["key"]
     base = gw.url.removesuffix("/v1")
     assert httpx.get(f"{base}/admin/keys").status_code == 401
-    assert httpx.get(f"{base}/admin/keys", headers={"Authorization": f"Bearer {key}"}).status_code == 403
+    assert (
+        httpx.get(f"{base}/admin/keys", headers={"Authorization": f"Bearer {key}"}).status_code
+        == 403
+    )
     assert "/admin/keys" in httpx.get(f"{base}/openapi.json").json()["paths"]
 
 

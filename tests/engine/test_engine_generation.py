@@ -55,7 +55,7 @@ async def test_seeds(engine: Engine) -> None:
 
 
 async def test_max_tokens_finishes_with_length(engine: Engine) -> None:
-    prompt = chat_prompt(engine, "Count from one to one hundred.")
+    prompt = chat_prompt(engine, "Write a long essay about the history of Rome.")
     _, events = await collect(engine, GenerationRequest(prompt, max_tokens=7, temperature=0.0))
     last = events[-1]
     assert last.finish_reason == "length"
@@ -85,9 +85,7 @@ async def test_stop_string_is_never_emitted(engine: Engine) -> None:
 
 async def test_eog_finishes_with_stop(engine: Engine) -> None:
     prompt = chat_prompt(engine, "Reply with just the word yes.")
-    text, events = await collect(
-        engine, GenerationRequest(prompt, max_tokens=40, temperature=0.0)
-    )
+    text, events = await collect(engine, GenerationRequest(prompt, max_tokens=40, temperature=0.0))
     assert events[-1].finish_reason == "stop"
     assert "<|im_end|>" not in text
     assert events[-1].usage is not None
@@ -116,7 +114,10 @@ async def test_concurrent_requests_share_decode_steps(engine: Engine) -> None:
     try:
         prompts = [chat_prompt(engine, f"Write a sentence about the number {i}.") for i in range(4)]
         results = await asyncio.gather(
-            *(collect(engine, GenerationRequest(p, max_tokens=10, temperature=0.0)) for p in prompts)
+            *(
+                collect(engine, GenerationRequest(p, max_tokens=10, temperature=0.0))
+                for p in prompts
+            )
         )
     finally:
         engine.remove_step_observer(observe)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy import delete
 
@@ -39,7 +39,8 @@ def postgres_unreachable() -> str | None:
     try:
         asyncio.run(_admin("SELECT 1"))
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        return f"PostgreSQL not reachable at 127.0.0.1:5432: {type(exc).__name__}: {exc}"
+        where = ADMIN_URL.split("@")[-1].split("/")[0]
+        return f"PostgreSQL not reachable at {where}: {type(exc).__name__}: {exc}"
     return None
 
 

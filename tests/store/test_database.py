@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,16 @@ async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) ->
         assert await current_revision(again.engine) == "0001"
     finally:
         await again.close()
+
+
+async def test_replicas_starting_together_migrate_once(fresh_url: str) -> None:
+    replicas = [Database(fresh_url) for _ in range(4)]
+    try:
+        await asyncio.gather(*(r.start() for r in replicas))
+        assert await current_revision(replicas[0].engine) == "0001"
+    finally:
+        for replica in replicas:
+            await replica.close()
 
 
 async def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(tmp_path: Path) -> None:

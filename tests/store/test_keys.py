@@ -5,15 +5,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from sluice.pipeline.apikeys import display, hash_key, new_key_id
 from sluice.store.database import Database
-from sluice.store.keys import (
-    KeyConflictError,
-    KeyRecord,
-    KeyStore,
-    hash_key,
-    key_display,
-    new_key_id,
-)
+from sluice.store.keys import KeyConflictError, KeyRecord, KeyStore
 
 NOW = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)
 
@@ -22,7 +16,7 @@ def make_key(secret: str = "sk-sluice-abcdefghijklmnop", **fields: object) -> Ke
     values: dict[str, object] = {
         "id": new_key_id(),
         "key_hash": hash_key(secret),
-        "display": key_display(secret),
+        "display": display(secret),
         "created_at": NOW,
     }
     values.update(fields)
@@ -35,7 +29,7 @@ def test_secret_helpers() -> None:
     assert len(key_id) == 16
     assert int(key_id[4:], 16) >= 0
     assert hash_key("sk-x") == hashlib.sha256(b"sk-x").hexdigest()
-    assert key_display("sk-sluice-abcdefghijklmnop") == "sk-sluic…mnop"
+    assert display("sk-sluice-abcdefghijklmnop") == "sk-sluice-…mnop"
 
 
 def test_active_means_not_revoked_and_not_expired() -> None:
@@ -48,7 +42,7 @@ def test_active_means_not_revoked_and_not_expired() -> None:
 
 def test_record_refuses_naive_datetimes_and_bad_periods() -> None:
     with pytest.raises(ValueError, match="naive"):
-        make_key(expires_at=datetime(2030, 1, 1))  # noqa: DTZ001
+        make_key(expires_at=datetime(2030, 1, 1))
     with pytest.raises(ValueError, match="budget period"):
         make_key(budget_period="yearly")
 
@@ -75,7 +69,8 @@ async def test_create_and_get_round_trip_every_field(db: Database) -> None:
         **{**key.__dict__, "period_started_at": datetime(2025, 3, 1, tzinfo=UTC)}
     )
     assert got.created_at.tzinfo is UTC
-    assert got.expires_at is not None and got.expires_at.tzinfo is UTC
+    assert got.expires_at is not None
+    assert got.expires_at.tzinfo is UTC
     assert await store.get_by_hash(key.key_hash, now=NOW) == got
     assert await store.get("key_missing") is None
     assert await store.get_by_hash(hash_key("nope")) is None
@@ -91,7 +86,8 @@ async def test_defaults_are_null_models_and_empty_metadata(db: Database) -> None
     assert got.model_limits is None
     assert got.metadata == {}
     assert got.spend_usd == 0.0
-    assert got.budget_period is None and got.period_started_at is None
+    assert got.budget_period is None
+    assert got.period_started_at is None
 
 
 async def test_duplicate_id_or_hash_is_a_conflict(db: Database) -> None:
@@ -128,7 +124,8 @@ async def test_revoke_is_false_for_unknown_or_already_revoked(db: Database) -> N
     assert not await store.revoke(key.id)
     assert not await store.revoke("key_000000000000")
     got = await store.get_by_hash(key.key_hash)
-    assert got is not None and not got.active()
+    assert got is not None
+    assert not got.active()
 
 
 async def test_expired_key_is_not_active(db: Database) -> None:
@@ -187,4 +184,5 @@ async def test_changing_the_budget_period_starts_a_new_period(db: Database) -> N
     assert updated.budget_period == "weekly"
     assert updated.period_started_at == datetime(2025, 3, 3, tzinfo=UTC)
     lifetime = await store.update(key.id, now=NOW, budget_period=None)
-    assert lifetime is not None and lifetime.period_started_at is None
+    assert lifetime is not None
+    assert lifetime.period_started_at is None

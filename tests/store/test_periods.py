@@ -7,8 +7,16 @@ import pytest
 from sluice.store.periods import current_period_start
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(
+    year: int,
+    month: int,
+    day: int,
+    hour: int = 0,
+    minute: int = 0,
+    second: int = 0,
+    microsecond: int = 0,
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +50,6 @@ def test_period_start_uses_utc_not_local_time() -> None:
 
 def test_rejects_naive_datetimes_and_unknown_periods() -> None:
     with pytest.raises(ValueError, match="naive"):
-        current_period_start("daily", datetime(2025, 1, 1))  # noqa: DTZ001
+        current_period_start("daily", datetime(2025, 1, 1))
     with pytest.raises(ValueError, match="unknown budget period"):
         current_period_start("hourly", utc(2025, 1, 1))

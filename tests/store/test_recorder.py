@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,10 +42,13 @@ def records(n: int, prefix: str = "r", cost: float = 0.01) -> list[UsageRecord]:
     ]  # fmt: skip
 
 
-async def wait_until(condition: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.005)
+async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
+    """Poll ``condition`` (the recorder has no event to wait on from outside)."""
+    for _ in range(int(within / 0.005)):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"condition not met within {within}s")
 
 
 async def test_many_records_are_written_in_few_batches(db: Database) -> None:
@@ -138,7 +141,8 @@ async def test_persistent_failure_spools_and_next_start_replays(
     assert sorted(json.loads(line)["request_id"] for line in lines) == sorted(
         r.request_id for r in records(25)
     )
-    assert recorder.pending == 0 and recorder.written == 0
+    assert recorder.pending == 0
+    assert recorder.written == 0
     assert await UsageStore(db).count() == 0
 
     # Some may have reached the database already (committed, then the reply was lost):
@@ -151,7 +155,8 @@ async def test_persistent_failure_spools_and_next_start_replays(
     assert not spool.exists()
     assert await UsageStore(db).count() == 25
     key = await KeyStore(db).get("key_a")
-    assert key is not None and key.spend_usd == pytest.approx(0.25)
+    assert key is not None
+    assert key.spend_usd == pytest.approx(0.25)
     await restarted.close()
 
 

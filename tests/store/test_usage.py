@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -183,3 +184,14 @@ async def test_query_groups_and_filters(db: Database) -> None:
     assert window == [{"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5}]
     assert await store.query(since=DAY2 + timedelta(seconds=1), group_by=[]) == []
     assert await store.query(key_id="key_missing") == []
+
+
+async def test_concurrent_batches_charge_exactly(db: Database) -> None:
+    await add_key(db, budget_usd=100.0, budget_period="monthly", created_at=DAY1)
+    store = UsageStore(db)
+    # Ten writers at once; each batch overlaps the next one by five request ids.
+    batches = [[rec(f"r{i}", cost_usd=0.5) for i in range(n * 10, n * 10 + 15)] for n in range(10)]
+    inserted = await asyncio.gather(*(store.insert_many(b) for b in batches))
+    assert sum(inserted) == 105
+    assert await store.count() == 105
+    assert await spend(db) == pytest.approx(52.5)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
 from sluice.engine.microbatch import BatcherClosedError, MicroBatcher
 from sluice.engine.types import (
     DecodeError,
     EngineClosedError,
-    EngineConfig,
     EngineError,
     EngineStats,
     GenerationEvent,

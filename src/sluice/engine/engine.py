@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
 from sluice.engine.model import LlamaModel, default_model_path
 from sluice.engine.scheduler import Scheduler, StepObserver
@@ -20,7 +21,6 @@ from sluice.engine.sequence import GenerationStream
 from sluice.engine.sequence import Sequence as _Sequence
 from sluice.engine.types import (
     EngineClosedError,
-    EngineConfig,
     EngineStats,
     GenerationRequest,
     PromptTooLongError,
@@ -52,7 +52,7 @@ class Engine:
             n_ctx=cfg.n_ctx,
             n_batch=cfg.batch_size,
             n_seq=cfg.parallel,
-            n_threads=cfg.threads,
+            n_threads=cfg.n_threads,
         )
         scheduler = Scheduler(
             model,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import hashlib
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,20 +33,6 @@ MUTABLE_FIELDS: frozenset[str] = frozenset(
 
 class KeyConflictError(ValueError):
     """A key with this id or secret hash already exists."""
-
-
-def new_key_id() -> str:
-    return f"key_{secrets.token_hex(6)}"
-
-
-def hash_key(secret: str) -> str:
-    """The stored form of a key: hex SHA-256 of the secret (the secret is never stored)."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def key_display(secret: str, prefix: int = 8) -> str:
-    """A recognisable but useless form of a secret: its prefix, "…", its last 4."""
-    return f"{secret[:prefix]}…{secret[-4:]}"
 
 
 @dataclass(frozen=True)

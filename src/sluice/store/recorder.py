@@ -58,8 +58,8 @@ class UsageRecorder:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
-        self.written = 0
-        self.failures = 0
+        self.written = 0  # records the database acknowledged (duplicates included)
+        self.failures = 0  # failed write attempts
 
     @property
     def pending(self) -> int:
@@ -83,7 +83,9 @@ class UsageRecorder:
         if spooled:
             try:
                 for i in range(0, len(spooled), self._batch_size):
-                    await self._store.insert_many(spooled[i : i + self._batch_size])
+                    chunk = spooled[i : i + self._batch_size]
+                    await self._store.insert_many(chunk)
+                    self.written += len(chunk)
             except Exception as exc:
                 self._failed(exc, len(spooled), "replaying the usage spool")
                 self._replay = spooled  # the writer retries it first; the file stays
@@ -106,13 +108,18 @@ class UsageRecorder:
             self._closed = True
             if not task.done():
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
-        left = [*self._batch, *self._buffer]  # the spool file still holds self._replay
-        self._batch, self._replay = [], []
-        self._buffer.clear()
-        if left:
-            await asyncio.to_thread(self._spool, left)
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("usage recorder task failed")
+            # Spool synchronously: this also runs when close() itself is cancelled.
+            left = [*self._batch, *self._buffer]  # the spool file still holds self._replay
+            self._batch, self._replay = [], []
+            self._buffer.clear()
+            if left:
+                self._spool(left)
 
     async def _run(self) -> None:
         if self._replay:
@@ -131,7 +138,6 @@ class UsageRecorder:
             count = min(len(self._buffer), self._batch_size)
             self._batch = [self._buffer.popleft() for _ in range(count)]
             await self._write(self._batch)
-            self.written += count
             self._batch = []
 
     async def _write(self, records: list[UsageRecord]) -> None:
@@ -142,6 +148,7 @@ class UsageRecorder:
             while True:
                 try:
                     await self._store.insert_many(chunk)
+                    self.written += len(chunk)
                     break
                 except Exception as exc:
                     self._failed(exc, len(chunk), f"writing usage; retrying in {delay:.2f}s")
@@ -198,6 +205,11 @@ class UsageRecorder:
         return records
 
     def _remove_spool(self) -> None:
-        if self._spool_path is not None:
+        if self._spool_path is None:
+            return
+        try:
             self._spool_path.unlink(missing_ok=True)
+        except OSError:  # replaying it again later is harmless
+            log.exception("could not remove replayed usage spool %s", self._spool_path)
+        else:
             log.info("replayed usage spool %s", self._spool_path)

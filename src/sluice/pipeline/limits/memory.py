@@ -7,13 +7,13 @@ section (the whole body runs without yielding to the event loop). Not thread-saf
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from sluice.pipeline.limits.base import Admission, LimitSpec, Reason, Scope, Ticket
 from sluice.pipeline.limits.window import (
     NEVER_RETRY_AFTER,
     PARALLEL_RETRY_AFTER,
-    ScopeUsage,
+    Usage,
     build_admission,
     first_live_second,
     seconds_until_freed,
@@ -53,6 +53,9 @@ class _Window:
     def wait(self, need: int, now: float) -> float:
         return seconds_until_freed(self.buckets.items(), need, now)
 
+    def usage(self, limit: int) -> Usage:
+        return Usage(limit, self.total, next(iter(self.buckets), None))
+
 
 class _ScopeState:
     __slots__ = ("leases", "requests", "tokens")
@@ -69,30 +72,23 @@ class _ScopeState:
                 del self.leases[rid]
         return len(self.leases)
 
-    def refusals(self, spec: LimitSpec, tokens: int, now: float) -> Iterator[tuple[Reason, float]]:
-        """Each limit of ``spec`` that would refuse the request, with its wait."""
-        if spec.rpm is not None and self.requests.total + 1 > spec.rpm:
-            if spec.rpm < 1:
-                yield "rpm", NEVER_RETRY_AFTER
-            else:
-                yield "rpm", self.requests.wait(self.requests.total + 1 - spec.rpm, now)
-        if spec.tpm is not None and self.tokens.total + tokens > spec.tpm:
-            if tokens > spec.tpm:
-                yield "tpm", NEVER_RETRY_AFTER
-            else:
-                yield "tpm", self.tokens.wait(self.tokens.total + tokens - spec.tpm, now)
-        if spec.max_parallel is not None and self.live_leases(now) >= spec.max_parallel:
-            yield "parallel", NEVER_RETRY_AFTER if spec.max_parallel < 1 else PARALLEL_RETRY_AFTER
-
-    def usage(self, spec: LimitSpec) -> ScopeUsage:
-        return ScopeUsage(
-            rpm=spec.rpm,
-            requests=self.requests.total,
-            oldest_request=self.requests.oldest(),
-            tpm=spec.tpm,
-            tokens=self.tokens.total,
-            oldest_token=self.tokens.oldest(),
-        )
+    def refusals(
+        self, spec: LimitSpec, tokens: int, now: float
+    ) -> list[tuple[Reason, float]] | None:
+        """Each limit of ``spec`` that would refuse the request, with its wait; None if none."""
+        out: list[tuple[Reason, float]] | None = None
+        rpm, tpm, max_parallel = spec.rpm, spec.tpm, spec.max_parallel
+        if rpm is not None and self.requests.total + 1 > rpm:
+            need = self.requests.total + 1 - rpm
+            out = [("rpm", NEVER_RETRY_AFTER if rpm < 1 else self.requests.wait(need, now))]
+        if tpm is not None and self.tokens.total + tokens > tpm:
+            need = self.tokens.total + tokens - tpm
+            wait = NEVER_RETRY_AFTER if tokens > tpm else self.tokens.wait(need, now)
+            out = (out or []) + [("tpm", wait)]
+        if max_parallel is not None and self.live_leases(now) >= max_parallel:
+            wait = NEVER_RETRY_AFTER if max_parallel < 1 else PARALLEL_RETRY_AFTER
+            out = (out or []) + [("parallel", wait)]
+        return out
 
 
 class MemoryLimiter:
@@ -118,42 +114,54 @@ class MemoryLimiter:
         reason: Reason | None = None
         retry_after = 0.0
         for scope in scopes:
-            if scope.spec.unlimited:
+            spec = scope.spec
+            if spec.unlimited:
                 continue
             state = self._scopes.get(scope.name)
             if state is None:
                 state = self._scopes[scope.name] = _ScopeState()
             state.requests.expire(first_live)
             state.tokens.expire(first_live)
-            for refused, wait in state.refusals(scope.spec, tokens, now):
-                reason = reason or refused
-                retry_after = max(retry_after, wait)
-            checked.append((scope.spec, state, scope.name))
+            refusals = state.refusals(spec, tokens, now)
+            if refusals is not None:
+                reason = reason or refusals[0][0]
+                retry_after = max(retry_after, *(wait for _, wait in refusals))
+            checked.append((spec, state, scope.name))
 
         ticket: Ticket | None = None
         if reason is None:
             second = int(now)
-            for spec, state, _ in checked:
+            token_scopes: list[str] = []
+            lease_scopes: list[str] = []
+            for spec, state, name in checked:
                 if spec.rpm is not None:
                     state.requests.add(second, 1)
                 if spec.tpm is not None:
                     state.tokens.add(second, tokens)
+                    token_scopes.append(name)
                 if spec.max_parallel is not None:
                     state.leases[request_id] = now + lease_seconds
+                    lease_scopes.append(name)
             ticket = Ticket(
                 request_id,
                 tokens=tokens,
                 second=second,
-                token_scopes=tuple(name for spec, _, name in checked if spec.tpm is not None),
-                lease_scopes=tuple(
-                    name for spec, _, name in checked if spec.max_parallel is not None
-                ),
+                token_scopes=tuple(token_scopes),
+                lease_scopes=tuple(lease_scopes),
             )
+        requests: list[Usage] = []
+        used_tokens: list[Usage] = []
+        for spec, state, _ in checked:
+            if spec.rpm is not None:
+                requests.append(state.requests.usage(spec.rpm))
+            if spec.tpm is not None:
+                used_tokens.append(state.tokens.usage(spec.tpm))
         return build_admission(
             allowed=reason is None,
             reason=reason,
             retry_after=retry_after,
-            usages=[state.usage(spec) for spec, state, _ in checked],
+            requests=requests,
+            tokens=used_tokens,
             now=now,
             ticket=ticket,
         )

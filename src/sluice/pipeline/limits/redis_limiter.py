@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits.base import Admission, Scope, Ticket
 from sluice.pipeline.limits.lua import ACQUIRE, REASON_CODES, SETTLE
-from sluice.pipeline.limits.window import ScopeUsage, build_admission
+from sluice.pipeline.limits.window import Usage, build_admission
 
 FailureMode = Literal["open", "closed"]
 
@@ -78,19 +78,14 @@ class RedisLimiter:
             return self._fail(exc, request_id, tokens)
 
         allowed, code, retry_ms, now_ms = reply[0], reply[1], reply[2], reply[3]
-        usages: list[ScopeUsage] = []
+        requests: list[Usage] = []
+        used_tokens: list[Usage] = []
         for i, scope in enumerate(limited):
-            requests, oldest_req, used_tokens, oldest_tok = reply[4 + 4 * i : 8 + 4 * i]
-            usages.append(
-                ScopeUsage(
-                    rpm=scope.spec.rpm,
-                    requests=requests,
-                    oldest_request=_or_none(oldest_req),
-                    tpm=scope.spec.tpm,
-                    tokens=used_tokens,
-                    oldest_token=_or_none(oldest_tok),
-                )
-            )
+            spec = scope.spec
+            if spec.rpm is not None:
+                requests.append(Usage(spec.rpm, reply[4 + 4 * i], _or_none(reply[5 + 4 * i])))
+            if spec.tpm is not None:
+                used_tokens.append(Usage(spec.tpm, reply[6 + 4 * i], _or_none(reply[7 + 4 * i])))
         ticket = None
         if allowed:
             ticket = Ticket(
@@ -104,7 +99,8 @@ class RedisLimiter:
             allowed=bool(allowed),
             reason=None if allowed else REASON_CODES[code],
             retry_after=retry_ms / 1000,
-            usages=usages,
+            requests=requests,
+            tokens=used_tokens,
             now=now_ms / 1000,
             ticket=ticket,
         )
@@ -145,7 +141,8 @@ def _unlimited(request_id: str, tokens: int, *, noop: bool = False) -> Admission
         allowed=True,
         reason=None,
         retry_after=0.0,
-        usages=(),
+        requests=(),
+        tokens=(),
         now=0.0,
         ticket=Ticket(request_id, tokens=tokens, second=0, noop=noop),
     )

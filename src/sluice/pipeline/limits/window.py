@@ -15,7 +15,7 @@ The Lua script in ``lua.py`` implements the same rules; keep the two in step.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from sluice.pipeline.limits.base import Admission, Reason, Ticket
 
@@ -55,26 +55,24 @@ def seconds_until_reset(oldest: int | None, now: float) -> float:
     return max(oldest + WINDOW_BUCKETS - now, 0.0)
 
 
-@dataclass(frozen=True, slots=True)
-class ScopeUsage:
-    """One scope's limits and (post-decision) usage, for the rate-limit headers."""
+class Usage(NamedTuple):
+    """One scope's limit and its usage after the decision, for the rate-limit headers."""
 
-    rpm: int | None
-    requests: int
-    oldest_request: int | None
-    tpm: int | None
-    tokens: int
-    oldest_token: int | None
+    limit: int
+    used: int
+    oldest: int | None  # oldest counted bucket second
 
 
-def _headers(
-    pairs: Sequence[tuple[int, int, int | None]], now: float
-) -> tuple[int | None, int | None, float | None]:
-    """(limit, remaining, reset) of the most constrained (limit, used, oldest) triple."""
-    if not pairs:
-        return None, None, None
-    limit, used, oldest = min(pairs, key=lambda p: (p[0] - p[1], p[0]))
-    return limit, max(limit - used, 0), seconds_until_reset(oldest, now)
+def _tightest(usages: Sequence[Usage]) -> Usage | None:
+    """The usage with the least remaining (then the smallest limit)."""
+    best: Usage | None = None
+    for usage in usages:
+        if best is None or (usage.limit - usage.used, usage.limit) < (
+            best.limit - best.used,
+            best.limit,
+        ):
+            best = usage
+    return best
 
 
 def build_admission(
@@ -82,23 +80,22 @@ def build_admission(
     allowed: bool,
     reason: Reason | None,
     retry_after: float,
-    usages: Sequence[ScopeUsage],
+    requests: Sequence[Usage],
+    tokens: Sequence[Usage],
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    req = [(u.rpm, u.requests, u.oldest_request) for u in usages if u.rpm is not None]
-    tok = [(u.tpm, u.tokens, u.oldest_token) for u in usages if u.tpm is not None]
-    limit_requests, remaining_requests, reset_requests = _headers(req, now)
-    limit_tokens, remaining_tokens, reset_tokens = _headers(tok, now)
+    req = _tightest(requests)
+    tok = _tightest(tokens)
     return Admission(
         allowed=allowed,
         reason=reason,
         retry_after=0.0 if allowed else retry_after,
-        limit_requests=limit_requests,
-        remaining_requests=remaining_requests,
-        reset_requests=reset_requests,
-        limit_tokens=limit_tokens,
-        remaining_tokens=remaining_tokens,
-        reset_tokens=reset_tokens,
+        limit_requests=None if req is None else req.limit,
+        remaining_requests=None if req is None else max(req.limit - req.used, 0),
+        reset_requests=None if req is None else seconds_until_reset(req.oldest, now),
+        limit_tokens=None if tok is None else tok.limit,
+        remaining_tokens=None if tok is None else max(tok.limit - tok.used, 0),
+        reset_tokens=None if tok is None else seconds_until_reset(tok.oldest, now),
         ticket=ticket if allowed else None,
     )

@@ -1,0 +1,50 @@
+"""Configuration of the local engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How to load the model and how much work to run at once."""
+
+    model_path: str | Path | None = None
+    """A GGUF file; None means the packaged SmolLM2-135M-Instruct."""
+    n_ctx: int = 2048
+    """Context length of each sequence: prompt plus completion tokens."""
+    parallel: int = 8
+    """Sequence slots decoded together (continuous batching width)."""
+    threads: int | None = None
+    """CPU threads for llama.cpp; None means every core (`os.cpu_count()`)."""
+    batch_size: int = 512
+    """Most tokens in one decode step (prompt chunks plus one token per decoding slot)."""
+    max_queue: int = 256
+    """Most requests waiting for a slot; more are refused with `QueueFullError`."""
+    max_queue_wait_s: float = 30.0
+    """Longest a request may wait for a slot before `QueueTimeoutError`."""
+    prefill_chunk: int | None = None
+    """Most prompt tokens prefilled per step (None: as many as the batch has room for).
+    Smaller chunks keep inter-token latency of running sequences low under long prompts."""
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 16:
+            raise ValueError("n_ctx must be at least 16")
+        if self.parallel < 1:
+            raise ValueError("parallel must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be at least 1")
+        if self.batch_size < self.parallel + 1:
+            raise ValueError("batch_size must exceed parallel")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must not be negative")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
+        if self.max_queue_wait_s <= 0:
+            raise ValueError("max_queue_wait_s must be positive")
+
+    @property
+    def n_threads(self) -> int:
+        return self.threads if self.threads is not None else (os.cpu_count() or 1)

@@ -1,0 +1,171 @@
+"""Several Sluice processes: shared limits across replicas, and no usage lost on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from sluice.store.database import Database
+from sluice.store.usage import UsageStore
+from sluice.testing.mock_upstream import MockUpstream
+from tests.api.test_keys_and_limits import MASTER, auth_config
+from tests.gateway import GatewayProcess
+from tests.services import fresh_postgres_database, require_redis
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ENV = {"SLUICE_TEST_MASTER_KEY": MASTER}
+
+
+def create_key(base_url: str, **spec: Any) -> str:
+    response = httpx.post(
+        f"{base_url}/admin/keys", json=spec, headers={"Authorization": f"Bearer {MASTER}"}
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_three_replicas_share_one_rpm_limit(upstream: MockUpstream, tmp_path: Path) -> None:
+    redis_url = require_redis()
+    with fresh_postgres_database() as database_url:
+        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
+        replicas = []
+        try:
+            for index in range(3):
+                folder = tmp_path / f"replica{index}"
+                folder.mkdir()
+                replicas.append(GatewayProcess(config, folder, env=ENV).start())
+            key = create_key(replicas[0].url, rpm=600)
+            statuses, retry_afters = asyncio.run(
+                _spread([r.url for r in replicas], key, total=1200, concurrency=48)
+            )
+        finally:
+            for replica in replicas:
+                replica.stop()
+    assert set(statuses) <= {200, 429}, statuses
+    assert 600 <= statuses[200] <= 606, statuses
+    assert statuses[429] == 1200 - statuses[200]
+    assert retry_afters
+    assert all(1 <= value <= 60 for value in retry_afters), sorted(set(retry_afters))
+
+
+async def _spread(
+    urls: list[str], key: str, total: int, concurrency: int
+) -> tuple[Counter[int], list[int]]:
+    statuses: Counter[int] = Counter()
+    retry_afters: list[int] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                url = f"{urls[i % len(urls)]}/v1/chat/completions"
+                response = await client.post(url, json=CHAT, headers=headers)
+                statuses[response.status_code] += 1
+                if response.status_code == 429:
+                    retry_afters.append(int(response.headers["retry-after"]))
+
+        async with asyncio.timeout(55):  # the whole run stays inside one minute
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses, retry_afters
+
+
+def _durability_backends() -> list[Any]:
+    return [
+        "sqlite",
+        pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.redis]),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", _durability_backends())
+def test_sigterm_with_200_streams_in_flight_loses_no_usage(
+    upstream: MockUpstream, tmp_path: Path, backend: str
+) -> None:
+    if backend == "sqlite":
+        _run_durability(upstream, tmp_path, auth_config(upstream.url, tmp_path))
+        return
+    redis_url = require_redis()
+    with fresh_postgres_database() as database_url:
+        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
+        _run_durability(upstream, tmp_path, config)
+
+
+def _run_durability(upstream: MockUpstream, tmp_path: Path, config: dict[str, Any]) -> None:
+    config["server"] = {"drain_timeout": 30}
+    config["usage"] = {"enabled": True, "flush_interval": 0.2, "batch_size": 64}
+    gateway = GatewayProcess(config, tmp_path, env=ENV).start()
+    assert gateway.process is not None
+    try:
+        key = create_key(gateway.url)
+        accepted, completion_tokens = asyncio.run(_streams_then_sigterm(gateway, key, count=200))
+        assert gateway.process.wait(40) == 0, gateway.log()[-3000:]
+    finally:
+        gateway.stop()
+    assert accepted == 200
+
+    async def stored() -> tuple[int, list[dict[str, Any]]]:
+        from sluice.services import database_for
+        from sluice.settings import Settings
+
+        database: Database = database_for(Settings(**config))
+        await database.start()
+        try:
+            usage = UsageStore(database)
+            return await usage.count(), await usage.query(group_by=("key",))
+        finally:
+            await database.close()
+
+    rows, totals = asyncio.run(stored())
+    assert rows == accepted
+    assert totals[0]["requests"] == accepted
+    assert totals[0]["completion_tokens"] == completion_tokens == 200 * 15
+
+
+async def _streams_then_sigterm(gateway: GatewayProcess, key: str, count: int) -> tuple[int, int]:
+    """Open ``count`` slow streams, SIGTERM the server once all are flowing, finish them."""
+    started = asyncio.Event()
+    flowing = 0
+    accepted = 0
+    tokens = 0
+    body = {**CHAT, "stream": True, "max_tokens": 15}
+    body["mock"] = {"tokens_per_second": 8, "completion_tokens": 15}
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=count + 10)
+
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+
+        async def stream() -> None:
+            nonlocal flowing, accepted, tokens
+            url = f"{gateway.url}/v1/chat/completions"
+            async with client.stream("POST", url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    return
+                accepted += 1
+                async for line in response.aiter_lines():
+                    if '"content":"tok' in line:
+                        tokens += 1
+                        if tokens and flowing < count and line.count("tok0 "):
+                            flowing += 1
+                            if flowing == count:
+                                started.set()
+
+        tasks = [asyncio.create_task(stream()) for _ in range(count)]
+        await asyncio.wait_for(started.wait(), 30)
+        assert gateway.process is not None
+        gateway.process.send_signal(signal.SIGTERM)
+        await asyncio.gather(*tasks)
+    return accepted, tokens
