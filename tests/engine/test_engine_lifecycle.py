@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 
-from sluice.engine.config import EngineConfig
 from sluice.engine.types import (
     EngineClosedError,
     GenerationRequest,
@@ -18,7 +17,7 @@ from sluice.engine.types import (
     QueueTimeoutError,
 )
 
-from .conftest import SMALL, chat_prompt, collect, needs_model
+from .conftest import chat_prompt, collect, needs_model, small_config
 
 if TYPE_CHECKING:
     from sluice.engine.engine import Engine
@@ -44,7 +43,7 @@ async def single_slot() -> AsyncIterator[Engine]:
     """An engine with one slot, a one-place queue and a short queue timeout."""
     from sluice.engine.engine import Engine
 
-    eng = Engine(EngineConfig(parallel=1, max_queue=1, max_queue_wait_s=0.5, **SMALL))
+    eng = Engine(small_config(parallel=1, max_queue=1, max_queue_wait_s=0.5))
     await eng.start()
     yield eng
     await eng.close()
@@ -117,7 +116,7 @@ async def test_queue_wait_times_out(single_slot: Engine) -> None:
 async def test_higher_priority_is_admitted_first() -> None:
     from sluice.engine.engine import Engine
 
-    eng = Engine(EngineConfig(parallel=1, max_queue=4, **SMALL))
+    eng = Engine(small_config(parallel=1, max_queue=4))
     await eng.start()
     try:
         prompt = chat_prompt(eng, LONG)
@@ -145,7 +144,7 @@ async def test_higher_priority_is_admitted_first() -> None:
 async def test_chunked_prefill_keeps_decoding() -> None:
     from sluice.engine.engine import Engine
 
-    eng = Engine(EngineConfig(parallel=2, prefill_chunk=16, **SMALL))
+    eng = Engine(small_config(parallel=2, prefill_chunk=16))
     await eng.start()
     steps: list[tuple[int, int, int]] = []
     lock = threading.Lock()
@@ -174,7 +173,7 @@ async def test_chunked_prefill_keeps_decoding() -> None:
 async def test_close_fails_in_flight_and_refuses_new_work() -> None:
     from sluice.engine.engine import Engine
 
-    eng = Engine(EngineConfig(parallel=1, **SMALL))
+    eng = Engine(small_config(parallel=1))
     await eng.start()
     prompt = chat_prompt(eng, LONG)
     running = eng.generate(GenerationRequest(prompt, max_tokens=500))

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits import Admission, LimitSpec, RedisLimiter, Scope, Ticket
@@ -84,6 +85,13 @@ async def redis_now(redis: aioredis.Redis) -> float:
     return seconds + micros / 1e6
 
 
+async def seed(redis: aioredis.Redis, key: str, buckets: dict[int, int]) -> None:
+    """Write a window hash as the script keeps it: buckets, their sum and the oldest one."""
+    fields: dict[FieldT, EncodableT] = {"s": sum(buckets.values()), "o": min(buckets)}
+    fields.update((second, amount) for second, amount in buckets.items())
+    await redis.hset(key, mapping=fields)
+
+
 async def test_rpm_is_exact(limiter: RedisLimiter) -> None:
     key = Scope("key:a", LimitSpec(rpm=5))
     for i in range(5):
@@ -102,12 +110,13 @@ async def test_window_rolls(redis: aioredis.Redis, limiter: RedisLimiter, prefix
     now = await redis_now(redis)
     sec = int(now)
     # Bucket sec-61 has left the window (and must be deleted); sec-60 is its oldest bucket.
-    await redis.hset(prefix + "key:a:r", mapping={sec - 61: 100, sec - 60: 4, sec - 30: 6})
+    await seed(redis, prefix + "key:a:r", {sec - 61: 100, sec - 60: 4, sec - 30: 6})
 
     refused = await take(limiter, Scope("key:a", LimitSpec(rpm=10)))
     assert refused.reason == "rpm"
     assert refused.retry_after == pytest.approx(sec + 1 - now, abs=0.05)  # sec-60 leaves next
     assert await redis.hexists(prefix + "key:a:r", str(sec - 61)) == 0
+    assert await redis.hmget(prefix + "key:a:r", ["s", "o"]) == [b"10", str(sec - 60).encode()]
 
     # With rpm 6, 5 of the 10 must leave: sec-60 (4) is not enough, sec-30 is needed too.
     refused = await take(limiter, Scope("key:a", LimitSpec(rpm=6)))
@@ -117,6 +126,18 @@ async def test_window_rolls(redis: aioredis.Redis, limiter: RedisLimiter, prefix
     assert admitted.allowed
     assert admitted.remaining_requests == 0
     assert admitted.reset_requests == pytest.approx(sec + 1 - now, abs=0.05)
+
+
+@pytest.mark.parametrize("age", [200, 1000])  # walked second by second / rebuilt from scratch
+async def test_a_window_that_has_left_entirely_is_dropped(
+    redis: aioredis.Redis, limiter: RedisLimiter, prefix: str, age: int
+) -> None:
+    sec = int(await redis_now(redis))
+    await seed(redis, prefix + "key:a:r", {sec - age: 5, sec - 61: 5})
+    admitted = await take(limiter, Scope("key:a", LimitSpec(rpm=1)))
+    assert (admitted.allowed, admitted.remaining_requests) == (True, 0)
+    fields = await redis.hgetall(prefix + "key:a:r")
+    assert fields == {str(sec).encode(): b"1", b"s": b"1", b"o": str(sec).encode()}
 
 
 async def test_tpm_reserve_refund_and_charge(limiter: RedisLimiter) -> None:
@@ -145,7 +166,7 @@ async def test_tpm_retry_after_from_seeded_buckets(
 ) -> None:
     now = await redis_now(redis)
     sec = int(now)
-    await redis.hset(prefix + "key:a:t", mapping={sec - 50: 300, sec - 20: 500})
+    await seed(redis, prefix + "key:a:t", {sec - 50: 300, sec - 20: 500})
     refused = await take(limiter, Scope("key:a", LimitSpec(tpm=1000)), tokens=400)
     assert refused.retry_after == pytest.approx(sec + 11 - now, abs=0.05)
     refused = await take(limiter, Scope("key:a", LimitSpec(tpm=1000)), tokens=600)

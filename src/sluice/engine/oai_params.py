@@ -206,13 +206,20 @@ def _optional_int(
 
 
 def _int(
-    body: Mapping[str, Any], name: str, default: int, *, low: int | None = None, high: int | None = None
+    body: Mapping[str, Any],
+    name: str,
+    default: int,
+    *,
+    low: int | None = None,
+    high: int | None = None,
 ) -> int:
     value = _optional_int(body, name, low=low, high=high)
     return default if value is None else value
 
 
-def _number(body: Mapping[str, Any], name: str, default: float, *, low: float, high: float) -> float:
+def _number(
+    body: Mapping[str, Any], name: str, default: float, *, low: float, high: float
+) -> float:
     value = body.get(name)
     if value is None:
         return default

@@ -102,7 +102,7 @@ class Renderer:
         return self._chunk([choice])
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
-        body = {
+        body: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,

@@ -2,7 +2,9 @@
 
 Keys per scope: ``<scope>:r`` (hash second -> requests), ``<scope>:t`` (hash second ->
 tokens), ``<scope>:p`` (sorted set request id -> lease expiry in ms). Only the keys of
-limits a scope actually has are read or written.
+limits a scope actually has are read or written. Each window hash also keeps ``s`` (the
+sum of its live buckets) and ``o`` (its oldest bucket), so a busy key costs a handful of
+field reads per call, not a read of all 61 buckets.
 """
 
 from __future__ import annotations
@@ -39,36 +41,89 @@ local rid = ARGV[2]
 local lease_ms = tonumber(ARGV[3])
 local n = #KEYS / 3
 
-local function load(key, limited)
-  local w = {total = 0, oldest = -1, amount = {}}
-  if not limited then return w end
+-- A window hash holds per-second buckets plus 's' (their sum) and 'o' (the oldest bucket),
+-- so a call reads two fields and touches only the buckets that have just left the window.
+local function rebuild(key)
   local flat = redis.call('HGETALL', key)
-  local stale = {}
+  local total, oldest, stale = 0, nil, {}
   for i = 1, #flat, 2 do
     local s = tonumber(flat[i])
-    if s < first_live then
-      stale[#stale + 1] = flat[i]
-    else
-      local v = tonumber(flat[i + 1])
-      w.total = w.total + v
-      w.amount[s] = v
-      if w.oldest < 0 or s < w.oldest then w.oldest = s end
+    if s then
+      if s < first_live then
+        stale[#stale + 1] = flat[i]
+      else
+        total = total + tonumber(flat[i + 1])
+        if not oldest or s < oldest then oldest = s end
+      end
     end
   end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  for i = 1, #stale, 1000 do
+    redis.call('HDEL', key, unpack(stale, i, math.min(i + 999, #stale)))
+  end
+  return total, oldest
+end
+
+local function load(key, limited)
+  local w = {key = key, total = 0, oldest = -1}
+  if not limited then return w end
+  local head = redis.call('HMGET', key, 's', 'o')
+  local total, oldest = tonumber(head[1]) or 0, tonumber(head[2])
+  if oldest and oldest < first_live then
+    if first_live - oldest > 4 * WINDOW then
+      total, oldest = rebuild(key)  -- a clock jump: not worth walking second by second
+    else
+      local stale = {}
+      for s = oldest, first_live - 1 do
+        local v = redis.call('HGET', key, s)
+        if v then
+          total = total - tonumber(v)
+          stale[#stale + 1] = s
+        end
+      end
+      if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+      oldest = nil
+      for s = first_live, now_s do
+        if redis.call('HEXISTS', key, s) == 1 then
+          oldest = s
+          break
+        end
+      end
+    end
+    if oldest then
+      redis.call('HSET', key, 's', total, 'o', oldest)
+    else
+      total = 0
+      redis.call('DEL', key)
+    end
+  end
+  w.total, w.oldest = total, oldest or -1
   return w
 end
 
+-- ms until the oldest buckets holding `need` units have left the window
 local function wait_ms(w, need)
-  local secs = {}
-  for s in pairs(w.amount) do secs[#secs + 1] = s end
-  table.sort(secs)
   local freed = 0
-  for _, s in ipairs(secs) do
-    freed = freed + w.amount[s]
-    if freed >= need then return math.max((s + WINDOW) * 1000 - now_ms, 1) end
+  if w.oldest >= 0 then
+    for s = w.oldest, now_s do
+      local v = redis.call('HGET', w.key, s)
+      if v then
+        freed = freed + tonumber(v)
+        if freed >= need then return math.max((s + WINDOW) * 1000 - now_ms, 1) end
+      end
+    end
   end
   return WINDOW * 1000
+end
+
+local function add(w, amount)
+  redis.call('HINCRBY', w.key, now_s, amount)
+  redis.call('HINCRBY', w.key, 's', amount)
+  if w.oldest < 0 then
+    redis.call('HSET', w.key, 'o', now_s)
+    w.oldest = now_s
+  end
+  redis.call('EXPIRE', w.key, TTL)
+  w.total = w.total + amount
 end
 
 local reqs, toks, lims = {}, {}, {}
@@ -108,19 +163,9 @@ end
 if reason == 0 then
   for i = 1, n do
     local rpm, tpm, par = lims[i][1], lims[i][2], lims[i][3]
-    local kr, kt, kp = KEYS[(i - 1) * 3 + 1], KEYS[(i - 1) * 3 + 2], KEYS[(i - 1) * 3 + 3]
-    if rpm >= 0 then
-      redis.call('HINCRBY', kr, now_s, 1)
-      redis.call('EXPIRE', kr, TTL)
-      reqs[i].total = reqs[i].total + 1
-      if reqs[i].oldest < 0 then reqs[i].oldest = now_s end
-    end
-    if tpm >= 0 then
-      redis.call('HINCRBY', kt, now_s, tokens)
-      redis.call('EXPIRE', kt, TTL)
-      toks[i].total = toks[i].total + tokens
-      if toks[i].oldest < 0 then toks[i].oldest = now_s end
-    end
+    local kp = KEYS[(i - 1) * 3 + 3]
+    if rpm >= 0 then add(reqs[i], 1) end
+    if tpm >= 0 then add(toks[i], tokens) end
     if par >= 0 then
       redis.call('ZADD', kp, now_ms + lease_ms, rid)
       local keep = lease_ms + TTL * 1000
@@ -150,6 +195,7 @@ if delta ~= 0 and tonumber(second) >= first_live then
   for i = 1, ntok do
     if redis.call('HEXISTS', KEYS[i], second) == 1 then
       redis.call('HINCRBY', KEYS[i], second, delta)
+      redis.call('HINCRBY', KEYS[i], 's', delta)
     end
   end
 end

@@ -7,6 +7,16 @@ either admits the request with a no-op ticket and reports the error to ``on_fail
 (``"closed"``); ``settle`` only reports (the leases expire on their own) and never retries,
 since a timed-out script may have run.
 
+Build the client for this: a ``BlockingConnectionPool`` (the default pool raises
+``MaxConnectionsError`` past ``max_connections`` concurrent commands, which fail-open turns
+into admissions under exactly the load a limiter exists for), a short ``socket_timeout``
+and ``retry=Retry(NoBackoff(), 0)`` or close to it (redis-py's default retries with backoff
+hold each request for seconds before the failure mode applies).
+
+A request cancelled while its ``acquire`` is in flight may have been admitted without
+getting its ticket: its request and tokens stay counted, and its parallel slot is held
+until the lease expires.
+
 Key layout and the Redis Cluster caveat: each scope uses ``<prefix><scope name>:{r,t,p}``.
 One script touches the keys of every scope of a request, so on a cluster all of them
 must hash to one slot: give related scope names a common hash tag, e.g. ``{key:abc}`` and
