@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import uvicorn
 import yaml
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from sluice.app import build_app
 from sluice.settings import Settings
@@ -48,7 +48,7 @@ def config_for(upstream_url: str, **deployment: Any) -> dict[str, Any]:
 
 @contextmanager
 def running_gateway(
-    config: dict[str, Any], prepare: Callable[[FastAPI], None] | None = None
+    config: dict[str, Any], prepare: Callable[[Starlette], None] | None = None
 ) -> Iterator[str]:
     """Serve ``config`` with uvicorn in a background thread; yield the base URL (…/v1)."""
     os.environ.setdefault("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream-secret")

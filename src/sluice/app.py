@@ -17,9 +17,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from sluice.api.admin import admin_router
-from sluice.api.errors import install_error_handlers
+from sluice.api.errors import ERROR_HANDLERS, install_error_handlers
 from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
@@ -35,7 +37,9 @@ from sluice.settings import Settings, load_settings
 CONFIG_ENV = "SLUICE_CONFIG"
 
 
-def build_app(settings: Settings) -> FastAPI:
+def build_app(settings: Settings) -> Starlette:
+    """The ASGI app: a lean Starlette router for the hot OpenAI routes and health checks,
+    with FastAPI mounted behind it for the admin API and the OpenAPI docs (``/docs``)."""
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
@@ -45,7 +49,7 @@ def build_app(settings: Settings) -> FastAPI:
     health = HealthRoutes(lifecycle, registry)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         backends = router.backends()
         await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
@@ -59,33 +63,35 @@ def build_app(settings: Settings) -> FastAPI:
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
 
-    app = FastAPI(
-        title="Sluice",
-        summary="OpenAI-compatible LLM gateway",
+    api = FastAPI(title="Sluice", summary="OpenAI-compatible LLM gateway", redoc_url=None)
+    if services.keys is not None and services.usage is not None:
+        key_service = KeyService(services.keys, services.invalidation)
+        api.include_router(admin_router(key_service, services.usage, services.master_key))
+    install_error_handlers(api)
+
+    app = Starlette(
+        routes=[*openai.routes(), *health.routes()],
         lifespan=lifespan,
-        docs_url="/docs",
-        redoc_url=None,
+        exception_handlers=ERROR_HANDLERS,
+        middleware=[
+            Middleware(
+                ObserveRequests,
+                lifecycle=lifecycle,
+                metrics=metrics,
+                access_log=AccessLog(settings.logging.access_log),
+                accounting=services.accounting,
+            )
+        ],
     )
+    app.router.default = api  # everything the hot routes do not match (a 405 still wins)
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router
     app.state.services = services
-    app.router.routes.extend([*health.routes(), *openai.routes()])
-    if services.keys is not None and services.usage is not None:
-        key_service = KeyService(services.keys, services.invalidation)
-        app.include_router(admin_router(key_service, services.usage, services.master_key))
-    install_error_handlers(app)
-    app.add_middleware(
-        ObserveRequests,
-        lifecycle=lifecycle,
-        metrics=metrics,
-        access_log=AccessLog(settings.logging.access_log),
-        accounting=services.accounting,
-    )
     return app
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> Starlette:
     """Factory for worker processes: settings come from ``SLUICE_CONFIG`` and ``SLUICE_*``."""
     settings = load_settings(os.environ.get(CONFIG_ENV) or None)
     configure_logging(settings.logging.level)

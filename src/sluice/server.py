@@ -30,6 +30,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
+        "proxy_headers": False,
         "log_config": None,
         "timeout_graceful_shutdown": server.drain_timeout,
         "timeout_keep_alive": 75,

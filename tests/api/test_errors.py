@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from fastapi import FastAPI
+from starlette.applications import Starlette
 
 from sluice.testing.mock_upstream import MockUpstream
 from tests.gateway import config_for, free_port, running_gateway
@@ -176,7 +176,7 @@ class ExplodingBackend:
 
 
 def test_unexpected_exceptions_become_a_bare_500(upstream: MockUpstream) -> None:
-    def break_backend(app: FastAPI) -> None:
+    def break_backend(app: Starlette) -> None:
         app.state.router.route("gpt-4o-mini").backend = ExplodingBackend()
 
     with running_gateway(config_for(upstream.url), prepare=break_backend) as url:

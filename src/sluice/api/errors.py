@@ -9,12 +9,14 @@ the error log with the request id.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ExceptionHandler
 
 from sluice.api.context import SCOPE_KEY, RequestContext
 from sluice.errors import InvalidRequestError, NotFoundError, SluiceError
@@ -76,8 +78,14 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
     return render(SluiceError("The server had an error while processing your request."))
 
 
+ERROR_HANDLERS: dict[Any, ExceptionHandler] = {
+    SluiceError: sluice_error,
+    HTTPException: http_error,
+    RequestValidationError: validation_error,
+    Exception: unexpected_error,
+}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(SluiceError, sluice_error)
-    app.add_exception_handler(HTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected_error)
+    for exc_class, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(exc_class, handler)

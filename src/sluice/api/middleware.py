@@ -8,9 +8,10 @@ latency, upstream time, gateway overhead, TTFT and tokens, then writes one acces
 
 from __future__ import annotations
 
+import itertools
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,14 +33,23 @@ _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    for name, value in headers:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            if _VALID_ID.fullmatch(text):
-                return text
-            break
-    return uuid.uuid4().hex
+class RequestIds:
+    """Unique request ids without a system call each: a random per-process prefix and a
+    counter (ids need to be unique across replicas, not unguessable)."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._counter = itertools.count()
+
+    def take(self, headers: list[tuple[bytes, bytes]]) -> str:
+        """The client's well-formed ``X-Request-ID``, else a new id."""
+        for name, value in headers:
+            if name == b"x-request-id":
+                text = value.decode("latin-1")
+                if _VALID_ID.fullmatch(text):
+                    return text
+                break
+        return f"{self._prefix}{next(self._counter):016x}"
 
 
 class ObserveRequests:
@@ -56,6 +66,7 @@ class ObserveRequests:
         self.metrics = metrics
         self.access_log = access_log
         self.accounting = accounting
+        self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,7 +74,7 @@ class ObserveRequests:
             return
         path: str = scope["path"]
         ctx = RequestContext(
-            request_id=_request_id(scope["headers"]),
+            request_id=self.ids.take(scope["headers"]),
             started=time.perf_counter(),
             route=_API_ROUTES.get(path, "other"),
         )

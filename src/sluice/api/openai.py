@@ -177,9 +177,11 @@ class OpenAIService:
         )
 
     async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise PayloadTooLargeError(self._too_large())
+        for name, value in request.scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self._max_body:
+                    raise PayloadTooLargeError(self._too_large())
+                break
         parts: list[bytes] = []
         size = 0
         async for part in request.stream():

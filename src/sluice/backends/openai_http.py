@@ -52,6 +52,7 @@ class OpenAIHTTPBackend:
                 total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.first_byte
             ),
             trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),
         )

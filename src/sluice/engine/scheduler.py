@@ -11,7 +11,7 @@ own sampler chain. A sequence that ends or is cancelled leaves the KV cache
 
 from __future__ import annotations
 
-import bisect
+import asyncio
 import logging
 import threading
 import time
@@ -20,16 +20,16 @@ from typing import Any
 
 import llama_cpp
 
+from sluice.engine.admission import Admission
 from sluice.engine.metrics import EngineMetrics
 from sluice.engine.model import LlamaModel
-from sluice.engine.sequence import Sequence, make_sampler
+from sluice.engine.sequence import Item, Sequence, deliver, make_sampler
 from sluice.engine.types import (
     DecodeError,
     EngineClosedError,
     EngineError,
     EngineStats,
-    QueueFullError,
-    QueueTimeoutError,
+    GenerationEvent,
 )
 
 log = logging.getLogger("sluice.engine")
@@ -51,18 +51,14 @@ class Scheduler:
         metrics: EngineMetrics | None = None,
     ) -> None:
         self._model = model
-        self._max_queue = max_queue
-        self._max_wait = max_queue_wait_s
         self._prefill_chunk = prefill_chunk
         self._metrics = metrics
+        self._admission = Admission(
+            model.n_seq, max_queue=max_queue, max_wait_s=max_queue_wait_s, metrics=metrics
+        )
         self._batch: Any = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
-        self._cond = threading.Condition()
-        self._waiting: list[Sequence] = []  # sorted by Sequence.sort_key; under _cond
-        self._free = list(range(model.n_seq - 1, -1, -1))  # under _cond
         self._running: list[Sequence] = []  # decode thread only
-        self._n_running = 0  # under _cond, mirrors len(_running) for stats()
-        self._stopping = False
-        self._order = 0
+        self._outbox: list[tuple[Sequence, Item]] = []  # decode thread only, flushed per step
         self.step_observers: list[StepObserver] = []
         self._thread = threading.Thread(target=self._run, name="sluice-decode", daemon=True)
 
@@ -73,43 +69,19 @@ class Scheduler:
 
     def submit(self, seq_factory: Callable[[int], Sequence]) -> Sequence:
         """Queue a new sequence; raise `QueueFullError` at once when the queue is full."""
-        with self._cond:
-            if self._stopping:
-                raise EngineClosedError("engine is shutting down")
-            waiting = sum(1 for s in self._waiting if not s.cancelled)
-            if self._free and not waiting:
-                pass  # a slot is free right now: never refuse, even with max_queue=0
-            elif waiting >= self._max_queue:
-                if self._metrics:
-                    self._metrics.rejected.labels("queue_full").inc()
-                raise QueueFullError(f"engine queue is full ({self._max_queue} waiting)")
-            self._order += 1
-            seq = seq_factory(self._order)
-            bisect.insort(self._waiting, seq, key=lambda s: s.sort_key)
-            self._gauge_queue()
-            self._cond.notify()
-            return seq
+        return self._admission.submit(seq_factory)
 
     def cancel(self, seq: Sequence) -> None:
-        with self._cond:
-            seq.cancelled = True
-            if seq in self._waiting:
-                self._waiting.remove(seq)
-                self._gauge_queue()
-                if self._metrics:
-                    self._metrics.requests.labels("cancelled").inc()
+        self._admission.cancel(seq)
 
     def stats(self) -> EngineStats:
-        with self._cond:
-            waiting = sum(1 for s in self._waiting if not s.cancelled)
-            running = self._n_running
-        return EngineStats(running, waiting, self._model.n_seq - running, self._model.n_seq)
+        running, waiting = self._admission.counts()
+        slots = self._admission.slots
+        return EngineStats(running, waiting, slots - running, slots)
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the thread (blocking); pending and running requests get `EngineClosedError`."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+        self._admission.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self._batch is not None and not self._thread.is_alive():
@@ -121,7 +93,11 @@ class Scheduler:
     def _run(self) -> None:
         error: BaseException = EngineClosedError("engine closed")
         try:
-            while self._admit():
+            while (admitted := self._admission.admit(idle=not self._running)) is not None:
+                for seq, slot in admitted:
+                    seq.slot = slot
+                    seq.sampler = make_sampler(seq.req)
+                    self._running.append(seq)
                 self._release_cancelled()
                 if self._running:
                     self._step()
@@ -129,48 +105,12 @@ class Scheduler:
             log.exception("decode loop failed")
             error = EngineError(f"local engine failed: {exc}")
         finally:
-            with self._cond:
-                self._stopping = True
-                waiting, self._waiting = self._waiting, []
-                self._gauge_queue()
-            for seq in waiting:
+            self._flush()
+            for seq in self._admission.drain():
                 seq.fail(error)
             for seq in list(self._running):
                 self._release(seq, outcome="error")
                 seq.fail(error)
-
-    def _admit(self) -> bool:
-        """Expire, drop and admit waiting sequences; block while idle. False: stop."""
-        with self._cond:
-            while not self._stopping and not self._running and not self._waiting:
-                self._cond.wait()
-            if self._stopping:
-                return False
-            now = time.monotonic()
-            keep: list[Sequence] = []
-            for seq in self._waiting:
-                if seq.cancelled:
-                    continue
-                if not self._free:
-                    if now - seq.submitted > self._max_wait:
-                        if self._metrics:
-                            self._metrics.rejected.labels("queue_timeout").inc()
-                        seq.fail(QueueTimeoutError("timed out waiting for a free slot"))
-                    else:
-                        keep.append(seq)
-                    continue
-                self._start(seq, self._free.pop(), now)
-            self._waiting = keep
-            self._n_running = len(self._running)
-            self._gauge_queue()
-            return True
-
-    def _start(self, seq: Sequence, slot: int, now: float) -> None:
-        seq.slot = slot
-        seq.sampler = make_sampler(seq.req)
-        self._running.append(seq)
-        if self._metrics:
-            self._metrics.queue_time.observe(now - seq.submitted)
 
     def _release_cancelled(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
@@ -181,17 +121,9 @@ class Scheduler:
         llama_cpp.llama_memory_seq_rm(self._model.memory, seq.slot, -1, -1)
         seq.free_sampler()
         self._running.remove(seq)
-        with self._cond:
-            self._free.append(seq.slot)
-            self._n_running = len(self._running)
+        self._admission.release(seq.slot)
         if self._metrics:
-            self._metrics.running_sequences.set(len(self._running))
             self._metrics.requests.labels(outcome).inc()
-
-    def _gauge_queue(self) -> None:
-        if self._metrics:
-            self._metrics.queue_depth.set(len(self._waiting))
-            self._metrics.running_sequences.set(len(self._running))
 
     def _step(self) -> None:
         batch = self._batch
@@ -253,6 +185,18 @@ class Scheduler:
         for seq in in_batch:
             if seq.batch_index >= 0:
                 self._sample(seq)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Deliver this step's events: one wake-up per consumer event loop, not per token."""
+        if not self._outbox:
+            return
+        groups: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, Item]]] = {}
+        for seq, item in self._outbox:
+            groups.setdefault(seq.loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in groups.items():
+            deliver(loop, items)
 
     def _sample(self, seq: Sequence) -> None:
         model = self._model
@@ -268,14 +212,14 @@ class Scheduler:
         if model.is_eog(tok):
             seq.generated += 1
             self._release(seq, outcome="stop")
-            seq.finish("stop", seq.tail())
+            self._outbox.append((seq, seq.final_event("stop", seq.tail())))
             return
         text, stopped = seq.accept(tok, model.token_to_piece(tok))
         if stopped:
             self._release(seq, outcome="stop")
-            seq.finish("stop", text)
+            self._outbox.append((seq, seq.final_event("stop", text)))
         elif seq.generated >= seq.req.max_tokens or seq.n_past >= model.n_ctx:
             self._release(seq, outcome="length")
-            seq.finish("length", text + seq.tail())
-        else:
-            seq.emit(text)
+            self._outbox.append((seq, seq.final_event("length", text + seq.tail())))
+        elif text:
+            self._outbox.append((seq, GenerationEvent(text, seq.generated)))

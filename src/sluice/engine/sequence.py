@@ -75,11 +75,8 @@ class Sequence:
         return self.cursor < len(self.prompt)
 
     def post(self, item: Item) -> None:
-        """Hand `item` to the consumer's event loop (safe from any thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is closed: nobody is listening
-            self.cancelled = True
+        """Hand `item` to the consumer's event loop now (safe from any thread)."""
+        deliver(self.loop, [(self, item)])
 
     def accept(self, token: int, piece: bytes) -> tuple[str, bool]:
         """Take a sampled non-EOG token; return (text safe to emit, stop string hit)."""
@@ -94,14 +91,10 @@ class Sequence:
             return ""
         return self._stops.feed(self._utf8.flush()) + self._stops.flush()
 
-    def finish(self, reason: FinishReason, text: str) -> None:
+    def final_event(self, reason: FinishReason, text: str) -> GenerationEvent:
         self.finished = True
         usage = Usage(prompt_tokens=len(self.prompt), completion_tokens=self.generated)
-        self.post(GenerationEvent(text, self.generated, reason, usage))
-
-    def emit(self, text: str) -> None:
-        if text:
-            self.post(GenerationEvent(text, self.generated))
+        return GenerationEvent(text, self.generated, reason, usage)
 
     def fail(self, exc: BaseException) -> None:
         self.finished = True
@@ -111,6 +104,20 @@ class Sequence:
         if self.sampler is not None:
             llama_cpp.llama_sampler_free(self.sampler)
             self.sampler = None
+
+
+def deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[Sequence, Item]]) -> None:
+    """Queue `items` for their consumers on `loop` with one thread-safe wake-up."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the consumers' loop is closed: nobody is listening
+        for seq, _ in items:
+            seq.cancelled = True
+
+
+def _put_all(items: list[tuple[Sequence, Item]]) -> None:
+    for seq, item in items:
+        seq.queue.put_nowait(item)
 
 
 class GenerationStream:

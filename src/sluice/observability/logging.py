@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any
+import time
+from typing import Any, TextIO
 
 import orjson
 
@@ -59,12 +60,21 @@ def configure_logging(level: str) -> None:
 
 
 class AccessLog:
-    """Writes one access record per request; a no-op when access logging is off."""
+    """Writes one access record per request as a JSON line, in the same shape as every other
+    log line. It bypasses the `logging` machinery (record objects, handler locks), which
+    cost a tenth of the gateway's per-request CPU; it is a no-op when access logging is off
+    or the log level is above info."""
 
-    def __init__(self, enabled: bool) -> None:
-        self._logger = logging.getLogger(ACCESS_LOGGER)
-        self.enabled = enabled
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.enabled = enabled and logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.INFO)
+        self._stream = stream or sys.stdout
 
     def write(self, fields: dict[str, Any]) -> None:
-        if self.enabled and self._logger.isEnabledFor(logging.INFO):
-            self._logger.info("request", extra=fields)
+        if not self.enabled:
+            return
+        entry = {"ts": round(time.time(), 6), **_ACCESS_HEADER, **fields}
+        self._stream.write(orjson.dumps(entry, default=str).decode() + "\n")
+        self._stream.flush()
+
+
+_ACCESS_HEADER = {"level": "info", "logger": ACCESS_LOGGER, "msg": "request"}
