@@ -88,6 +88,8 @@ TARGET_P50_OVERHEAD_MS = 0.5
 TARGET_RPS_C32 = 3000.0
 # Report a run as noisy when processes outside the benchmark used this much CPU.
 FOREIGN_CPU_WARN_PCT = 5.0
+# Before each measured run, wait (up to --quiet-wait s) until they use less than this.
+QUIET_PCT = 10.0
 
 DOC_START = "<!-- core-gateway:start -->"
 DOC_END = "<!-- core-gateway:end -->"
@@ -378,6 +380,7 @@ class WrkResult:
     raw: str
     foreign_cpu_pct: float = 0.0
     foreign_top: list[str] = field(default_factory=list)
+    cpu_pct: list[float] = field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -457,7 +460,7 @@ def run_wrk(
     body: str,
     auth: str | None,
     latency: bool = False,
-) -> tuple[WrkResult, list[float]]:
+) -> WrkResult:
     argv = [*pin(AUX_CORE), "wrk", "-t1", f"-c{conns}", f"-d{duration}s"]
     argv += ["--timeout", "10s", "-s", str(BENCH / "post.lua")]
     if latency:
@@ -505,8 +508,9 @@ def run_wrk(
         raw=out,
         foreign_cpu_pct=fpct,
         foreign_top=ftop,
+        cpu_pct=cpu,
     )
-    return res, cpu
+    return res
 
 
 # --------------------------------------------------------------------------
@@ -522,6 +526,8 @@ class TtftResult:
     total_ms: list[float]
     content_ok: bool
     problems: list[str] = field(default_factory=list)
+    foreign_cpu_pct: float = 0.0
+    foreign_top: list[str] = field(default_factory=list)
 
     def pct(self, values: list[float], p: int) -> float:
         if not values:
@@ -602,7 +608,12 @@ def run_ttft(url: str, auth: str | None, n: int, warmup: int) -> TtftResult:
         runner = uvloop.run  # the same event loop as the gateways, for a lean client
     except ImportError:
         runner = asyncio.run
-    return runner(_ttft_async(url, auth, n, warmup))
+    snap0, t0 = proc_cpu_snapshot(), time.monotonic()
+    res: TtftResult = runner(_ttft_async(url, auth, n, warmup))
+    res.foreign_cpu_pct, res.foreign_top = foreign_cpu(
+        snap0, proc_cpu_snapshot(), our_pgids(), time.monotonic() - t0
+    )
+    return res
 
 
 # --------------------------------------------------------------------------
@@ -675,45 +686,124 @@ def sanity_check(t: Target) -> list[str]:
     return notes
 
 
+class NoiseBudget:
+    """Seconds the whole script may spend waiting for quiet or repeating disturbed runs."""
+
+    left = 0.0
+
+
+def wait_quiet(max_wait: float, label: str) -> None:
+    """Before a measured run: wait (bounded) until other processes leave the CPUs alone."""
+    start = time.monotonic()
+    deadline = start + min(max_wait, max(NoiseBudget.left, 0.0))
+    said = False
+    while True:
+        snap0, t0 = proc_cpu_snapshot(), time.monotonic()
+        time.sleep(1.0)
+        pct, top = foreign_cpu(snap0, proc_cpu_snapshot(), our_pgids(), time.monotonic() - t0)
+        NoiseBudget.left -= time.monotonic() - t0
+        if pct < QUIET_PCT:
+            return
+        if time.monotonic() >= deadline:
+            log(f"{label}: still busy ({pct:.0f}% of a core: {', '.join(top)}); going ahead")
+            return
+        if not said:
+            log(f"{label}: waiting for other processes to calm down ({', '.join(top)})")
+            said = True
+
+
+def trials(label: str, args: argparse.Namespace, fn: Any) -> tuple[Any, list[Any]]:
+    """Run fn up to --repeat times; keep the trial least disturbed by other processes.
+
+    A trial during which processes outside the benchmark used less than
+    FOREIGN_CPU_WARN_PCT of a core is clean and ends the series.
+    """
+    done: list[Any] = []
+    trial_s = 0.0
+    for i in range(args.repeat):
+        if i > 0:
+            NoiseBudget.left -= trial_s
+        wait_quiet(args.quiet_wait, label)
+        t0 = time.monotonic()
+        r = fn()
+        trial_s = time.monotonic() - t0
+        done.append(r)
+        if r.foreign_cpu_pct < FOREIGN_CPU_WARN_PCT:
+            break
+        if i + 1 < args.repeat and NoiseBudget.left >= trial_s:
+            log(f"{label}: noisy trial ({r.foreign_cpu_pct:.0f}% foreign CPU); repeating")
+        else:
+            break
+    best = min(done, key=lambda r: r.foreign_cpu_pct)
+    return best, done
+
+
 def measure(t: Target, args: argparse.Namespace) -> TargetResult:
     res = TargetResult(t.name, ready_s=t.ready_s)
     res.notes += sanity_check(t)
     log(f"{t.name}: warm-up {args.warmup}s at c=8")
     run_wrk(t.chat_url, 8, args.warmup, REQUEST_BODY, t.auth)
     run_ttft(t.stream_url, t.auth, n=0, warmup=20)
-    time.sleep(1)
 
-    log(f"{t.name}: c=1 latency, {args.duration}s")
-    res.c1, _ = run_wrk(t.chat_url, 1, args.duration, REQUEST_BODY, t.auth, latency=True)
-    time.sleep(1)
-    log(f"{t.name}: c=32 throughput, {args.duration}s")
-    res.c32, res.cpu_c32 = run_wrk(t.chat_url, 32, args.duration, REQUEST_BODY, t.auth, True)
-    time.sleep(1)
-    log(f"{t.name}: c=64 throughput, {args.duration}s")
-    res.c64, _ = run_wrk(t.chat_url, 64, args.duration, REQUEST_BODY, t.auth, latency=True)
-    time.sleep(1)
-    log(f"{t.name}: TTFT, {args.ttft_requests} sequential streaming requests")
-    snap0, t0 = proc_cpu_snapshot(), time.monotonic()
-    res.ttft = run_ttft(t.stream_url, t.auth, n=args.ttft_requests, warmup=10)
-    ttft_foreign = foreign_cpu(snap0, proc_cpu_snapshot(), our_pgids(), time.monotonic() - t0)
+    all_wrk: list[WrkResult] = []
+    for conns in (1, 32, 64):
+        label = f"{t.name} c={conns}"
+        log(f"{label}: {args.duration}s of wrk")
+        best, done = trials(
+            label,
+            args,
+            lambda c=conns: run_wrk(t.chat_url, c, args.duration, REQUEST_BODY, t.auth, True),
+        )
+        setattr(res, f"c{conns}", best)
+        all_wrk += [r for r in done if r is not best]
+        if len(done) > 1:
+            res.notes.append(
+                f"wrk c={conns}: {len(done)} trials (foreign CPU "
+                + ", ".join(f"{r.foreign_cpu_pct:.0f}%" for r in done)
+                + f"), kept the one at {best.foreign_cpu_pct:.0f}%: "
+                + ", ".join(f"{r.rps:,.0f}" for r in done)
+                + " req/s"
+            )
+    assert res.c32 is not None
+    res.cpu_c32 = res.c32.cpu_pct
+    label = f"{t.name} TTFT"
+    log(f"{label}: {args.ttft_requests} sequential streaming requests")
+    res.ttft, ttft_done = trials(
+        label, args, lambda: run_ttft(t.stream_url, t.auth, n=args.ttft_requests, warmup=10)
+    )
+    if len(ttft_done) > 1:
+        res.notes.append(
+            f"TTFT: {len(ttft_done)} trials (foreign CPU "
+            + ", ".join(f"{r.foreign_cpu_pct:.0f}%" for r in ttft_done)
+            + "), p50 "
+            + ", ".join(f"{r.pct(r.ttft_ms, 50):.3f}" for r in ttft_done)
+            + " ms"
+        )
     if res.ttft.problems:
         res.notes += [f"TTFT: {p}" for p in res.ttft.problems]
-    for r in (res.c1, res.c32, res.c64):
+    for r in ttft_done:
+        if r is not res.ttft and r.errors:
+            res.notes.append(f"TTFT (discarded trial): {r.errors} failures")
+    for r in [res.c1, res.c32, res.c64, *all_wrk]:
+        assert r is not None
         if r.errors:
+            kept = "" if any(r is x for x in (res.c1, res.c32, res.c64)) else " (discarded trial)"
             res.notes.append(
-                f"wrk c={r.conns}: {r.non2xx} non-2xx, socket errors {r.socket_errors}"
+                f"wrk c={r.conns}{kept}: {r.non2xx} non-2xx, socket errors {r.socket_errors}"
             )
-    for label, (fpct, ftop) in [
-        *(
-            (f"wrk c={r.conns}", (r.foreign_cpu_pct, r.foreign_top))
-            for r in (res.c1, res.c32, res.c64)
-        ),
-        ("TTFT", ttft_foreign),
+    for label, r in [
+        *((f"wrk c={r.conns}", r) for r in (res.c1, res.c32, res.c64)),
+        ("TTFT", res.ttft),
     ]:
-        if fpct >= FOREIGN_CPU_WARN_PCT:
-            msg = f"{label}: other processes used {fpct:.0f}% of a core ({', '.join(ftop)})"
+        if r.foreign_cpu_pct >= FOREIGN_CPU_WARN_PCT:
+            msg = (
+                f"{label}: other processes used {r.foreign_cpu_pct:.0f}% of a core "
+                f"({', '.join(r.foreign_top)})"
+            )
             res.notes.append("NOISY: " + msg)
             log("warning: " + msg)
+    assert res.c1 is not None
+    assert res.c64 is not None
     log(
         f"{t.name}: p50 {res.c1.percentiles_ms.get('50', float('nan')):.3f} ms, "
         f"p99 {res.c1.percentiles_ms.get('99', float('nan')):.3f} ms, "
@@ -963,11 +1053,20 @@ def _os_release() -> str:
     return platform.platform()
 
 
+def _git_state() -> str:
+    """' (commit abc1234)' plus a note when src/ has uncommitted changes (read-only git)."""
+    head = _cmd(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    if not re.fullmatch(r"[0-9a-f]{4,40}", head):
+        return ""
+    dirty = _cmd(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"])
+    return f" (commit {head}{', with uncommitted changes in src/' if dirty else ''})"
+
+
 def versions(with_litellm: bool) -> dict[str, str]:
     py = venv_bin("python") or sys.executable
     v = {"python": _cmd([py, "-c", "import sys; print(sys.version.split()[0])"])}
     pk = _pkg_version(py, "sluice-gateway", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson")
-    v["sluice"] = pk.pop("sluice-gateway")
+    v["sluice"] = pk.pop("sluice-gateway") + _git_state()
     v.update(pk)
     v["nginx"] = _cmd(["nginx", "-v"]).replace("nginx version: ", "")
     v["wrk"] = _cmd(["wrk", "-v"]).splitlines()[0].split(" Copyright")[0].replace("wrk ", "")
@@ -1050,6 +1149,7 @@ def profile_sluice(t: Target, duration: int) -> dict[str, Any]:
             str(pid),
             "--subprocesses",
             "--function",
+            "--gil",
             "--rate",
             "500",
             "--duration",
@@ -1065,7 +1165,7 @@ def profile_sluice(t: Target, duration: int) -> dict[str, Any]:
         OUR_PGIDS.add(spy.pid)
         try:
             time.sleep(0.5)
-            wrk, _ = run_wrk(t.chat_url, 32, duration, REQUEST_BODY, t.auth)
+            wrk = run_wrk(t.chat_url, 32, duration, REQUEST_BODY, t.auth)
             try:
                 spy_out = spy.communicate(timeout=duration + 30)[0].decode("utf-8", "replace")
             except subprocess.TimeoutExpired:
@@ -1304,6 +1404,17 @@ def render_section(
         f"wrk at c=1 (`--latency`), c=32 and c=64 for {args.duration} s each, then "
         f"{args.ttft_requests} sequential streaming requests (after 10 unmeasured) with an "
         "aiohttp client measuring send → first `data:` line (TTFT).",
+        "- Shared-machine guard: the script accounts the CPU time of every process outside "
+        "its own process groups during each measured run. Before each run it waits (up to "
+        f"{args.quiet_wait:.0f} s) for them to go quiet; a run during which they used "
+        f"≥ {FOREIGN_CPU_WARN_PCT:.0f}% of a core is repeated (up to {args.repeat} trials) and "
+        f"the least disturbed trial is kept (at most {args.noise_budget:.0f} s of waiting and "
+        "repeating in all); anything still disturbed is listed as NOISY in the notes."
+        + (
+            f" All benchmark processes ran at `nice -n {args.nice}` to limit interference."
+            if args.nice
+            else ""
+        ),
         "",
         "### Commands",
         "",
@@ -1456,7 +1567,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--wait-idle",
         type=float,
-        default=120.0,
+        default=60.0,
         help="wait up to this many seconds for the machine to be idle before starting",
     )
     p.add_argument(
@@ -1464,6 +1575,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=0,
         help="nice value for every benchmark process (e.g. -10 on a shared machine; needs root)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="max trials per measurement when other processes disturb it; the least "
+        "disturbed trial is kept (default 3; a clean first trial ends the series)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each measured run, wait up to this long for other processes to go "
+        "quiet (default 20 s)",
+    )
+    p.add_argument(
+        "--noise-budget",
+        type=float,
+        default=180.0,
+        help="total seconds the script may spend waiting for quiet and repeating disturbed "
+        "runs (default 180; 0 disables both)",
     )
     p.add_argument("--nginx-port", type=int, default=NGINX_PORT)
     p.add_argument("--sluice-port", type=int, default=SLUICE_PORT)
@@ -1482,6 +1614,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     NGINX_PORT, SLUICE_PORT, LITELLM_PORT = args.nginx_port, args.sluice_port, args.litellm_port
     NICE = args.nice
+    NoiseBudget.left = args.noise_budget
     t_start = time.monotonic()
     if os.cpu_count() is None or len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs at least 2 usable CPU cores (0 and 1)")

@@ -14,7 +14,14 @@ from typing import Any
 
 import click
 
-from sluice.settings import ConfigError, LocalDeployment, Settings, load_settings, resolve_secret
+from sluice.settings import (
+    ConfigError,
+    LocalDeployment,
+    Settings,
+    load_settings,
+    resolve_secret,
+    resolve_url,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,6 +58,12 @@ def check_config(config_path: str) -> None:
     click.echo(
         f"server: {settings.server.host}:{settings.server.port} "
         f"workers={settings.server.workers} max_body_bytes={settings.server.max_body_bytes}"
+    )
+    auth = f"on ({settings.auth.master_key})" if settings.auth.master_key else "off (open)"
+    database = _describe_url(settings.database_url) or f"SQLite under {settings.data_dir}"
+    click.echo(
+        f"auth: {auth}; usage records: {'on' if settings.usage.enabled else 'off'}; "
+        f"database: {database}; redis: {_describe_url(settings.redis_url) or 'none'}"
     )
     click.echo(
         f"{'MODEL':<28} {'DEPLOYMENT':<28} {'PROVIDER':<8} {'TARGET':<44} "
@@ -127,8 +140,27 @@ def _load_or_exit(path: str | None, **overrides: object) -> Settings:
         sys.exit(1)
 
 
+def _describe_url(value: str | None) -> str | None:
+    """A URL without its password, or the reference it is read from."""
+    if value is None or value.startswith(("os.environ/", "file:")):
+        return value
+    scheme, sep, rest = value.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
+
+
 def _missing_secrets(settings: Settings) -> list[str]:
     problems = []
+    for name, reference in (
+        ("auth.master_key", settings.auth.master_key),
+        ("database_url", settings.database_url),
+        ("redis_url", settings.redis_url),
+    ):
+        try:
+            resolve_url(reference)
+        except ConfigError as exc:
+            problems.append(f"{name}: {exc}")
     for model in settings.models:
         for spec in model.deployments:
             if isinstance(spec, LocalDeployment):
