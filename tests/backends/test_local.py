@@ -243,7 +243,7 @@ async def test_embeddings_are_refused(backend: LocalBackend) -> None:
 
 async def test_abandoned_stream_frees_its_slot(backend: LocalBackend) -> None:
     async with backend.stream(
-        call("chat/completions", messages=LONG, max_tokens=500, stream=True, n=2)
+        call("chat/completions", messages=LONG, max_tokens=500, temperature=0, stream=True, n=2)
     ) as chunks:
         await anext(chunks)
         assert backend.engine.stats().running == 2
@@ -260,7 +260,7 @@ async def test_queue_overflow_is_429_with_retry_after() -> None:
     await b.start()
     try:
         async with b.stream(
-            call("chat/completions", messages=LONG, max_tokens=500, stream=True)
+            call("chat/completions", messages=LONG, max_tokens=500, temperature=0, stream=True)
         ) as chunks:
             await anext(chunks)
             with pytest.raises(RateLimitError) as info:

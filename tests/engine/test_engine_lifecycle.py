@@ -51,7 +51,10 @@ async def single_slot() -> AsyncIterator[Engine]:
 
 async def test_abandoned_streams_free_their_slots(engine: Engine) -> None:
     prompt = chat_prompt(engine, LONG)
-    streams = [engine.generate(GenerationRequest(prompt, max_tokens=500)) for _ in range(4)]
+    streams = [
+        engine.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
+        for _ in range(4)
+    ]
     for stream in streams[:2]:
         await stream.__anext__()  # running and producing
     assert engine.stats().running >= 1
@@ -65,7 +68,7 @@ async def test_cancelled_consumer_task_frees_its_slot(engine: Engine) -> None:
     started = asyncio.Event()
 
     async def consume() -> None:
-        async for _ in engine.generate(GenerationRequest(prompt, max_tokens=500)):
+        async for _ in engine.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0)):
             started.set()
 
     tasks = [asyncio.create_task(consume()) for _ in range(3)]
@@ -80,7 +83,7 @@ async def test_dropped_generator_frees_its_slot(engine: Engine) -> None:
     prompt = chat_prompt(engine, LONG)
 
     async def start_and_drop() -> None:
-        stream = engine.generate(GenerationRequest(prompt, max_tokens=500))
+        stream = engine.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
         await stream.__anext__()
         # the stream goes out of scope without aclose()
 
@@ -90,7 +93,7 @@ async def test_dropped_generator_frees_its_slot(engine: Engine) -> None:
 
 async def test_queue_overflow_is_refused_at_once(single_slot: Engine) -> None:
     prompt = chat_prompt(single_slot, LONG)
-    running = single_slot.generate(GenerationRequest(prompt, max_tokens=500))
+    running = single_slot.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
     await running.__anext__()
     queued = single_slot.generate(GenerationRequest(prompt, max_tokens=2))
     assert single_slot.stats().waiting == 1
@@ -104,7 +107,7 @@ async def test_queue_overflow_is_refused_at_once(single_slot: Engine) -> None:
 
 async def test_queue_wait_times_out(single_slot: Engine) -> None:
     prompt = chat_prompt(single_slot, LONG)
-    running = single_slot.generate(GenerationRequest(prompt, max_tokens=500))
+    running = single_slot.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
     await running.__anext__()
     queued = single_slot.generate(GenerationRequest(prompt, max_tokens=2))
     with pytest.raises(QueueTimeoutError):
@@ -120,7 +123,7 @@ async def test_higher_priority_is_admitted_first() -> None:
     await eng.start()
     try:
         prompt = chat_prompt(eng, LONG)
-        blocker = eng.generate(GenerationRequest(prompt, max_tokens=500))
+        blocker = eng.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
         await blocker.__anext__()
         order: list[str] = []
 
@@ -155,7 +158,7 @@ async def test_chunked_prefill_keeps_decoding() -> None:
 
     eng.add_step_observer(observe)
     try:
-        short = chat_prompt(eng, "Hi")
+        short = chat_prompt(eng, LONG)  # greedy: runs far past 40 tokens
         long = chat_prompt(eng, LONG + " " + "Mention every emperor by name. " * 12)
         first = eng.generate(GenerationRequest(short, max_tokens=40, temperature=0.0))
         await first.__anext__()
@@ -176,7 +179,7 @@ async def test_close_fails_in_flight_and_refuses_new_work() -> None:
     eng = Engine(small_config(parallel=1))
     await eng.start()
     prompt = chat_prompt(eng, LONG)
-    running = eng.generate(GenerationRequest(prompt, max_tokens=500))
+    running = eng.generate(GenerationRequest(prompt, max_tokens=500, temperature=0.0))
     await running.__anext__()
     queued = eng.generate(GenerationRequest(prompt, max_tokens=5))
     await eng.close()

@@ -45,7 +45,6 @@ class MicroBatcher(Generic[T, R]):
     def __init__(
         self,
         process: Callable[[list[T]], Awaitable[list[R | BaseException]]],
-        *,
         max_batch_size: int,
         max_wait_s: float,
         max_batch_cost: int | None = None,
