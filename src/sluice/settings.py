@@ -89,13 +89,21 @@ class LocalDeployment(_Strict):
     provider: Literal["local"]
     id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
     model_path: str | None = Field(None, description="GGUF file; default: the packaged SmolLM2")
-    context_size: int = Field(2048, ge=256, description="tokens of context shared by all slots")
+    context_size: int = Field(
+        2048, ge=256, description="tokens of context per slot (KV cache: context × parallel)"
+    )
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
-    batch_size: int = Field(512, ge=16, description="tokens per llama_decode step")
+    batch_size: int = Field(512, ge=16, description="tokens per llama_decode step (> parallel)")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     max_queue_wait: float = Field(30.0, gt=0, description="seconds a request may wait for a slot")
     weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _batch_fits_every_slot(self) -> LocalDeployment:
+        if self.batch_size <= self.parallel:
+            raise ValueError("batch_size must be larger than parallel (one token per slot)")
+        return self
 
 
 Deployment = Annotated[OpenAIDeployment | LocalDeployment, Field(discriminator="provider")]

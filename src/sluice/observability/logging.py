@@ -18,7 +18,8 @@ import orjson
 ACCESS_LOGGER = "sluice.access"
 _SECRET = re.compile(r"(?i)(bearer\s+|api[-_]?key[\"'=:\s]+)[^\s\"',]+|\bsk-[A-Za-z0-9_\-]{6,}")
 _STANDARD_ATTRS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+    | {"message", "asctime", "color_message"}
 )
 
 
