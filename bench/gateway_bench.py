@@ -838,8 +838,8 @@ def start_nginx(pm: ProcessManager, tmp: Path, commands: dict[str, str]) -> Proc
     argv = [*pin(AUX_CORE), nginx, "-p", str(ndir), "-c", str(ndir / "nginx.conf")]
     proc = pm.start("nginx", argv, WORK / "nginx.log")
     commands["nginx"] = (
-        shlex.join([*pin(AUX_CORE), nginx, "-p", "$TMP", "-c", "$TMP/nginx.conf"])
-        + "   # $TMP/nginx.conf rendered from bench/nginx.conf"
+        shlex.join([*pin(AUX_CORE), nginx])
+        + " -p $TMP -c $TMP/nginx.conf   # $TMP/nginx.conf rendered from bench/nginx.conf"
     )
     wait_ready(proc, f"http://{HOST}:{NGINX_PORT}/healthz", timeout=15)
     return proc
@@ -1352,6 +1352,29 @@ def build_tables(results: dict[str, TargetResult]) -> tuple[str, str, dict[str, 
     return main_table, "\n".join(trows), summary
 
 
+def noise_warning(results: dict[str, TargetResult]) -> list[str]:
+    """A warning paragraph when measured runs were disturbed by other processes."""
+    runs = noisy = 0
+    worst = 0.0
+    for r in results.values():
+        for m in (r.c1, r.c32, r.c64, r.ttft):
+            if m is None:
+                continue
+            runs += 1
+            worst = max(worst, m.foreign_cpu_pct)
+            if m.foreign_cpu_pct >= FOREIGN_CPU_WARN_PCT:
+                noisy += 1
+    if not noisy:
+        return [f"All {runs} measured runs were undisturbed by other processes.", ""]
+    return [
+        f"**Caution: {noisy} of {runs} measured runs were disturbed by other processes on "
+        f"this shared machine (up to {worst:.0f}% of a core; see the notes). Treat the "
+        "figures as approximate: disturbance makes any target look slower, so throughput "
+        "is a lower bound and overheads (target - direct) can be off either way.**",
+        "",
+    ]
+
+
 def render_section(
     results: dict[str, TargetResult],
     facts: dict[str, str],
@@ -1436,6 +1459,7 @@ def render_section(
         "",
         "### Results",
         "",
+        *noise_warning(results),
         main_table,
         "",
         "### Targets",
@@ -1458,10 +1482,11 @@ def render_section(
         out += [
             "### Sluice profile (py-spy, c=32)",
             "",
-            f"`py-spy record --function --rate 500` on the Sluice process during a separate "
-            f"{args.duration} s c=32 run (not the measured one; {profile['samples']} samples, "
-            f"idle time excluded; flamegraph at `{profile['svg']}`, not committed). Top functions "
-            "by own time:",
+            "`py-spy record --function --gil --rate 500 --subprocesses` on the Sluice process "
+            f"during a separate {args.duration} s c=32 run (not a measured one; "
+            f"{profile['samples']} samples of the thread holding the GIL, so idle time and "
+            f"background threads are excluded; flamegraph at `{profile['svg']}`, not "
+            "committed). Top functions by own time:",
             "",
             "| # | Function (file) | own samples | % |",
             "|---:|---|---:|---:|",
@@ -1628,6 +1653,7 @@ def main(argv: list[str] | None = None) -> int:
             "aiohttp missing: run with the sluice venv (. .venv/bin/activate)"
         ) from None
 
+    args.facts = machine_facts()  # before pinning ourselves: `nproc` honours affinity
     # This script (TTFT client) runs on the aux core, away from the gateway under test.
     os.sched_setaffinity(0, {int(AUX_CORE)})
     if NICE:
@@ -1736,10 +1762,11 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         return rc
 
-    facts = machine_facts()
+    facts = args.facts
     vers = versions(with_litellm=not args.skip_litellm)
     main_table, targets_table, summary = build_tables(results)
     print()
+    print("\n".join(noise_warning(results)))
     print(main_table)
     print()
     print(targets_table)

@@ -90,7 +90,7 @@ class LocalDeployment(_Strict):
     id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
     model_path: str | None = Field(None, description="GGUF file; default: the packaged SmolLM2")
     context_size: int = Field(
-        2048, ge=256, description="tokens of context per slot (KV cache: context × parallel)"
+        2048, ge=256, description="tokens of context per slot (KV cache: context * parallel)"
     )
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
