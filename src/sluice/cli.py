@@ -17,6 +17,7 @@ import click
 from sluice.settings import (
     ConfigError,
     LocalDeployment,
+    OpenAIDeployment,
     Settings,
     load_settings,
     resolve_secret,
@@ -66,18 +67,20 @@ def check_config(config_path: str) -> None:
         f"database: {database}; redis: {_describe_url(settings.redis_url) or 'none'}"
     )
     click.echo(
-        f"{'MODEL':<28} {'DEPLOYMENT':<28} {'PROVIDER':<8} {'TARGET':<44} "
+        f"{'MODEL':<28} {'DEPLOYMENT':<28} {'PROVIDER':<15} {'TARGET':<44} "
         f"{'UPSTREAM MODEL':<24} WEIGHT"
     )
     for model in settings.models:
         for index, spec in enumerate(model.deployments):
             name = spec.id or f"{model.name}/{index}"
-            if isinstance(spec, LocalDeployment):
+            if isinstance(spec, OpenAIDeployment):
+                target, upstream = spec.api_base, spec.model or model.name
+            elif isinstance(spec, LocalDeployment):
                 target, upstream = spec.model_path or "(packaged SmolLM2 GGUF)", model.name
             else:
-                target, upstream = spec.api_base, spec.model or model.name
+                target, upstream = spec.model_path or "(packaged all-MiniLM-L6-v2)", model.name
             click.echo(
-                f"{model.name:<28} {name:<28} {spec.provider:<8} {target:<44} "
+                f"{model.name:<28} {name:<28} {spec.provider:<15} {target:<44} "
                 f"{upstream:<24} {spec.weight:g}"
             )
     if problems:
@@ -163,7 +166,7 @@ def _missing_secrets(settings: Settings) -> list[str]:
             problems.append(f"{name}: {exc}")
     for model in settings.models:
         for spec in model.deployments:
-            if isinstance(spec, LocalDeployment):
+            if not isinstance(spec, OpenAIDeployment):
                 continue
             try:
                 resolve_secret(spec.api_key)

@@ -59,6 +59,13 @@ class TimeoutSettings(_Strict):
     total: float = Field(600.0, gt=0, description="seconds for the whole request, streams included")
 
 
+class EmbeddingBatchSettings(_Strict):
+    """Merge concurrent embedding requests into one upstream call with an array input."""
+
+    max_batch_size: int = Field(64, ge=1, description="inputs per upstream call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request may wait for others")
+
+
 class OpenAIDeployment(_Strict):
     """Any OpenAI-compatible HTTP upstream: OpenAI, vLLM, TGI, llama.cpp server, Ollama."""
 
@@ -73,6 +80,9 @@ class OpenAIDeployment(_Strict):
     headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
     stream_usage: bool = Field(
         True, description="ask for usage on streams (stripped unless the client asked)"
+    )
+    batch_embeddings: EmbeddingBatchSettings | None = Field(
+        None, description="opt-in: micro-batch concurrent /embeddings calls into one"
     )
 
     @field_validator("api_base")
@@ -106,7 +116,23 @@ class LocalDeployment(_Strict):
         return self
 
 
-Deployment = Annotated[OpenAIDeployment | LocalDeployment, Field(discriminator="provider")]
+class LocalEmbeddingDeployment(_Strict):
+    """all-MiniLM-L6-v2 (or another sentence-transformers model) in-process, micro-batched."""
+
+    provider: Literal["local-embedding"]
+    id: str | None = Field(None, description="label in metrics and logs (default: model/index)")
+    model_path: str | None = Field(
+        None, description="sentence-transformers model directory; default: the packaged MiniLM"
+    )
+    max_batch_size: int = Field(64, ge=1, description="inputs encoded together")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request may wait for others")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    weight: float = Field(1.0, gt=0)
+
+
+Deployment = Annotated[
+    OpenAIDeployment | LocalDeployment | LocalEmbeddingDeployment, Field(discriminator="provider")
+]
 
 
 class PricingSettings(_Strict):

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
+from sluice.backends.embedding_batch import EmbeddingBatcher
 from sluice.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -37,6 +38,11 @@ class OpenAIHTTPBackend:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self.embedding_batcher = (
+            EmbeddingBatcher(self._post, settings.batch_embeddings)
+            if settings.batch_embeddings is not None
+            else None
+        )
 
     async def start(self) -> None:
         timeout = self._settings.timeout
@@ -58,11 +64,18 @@ class OpenAIHTTPBackend:
         )
 
     async def close(self) -> None:
+        if self.embedding_batcher is not None:
+            await self.embedding_batcher.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
+        if call.route == "embeddings" and self.embedding_batcher is not None:
+            return await self.embedding_batcher.send(call)
+        return await self._post(call)
+
+    async def _post(self, call: UpstreamCall) -> UpstreamReply:
         session = self._require_session()
         with self._translate_errors():
             async with session.post(
