@@ -252,3 +252,23 @@ def test_usage_records_every_request_with_cost(gw: Gateway) -> None:
     assert row["completion_tokens"] == 4 + 3  # the stream was counted from its usage chunk
     expected = (row["prompt_tokens"] * 1000 + row["completion_tokens"] * 2000) / 1e6
     assert row["cost_usd"] == pytest.approx(expected)
+
+
+@pytest.mark.redis
+def test_revocation_reaches_every_replica_through_redis(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """Two replicas with a long key cache: a revoke on one is honoured by the other at once."""
+    os.environ["SLUICE_TEST_MASTER_KEY"] = MASTER
+    config = auth_config(upstream.url, tmp_path, redis_url=require_redis())
+    config["auth"]["key_cache_ttl"] = 300
+    with running_gateway(config) as url_a, running_gateway(config) as url_b, _admin(url_a) as admin:
+        a, b = Gateway(url_a, admin), Gateway(url_b, admin)
+        created = a.new_key()
+        assert b.chat(created["key"]).status_code == 200  # now cached on b for 300 s
+        assert admin.delete(f"/admin/keys/{created['id']}").status_code == 200
+        deadline = time.monotonic() + 2
+        while b.chat(created["key"]).status_code == 200:
+            assert time.monotonic() < deadline, "replica b still accepts a revoked key"
+            time.sleep(0.02)
+        assert b.chat(created["key"]).json()["error"]["code"] == "key_revoked"
