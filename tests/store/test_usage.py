@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import func, select
 
 from sluice.store.database import Database
 from sluice.store.keys import KeyRecord, KeyStore
+from sluice.store.schema import usage_records
 from sluice.store.usage import UsageRecord, UsageStore
 
 DAY1 = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
@@ -195,3 +197,86 @@ async def test_concurrent_batches_charge_exactly(db: Database) -> None:
     assert sum(inserted) == 105
     assert await store.count() == 105
     assert await spend(db) == pytest.approx(52.5)
+
+
+async def stored_rows(db: Database) -> dict[str, UsageRecord]:
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(select(usage_records))).mappings().all()
+    return {r["request_id"]: UsageRecord(**r) for r in rows}
+
+
+async def test_every_column_round_trips(db: Database) -> None:
+    # Distinct values in every column, so that columns swapped by the hand-written INSERT
+    # would show; created_at: microseconds, none, another time zone, the far past.
+    plus2 = timezone(timedelta(hours=2))
+    records = [
+        UsageRecord(
+            request_id="r1", model="m1", key_id="key_a", deployment="d1", prompt_tokens=11,
+            completion_tokens=7, cost_usd=0.000123456789, latency_ms=12.5, status=200,
+            cache_hit=True, stream=False, created_at=datetime(2025, 3, 5, 10, 0, 0, 123456, UTC),
+        ),
+        UsageRecord(
+            request_id="r2", model="m2", key_id=None, deployment=None, prompt_tokens=0,
+            completion_tokens=2**31 - 1, cost_usd=0.0, latency_ms=0.25, status=429,
+            cache_hit=False, stream=True, created_at=datetime(2025, 3, 5, 12, 30, tzinfo=plus2),
+        ),
+        rec("r3", created_at=datetime(1999, 12, 31, 23, 59, 59, 999999, UTC), cost_usd=1e-12),
+        rec("r4", model="ünïcode ✓", created_at=datetime(2025, 1, 1, tzinfo=UTC)),
+    ]  # fmt: skip
+    assert await UsageStore(db).insert_many(records) == 4
+    stored = await stored_rows(db)
+    assert stored == {r.request_id: r for r in records}
+    assert stored["r2"].created_at == datetime(2025, 3, 5, 10, 30, tzinfo=UTC)
+
+
+async def test_sqlite_stores_timestamps_as_sqlalchemy_does(db: Database) -> None:
+    if db.dialect != "sqlite":
+        pytest.skip("SQLite's text storage only")
+    await UsageStore(db).insert_many(
+        [rec("r1", created_at=datetime(2025, 3, 5, 10, 0, tzinfo=UTC)),
+         rec("r2", created_at=datetime(2025, 3, 5, 10, 0, 1, 5, UTC))]
+    )  # fmt: skip
+    async with db.engine.connect() as conn:
+        raw = (await conn.exec_driver_sql("SELECT created_at FROM usage_records")).scalars()
+        assert sorted(raw) == ["2025-03-05 10:00:00.000000", "2025-03-05 10:00:01.000005"]
+        # ...which is what SQLAlchemy (and so the rest of the store) writes and compares with.
+        since = select(func.count()).where(usage_records.c.created_at >= DAY1)
+        assert await conn.scalar(since) == 2
+
+
+async def test_large_batch_partly_replayed(db: Database) -> None:
+    await add_key(db, "key_a")
+    await add_key(db, "key_d", budget_usd=1e6, budget_period="daily", created_at=DAY1)
+    store = UsageStore(db)
+    first = [
+        rec(f"r{i:05d}", key_id="key_a" if i % 2 else "key_d", cost_usd=0.5) for i in range(1500)
+    ]
+    assert await store.insert_many(first) == 1500
+    second = [
+        rec(f"r{i:05d}", key_id="key_a" if i % 2 else "key_d", cost_usd=0.5)
+        for i in range(1000, 3000)
+    ]
+    assert await store.insert_many(second) == 1500
+    assert await store.count() == 3000
+    assert await spend(db, "key_a") == pytest.approx(750.0)
+    assert await spend(db, "key_d") == pytest.approx(750.0)
+
+
+async def test_lifetime_and_periodic_keys_in_one_batch(db: Database) -> None:
+    await add_key(db, "key_life", budget_usd=100.0, created_at=DAY1)
+    await add_key(db, "key_day", budget_usd=100.0, budget_period="daily", created_at=DAY1)
+    store = UsageStore(db)
+    await store.insert_many(
+        [
+            rec("r1", key_id="key_life", cost_usd=1.0, created_at=DAY1),
+            rec("r2", key_id="key_day", cost_usd=2.0, created_at=DAY1),
+            rec("r3", key_id="key_life", cost_usd=4.0, created_at=DAY2),
+            rec("r4", key_id="key_day", cost_usd=8.0, created_at=DAY2),
+            rec("r5", key_id="key_day", cost_usd=16.0, created_at=DAY1),
+        ]
+    )
+    assert await spend(db, "key_life", now=DAY2) == pytest.approx(5.0)
+    assert await spend(db, "key_day", now=DAY2) == pytest.approx(8.0)
+    life = await KeyStore(db).get("key_life", now=DAY2)
+    assert life is not None
+    assert life.period_started_at is None

@@ -85,45 +85,47 @@ _KEY_PERIODS = (
 )
 
 
-# The insert fast path. insert_many runs in the gateway's process and on its CPU budget:
-# the SQLAlchemy Core version (dataclasses.asdict, a compiled INSERT ... RETURNING with
-# type processors for every value) cost 50-80 us of CPU per record in 500-record batches,
-# most of it in the gateway's one thread, a third of a request's CPU at 3,000 requests/s.
-# Sending the rows as one JSON document (PostgreSQL) or plain tuples to one prepared
-# statement (SQLite) through exec_driver_sql brings that to about 10 us per record, most
-# of the rest being SQLite's own work (see /tmp/usage_bench.py in the commit message).
-# The SQL below must stay in step with schema.usage_records.
+# The insert fast path. insert_many runs in the gateway's process, on its CPU budget (one
+# asyncio thread; aiosqlite's thread shares the GIL). Through SQLAlchemy Core (asdict(),
+# a compiled INSERT ... RETURNING, a type processor per value) it cost 40-55 us of process
+# CPU per record on SQLite and on PostgreSQL in 500-record batches, 70-120 us on the
+# gateway's box: a third of a request's CPU at 3,000 requests/s. Rows built as plain
+# tuples and handed to the driver as one JSON document (PostgreSQL) or to one prepared
+# statement (SQLite) cost about 5-7 us (PostgreSQL) and 10-14 us (SQLite, of which 6-9 us
+# are SQLite's own B-tree and WAL work). The spend update stays in SQLAlchemy Core: two
+# statements per batch, whatever its size. The SQL below must match schema.usage_records.
 _COLUMNS = (
     "request_id, key_id, model, deployment, prompt_tokens, completion_tokens,"
     " cost_usd, latency_ms, status, cache_hit, stream, created_at"
 )
-# PostgreSQL: one statement per batch. asyncpg encodes array parameters element by element
-# (about 0.3-1.2 us each), json.dumps the whole batch in about 1.5 us per record. created_at
-# travels as integer microseconds since the epoch (exact: the interval product is exact
-# below 2**53 us, the year 2255). Rows go in request_id order, so two concurrent batches
-# sharing ids wait on each other in the same order instead of deadlocking. The statement
-# returns the ids it skipped (already stored), which is usually none.
+# PostgreSQL: one statement per batch. json.dumps encodes the batch for about 1.5 us a
+# record, where asyncpg's array parameters (INSERT ... SELECT FROM unnest($1::text[], ...))
+# cost 0.3-1.2 us per value. created_at travels as integer microseconds since the epoch
+# (exact: the product is exact below 2**53 us, the year 2255). Rows go in in request_id
+# order, so two concurrent batches sharing ids wait on each other in the same order rather
+# than deadlock. The statement returns the ids it skipped (already stored): usually none.
 _PG_INSERT = f"""\
-WITH batch AS (
+WITH batch ({_COLUMNS}) AS (
     SELECT r->>0, r->>1, r->>2, r->>3, (r->>4)::int4, (r->>5)::int4, (r->>6)::float8,
         (r->>7)::float8, (r->>8)::int4, (r->>9)::bool, (r->>10)::bool,
         TIMESTAMPTZ 'epoch' + (r->>11)::int8 * INTERVAL '1 microsecond'
     FROM json_array_elements($1::json) AS r
 ), inserted AS (
     INSERT INTO usage_records ({_COLUMNS})
-    SELECT * FROM batch ORDER BY 1
+    SELECT * FROM batch ORDER BY request_id
     ON CONFLICT (request_id) DO NOTHING
     RETURNING request_id
 )
-SELECT r->>0 FROM json_array_elements($1::json) AS r
-EXCEPT ALL SELECT request_id FROM inserted"""
+SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 _request_id = operator.attrgetter("request_id")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # SQLite: writers hold the database lock from BEGIN IMMEDIATE (see Database), so the ids
 # already stored cannot change between this look-up and the insert: the rows not found
-# are exactly the new ones, and a plain INSERT (executemany of one prepared statement)
-# adds them. Should that ever not hold, the INSERT fails rather than charging twice.
+# are exactly the new ones, and a plain INSERT (executemany of one prepared statement,
+# rows in request_id order for fewer index pages touched) adds them. Should that ever not
+# hold, the INSERT fails (and the recorder retries) rather than charging twice. json_each
+# keeps the look-up one statement whatever the batch size (SQLite 3.38+ has it built in).
 _SQLITE_EXISTING = (
     "SELECT request_id FROM usage_records WHERE request_id IN (SELECT value FROM json_each(?))"
 )
@@ -195,9 +197,10 @@ async def _insert_sqlite(
 
 
 def _sqlite_datetime(value: datetime, seconds: dict[tuple[int, ...], str]) -> str:
-    """``value`` (aware UTC) as UTCDateTime stores it on SQLite: SQLAlchemy's fixed-width
-    'YYYY-MM-DD HH:MM:SS.ffffff' without an offset. ``seconds`` caches the part before the
-    microseconds (a batch spans a few seconds); this is 4x cheaper than isoformat()."""
+    """``value`` as UTCDateTime stores it on SQLite: SQLAlchemy's fixed-width text
+    'YYYY-MM-DD HH:MM:SS.ffffff', no offset. ``value`` must be in UTC (UsageRecord sees to
+    it). ``seconds`` caches the text up to the second, as a batch spans a few seconds:
+    half the CPU of isoformat()."""
     key = (value.year, value.month, value.day, value.hour, value.minute, value.second)
     prefix = seconds.get(key)
     if prefix is None:
