@@ -10,6 +10,7 @@ from sluice.routing.router import Deployment
 from sluice.settings import (
     ConfigError,
     LocalDeployment,
+    LocalEmbeddingDeployment,
     ModelSettings,
     OpenAIDeployment,
     Settings,
@@ -38,9 +39,28 @@ class BackendFactory:
                         name, backend, spec.model or model.name, spec.weight, spec.stream_usage
                     )
                 )
-            else:
+            elif isinstance(spec, LocalDeployment):
                 out.append(Deployment(name, self._local(name, spec), model.name, spec.weight))
+            else:
+                backend = self._local_embedding(name, spec)
+                out.append(Deployment(name, backend, model.name, spec.weight))
         return out
+
+    def _local_embedding(self, name: str, spec: LocalEmbeddingDeployment) -> Backend:
+        try:
+            from sluice.backends.local_embedding import LocalEmbeddingBackend
+        except ImportError as exc:  # the optional extra is missing
+            raise ConfigError(
+                f"deployment {name} uses provider 'local-embedding', which needs the embeddings "
+                f"extra: pip install 'sluice-gateway[embeddings]' ({exc})"
+            ) from exc
+        return LocalEmbeddingBackend(
+            name,
+            model_path=spec.model_path,
+            max_batch_size=spec.max_batch_size,
+            max_wait_s=spec.max_wait_ms / 1000,
+            threads=spec.threads,
+        )
 
     def _local(self, name: str, spec: LocalDeployment) -> Backend:
         try:

@@ -124,6 +124,8 @@ def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> No
         cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
+        # 64 MiB of page cache: usage inserts stay cheap once the table outgrows the 2 MiB default.
+        cursor.execute("PRAGMA cache_size=-65536")
     finally:
         cursor.close()
 
