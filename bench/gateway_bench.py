@@ -56,6 +56,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 WORK = BENCH / ".work"
+# This script's own logs, rendered configs, results and profiles (other bench
+# scripts share bench/.work, so keep to a subdirectory).
+OUT = WORK / "gateway"
 DOCS = REPO / "docs" / "benchmarks.md"
 
 HOST = "127.0.0.1"
@@ -834,9 +837,9 @@ def start_nginx(pm: ProcessManager, tmp: Path, commands: dict[str, str]) -> Proc
         .replace("@@SSE_BODY@@", nginx_quote(sse_body()))
     )
     (ndir / "nginx.conf").write_text(conf)
-    (WORK / "nginx.rendered.conf").write_text(conf)  # for inspection
+    (OUT / "nginx.rendered.conf").write_text(conf)  # for inspection
     argv = [*pin(AUX_CORE), nginx, "-p", str(ndir), "-c", str(ndir / "nginx.conf")]
-    proc = pm.start("nginx", argv, WORK / "nginx.log")
+    proc = pm.start("nginx", argv, OUT / "nginx.log")
     commands["nginx"] = (
         shlex.join([*pin(AUX_CORE), nginx])
         + " -p $TMP -c $TMP/nginx.conf   # $TMP/nginx.conf rendered from bench/nginx.conf"
@@ -858,7 +861,7 @@ def config_for_ports(rel: str) -> str:
     if NGINX_PORT == DEFAULT_NGINX_PORT:
         return rel
     src = REPO / rel
-    dst = WORK / f"{src.stem}.port{NGINX_PORT}{src.suffix}"
+    dst = OUT / f"{src.stem}.port{NGINX_PORT}{src.suffix}"
     dst.write_text(src.read_text().replace(f"{HOST}:{DEFAULT_NGINX_PORT}", f"{HOST}:{NGINX_PORT}"))
     return str(dst.relative_to(REPO))
 
@@ -876,11 +879,11 @@ def start_sluice(pm: ProcessManager, commands: dict[str, str], timeout: float) -
     args += ["--port", str(SLUICE_PORT), "--workers", "1"]
     argv = [*pin(GATEWAY_CORE), exe, *args]
     env = dict(os.environ, BENCH_UPSTREAM_KEY=UPSTREAM_KEY)
-    proc = pm.start("sluice", argv, WORK / "sluice.log", env=env)
+    proc = pm.start("sluice", argv, OUT / "sluice.log", env=env)
     commands["sluice"] = (
         f"BENCH_UPSTREAM_KEY={UPSTREAM_KEY} {shlex.join(pin(GATEWAY_CORE))} sluice "
         + shlex.join(args)
-        + " > bench/.work/sluice.log 2>&1"
+        + " > bench/.work/gateway/sluice.log 2>&1"
     )
     return proc
 
@@ -982,12 +985,12 @@ def start_litellm(pm: ProcessManager, commands: dict[str, str]) -> Proc:
     }
     env = dict(os.environ, **extra_env)
     env.pop("DATABASE_URL", None)
-    proc = pm.start("litellm", argv, WORK / "litellm.log", env=env)
+    proc = pm.start("litellm", argv, OUT / "litellm.log", env=env)
     commands["litellm"] = (
         " ".join(f"{k}={v}" for k, v in extra_env.items())
         + f" {shlex.join(pin(GATEWAY_CORE))} bench/.work/litellm-venv/bin/litellm "
         + shlex.join(args)
-        + " > bench/.work/litellm.log 2>&1"
+        + " > bench/.work/gateway/litellm.log 2>&1"
     )
     return proc
 
@@ -1098,15 +1101,37 @@ def check_sluice_observability(proc: Proc) -> list[str]:
     except OSError:
         lines = []
     json_lines = 0
+    statuses: Counter[str] = Counter()
     for ln in lines:
-        with contextlib.suppress(ValueError):
-            if isinstance(json.loads(ln), dict):
-                json_lines += 1
+        try:
+            obj = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            json_lines += 1
+            if obj.get("logger") == "sluice.access":
+                statuses[str(obj.get("status"))] += 1
+    by_status = ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())) or "none"
     notes.append(
         f"log file {proc.log_path.relative_to(REPO)}: {len(lines):,} lines, "
-        f"{json_lines:,} JSON objects"
+        f"{json_lines:,} JSON objects, access-log lines by status: {by_status}"
     )
     return notes
+
+
+def check_litellm_log(proc: Proc) -> list[str]:
+    """Count uvicorn access-log lines by status (LiteLLM logs them by default)."""
+    try:
+        text = proc.log_path.read_bytes().decode("utf-8", "replace")
+    except OSError as e:
+        return [f"cannot read {proc.log_path}: {e}"]
+    statuses = Counter(re.findall(r'"POST /v1/chat/completions HTTP/1\.1" (\d+)', text))
+    errors = len(re.findall(r"(?m)^.*(?:Traceback|ERROR|Exception).*$", text))
+    by_status = ", ".join(f"{k}: {v:,}" for k, v in sorted(statuses.items())) or "none"
+    return [
+        f"log file {proc.log_path.relative_to(REPO)}: chat completions by status: {by_status}; "
+        f"{errors} lines mentioning errors"
+    ]
 
 
 def find_py_spy() -> str:
@@ -1135,8 +1160,8 @@ def profile_sluice(t: Target, duration: int) -> dict[str, Any]:
     assert t.proc is not None
     py_spy = find_py_spy()
     pid = t.proc.popen.pid
-    raw = WORK / "sluice-profile.folded"
-    svg = WORK / "sluice-profile.svg"
+    raw = OUT / "sluice-profile.folded"
+    svg = OUT / "sluice-profile.svg"
     out: dict[str, Any] = {}
     for fmt, path in (("raw", raw), ("flamegraph", svg)):
         argv = [
@@ -1418,7 +1443,7 @@ def render_section(
         "In the direct runs, core 1 is the bottleneck (wrk and nginx on one core); through a "
         "gateway, core 0 is (see the CPU row).",
         "- Sluice: config `bench/sluice-bench.yaml`, JSON access log on (stdout, to "
-        "`bench/.work/sluice.log`), metrics on. No auth.",
+        "`bench/.work/gateway/sluice.log`), metrics on. No auth.",
         "- LiteLLM: `litellm[proxy]` in its own venv `bench/.work/litellm-venv`, config "
         "`bench/litellm-config.yaml` (`openai/gpt-4o-mini` with `api_base` pointing at the mock), "
         f"master key `{MASTER_KEY}` sent as `Authorization: Bearer`, no database, default logging.",
@@ -1658,7 +1683,7 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {int(AUX_CORE)})
     if NICE:
         os.setpriority(os.PRIO_PROCESS, 0, NICE)
-    WORK.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _raise_sigterm)
     signal.signal(signal.SIGHUP, _raise_sigterm)
 
@@ -1747,6 +1772,7 @@ def main(argv: list[str] | None = None) -> int:
                     ready,
                 )
                 results["litellm"] = measure(t, args)
+                results["litellm"].notes += check_litellm_log(proc)
                 pm.stop(proc)
             pm.stop_all()
     except BenchError as e:
@@ -1789,7 +1815,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal runtime: {runtime:.1f} s")
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_json = WORK / f"results-{stamp}.json"
+    out_json = OUT / f"results-{stamp}.json"
     out_json.write_text(
         json.dumps(
             {
