@@ -22,6 +22,13 @@ Usage (from the repo root, with the sluice venv active):
 
     python bench/gateway_bench.py [--duration 10] [--skip-litellm]
                                   [--skip-sluice] [--write-docs] [--profile]
+                                  [--nice -10] [--noise-budget 180]
+
+The LiteLLM venv (bench/.work/litellm-venv) is created on first use. On a
+machine shared with other work, the script measures the CPU used by processes
+outside its own process groups during every run, waits for quiet / repeats
+disturbed runs within --noise-budget seconds, and flags what stays disturbed.
+Logs, rendered configs, raw JSON results and profiles go to bench/.work/gateway/.
 
 Only the Python 3.11 standard library plus aiohttp (in the sluice venv) is
 used. Every process started is put in its own process group and killed on exit.
@@ -1437,8 +1444,9 @@ def render_section(
         f"({len(sse_body())} bytes: 11 `chat.completion.chunk` events, then `data: [DONE]`), "
         "sent in one go. Both gateways have two models, `gpt-4o-mini` (JSON) and "
         "`gpt-4o-mini-stream` (SSE), because nginx cannot branch on the request's `stream` flag.",
-        f"- CPU pinning: the gateway under test has core {GATEWAY_CORE} to itself "
-        f"(`taskset -c {GATEWAY_CORE}`, 1 worker process). nginx, wrk (1 thread) and the "
+        f"- CPU pinning: the gateway under test is pinned to core {GATEWAY_CORE} "
+        f"(`taskset -c {GATEWAY_CORE}`, 1 worker process; nothing of the benchmark's own runs "
+        "there, but other work on the machine is not kept off it). nginx, wrk (1 thread) and the "
         f"benchmark script with its TTFT client share core {AUX_CORE} (`taskset -c {AUX_CORE}`). "
         "In the direct runs, core 1 is the bottleneck (wrk and nginx on one core); through a "
         "gateway, core 0 is (see the CPU row).",
@@ -1446,7 +1454,10 @@ def render_section(
         "`bench/.work/gateway/sluice.log`), metrics on. No auth.",
         "- LiteLLM: `litellm[proxy]` in its own venv `bench/.work/litellm-venv`, config "
         "`bench/litellm-config.yaml` (`openai/gpt-4o-mini` with `api_base` pointing at the mock), "
-        f"master key `{MASTER_KEY}` sent as `Authorization: Bearer`, no database, default logging.",
+        f"master key `{MASTER_KEY}` sent as `Authorization: Bearer`, no database, default logging "
+        "(uvicorn access log on). litellm 1.109.1 pins `certifi>=2026.10.19` and "
+        "`litellm-proxy-extras==0.4.113`, which the package mirror here lacks, so the script "
+        "installs its declared dependencies with those two pins relaxed, then litellm `--no-deps`.",
         f"- Each target: one plain and one streaming sanity request (must be 200 and well-formed), "
         f"warm-up ({args.warmup} s of wrk at c=8 and 20 streaming requests), then "
         f"wrk at c=1 (`--latency`), c=32 and c=64 for {args.duration} s each, then "
@@ -1472,6 +1483,7 @@ def render_section(
         + (" --skip-litellm" if args.skip_litellm else "")
         + (" --profile" if args.profile else "")
         + (f" --nice {args.nice}" if args.nice else "")
+        + (f" --noise-budget {args.noise_budget:g}" if args.noise_budget != 180.0 else "")
         + " --write-docs",
         "# what it runs:",
         *commands.values(),
@@ -1520,8 +1532,9 @@ def render_section(
             out.append(f"| {i} | `{f}` | {c} | {p:.1f}% |")
         out += [
             "",
-            "`Runner.run` own time is time inside uvloop's C event loop (socket I/O, callbacks "
-            "dispatch); py-spy shows only Python frames. Own time by package:",
+            "py-spy shows only Python frames: time in C code is charged to the Python function "
+            "that called it (socket writes to `RequestResponseCycle.send`, uvloop's own loop to "
+            "`Runner.run`). Own time by package:",
             "",
             "| Package | own samples | % |",
             "|---|---:|---:|",
@@ -1554,7 +1567,7 @@ def write_docs(section: str) -> None:
         )
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text)
-    log(f"wrote {DOCS.relative_to(REPO)}")
+    log(f"wrote {DOCS}")
 
 
 def result_json(r: TargetResult) -> dict[str, Any]:
@@ -1705,7 +1718,7 @@ def main(argv: list[str] | None = None) -> int:
         busy = wait_for_idle(args.wait_idle)
         if busy:
             log("warning: " + busy)
-            args.machine_notes.append("NOISY: " + busy)
+            args.machine_notes.append(busy + " (waited up to --wait-idle, then started)")
         with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
             start_nginx(pm, Path(tmp), commands)
 
