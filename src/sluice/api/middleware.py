@@ -115,17 +115,17 @@ class ObserveRequests:
         model = ctx.model or "-"
         m = self.metrics
         if ctx.route != "other":
-            m.requests.labels(model, ctx.route, str(status)).inc()
-            m.latency.labels(model, ctx.route).observe(elapsed)
+            m.requests_for(model, ctx.route, str(status)).inc()
+            m.latency_for(model, ctx.route).observe(elapsed)
         if ctx.deployment is not None:
-            m.upstream_latency.labels(model, ctx.deployment).observe(ctx.upstream_seconds)
-            m.overhead.labels(ctx.route).observe(max(elapsed - ctx.upstream_seconds, 0.0))
+            m.upstream_latency_for(model, ctx.deployment).observe(ctx.upstream_seconds)
+            m.overhead_for(ctx.route).observe(max(elapsed - ctx.upstream_seconds, 0.0))
         if ctx.ttft_seconds is not None:
-            m.ttft.labels(model).observe(ctx.ttft_seconds)
+            m.ttft_for(model).observe(ctx.ttft_seconds)
         if ctx.prompt_tokens:
-            m.tokens.labels(model, "prompt").inc(ctx.prompt_tokens)
+            m.tokens_for(model, "prompt").inc(ctx.prompt_tokens)
         if ctx.completion_tokens:
-            m.tokens.labels(model, "completion").inc(ctx.completion_tokens)
+            m.tokens_for(model, "completion").inc(ctx.completion_tokens)
         if path in _QUIET_PATHS and status < 400:
             return
         record: dict[str, Any] = {

@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 
 import orjson
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
@@ -177,6 +177,7 @@ class OpenAIService:
         )
 
     async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 past the limit (straight from ASGI ``receive``)."""
         for name, value in request.scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > self._max_body:
@@ -184,16 +185,21 @@ class OpenAIService:
                 break
         parts: list[bytes] = []
         size = 0
-        async for part in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            part = message.get("body", b"")
             size += len(part)
             if size > self._max_body:
                 raise PayloadTooLargeError(self._too_large())
             parts.append(part)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            if not message.get("more_body", False):
+                return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _too_large(self) -> str:
         return f"The request body is larger than the limit of {self._max_body} bytes."
 
     def _upstream_failed(self, ctx: RequestContext, exc: UpstreamError) -> None:
         ctx.error_kind = exc.kind
-        self._metrics.upstream_errors.labels(ctx.model, ctx.deployment, exc.kind).inc()
+        self._metrics.upstream_errors_for(ctx.model or "-", ctx.deployment or "-", exc.kind).inc()

@@ -8,6 +8,7 @@ to files there, and ``/metrics`` aggregates them (see `render_metrics`).
 from __future__ import annotations
 
 import os
+from typing import Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -18,6 +19,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
+
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 # Gateway overhead lives well under a millisecond; upstream calls take up to minutes.
 _OVERHEAD_BUCKETS = (
@@ -96,6 +99,32 @@ class GatewayMetrics:
             ["model", "deployment", "kind"],
             registry=registry,
         )
+        # Cached children for the request path (see ChildCache).
+        self.requests_for = ChildCache(self.requests)
+        self.latency_for = ChildCache(self.latency)
+        self.upstream_latency_for = ChildCache(self.upstream_latency)
+        self.overhead_for = ChildCache(self.overhead)
+        self.ttft_for = ChildCache(self.ttft)
+        self.tokens_for = ChildCache(self.tokens)
+        self.upstream_errors_for = ChildCache(self.upstream_errors)
+
+
+class ChildCache(Generic[M]):
+    """Labelled children of one metric, looked up once per label combination.
+
+    ``metric.labels(...)`` takes a lock and builds a key on every call; on the request path
+    the same few combinations repeat, so their children are kept in a plain dict.
+    """
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
