@@ -8,6 +8,7 @@ like side by side.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +55,9 @@ def build_app(settings: Settings) -> Starlette:
         await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
         _drain_on_signals(lifecycle, settings.server.drain_delay)
+        # Everything built so far lives as long as the process: keep it out of the cyclic
+        # collector's scans, which otherwise cost milliseconds of tail latency under load.
+        gc.freeze()
         lifecycle.ready()
         try:
             yield
