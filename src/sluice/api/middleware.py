@@ -1,9 +1,11 @@
 """Pure ASGI middleware around every request: id, draining, metrics and the access log.
 
 It is the outermost layer of Sluice's own code: it gives each request its id (the
-client's ``X-Request-ID`` when well formed, a new one otherwise) and echoes it back,
-refuses new work with 503 once the process drains, and after the last byte records
-latency, upstream time, gateway overhead, TTFT and tokens, then writes one access record.
+client's ``X-Request-ID`` when well formed, a new one otherwise) and echoes it back with
+the key's ``x-ratelimit-*`` headers, refuses new work with 503 once the process stops
+accepting, and after the last byte (or the client's departure) records latency, upstream
+time, gateway overhead, TTFT and tokens, writes one access record, and hands the request
+to accounting (usage record, limiter reconciliation).
 """
 
 from __future__ import annotations
