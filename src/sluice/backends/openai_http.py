@@ -1,30 +1,28 @@
-"""Backend for any OpenAI-compatible HTTP upstream, over one pooled aiohttp session.
+"""Backend for any OpenAI-compatible HTTP upstream, over one pooled keep-alive client.
 
-One `aiohttp.ClientSession` per deployment keeps connections alive and caps them at the
-deployment's ``max_concurrency`` (further requests wait for a free connection, bounded by
-the total timeout). Timeouts map onto aiohttp's: ``connect`` → socket connect,
-``first_byte`` → socket read (headers, then the gap between stream chunks), ``total`` →
-the whole exchange. aiohttp's exceptions are translated into `sluice.errors` here, at the
-boundary, so nothing above this module sees them.
+One `HTTP1Pool` per deployment keeps connections alive and caps them at the deployment's
+``max_concurrency`` (further requests wait for a free connection, bounded by the total
+timeout). ``connect`` bounds opening a connection, ``first_byte`` the wait for the response
+headers and every gap between stream chunks, ``total`` the whole exchange. Failures arrive
+as `sluice.errors` upstream errors from the pool; the total timeout is mapped here.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+import asyncio
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
-import aiohttp
 import orjson
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
 from sluice.backends.embedding_batch import EmbeddingBatcher
-from sluice.errors import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamStatusError,
-    UpstreamTimeoutError,
-)
+from sluice.backends.http1 import HTTP1Pool
+from sluice.errors import UpstreamConnectError, UpstreamStatusError, UpstreamTimeoutError
 from sluice.settings import OpenAIDeployment
+
+_ERROR_BODY_LIMIT = 1 << 20  # bytes of an upstream error body kept for relaying
 
 
 class OpenAIHTTPBackend:
@@ -33,11 +31,12 @@ class OpenAIHTTPBackend:
     def __init__(self, name: str, settings: OpenAIDeployment, api_key: str | None) -> None:
         self.name = name
         self._settings = settings
-        self._base = settings.api_base
-        self._headers = {"Content-Type": "application/json", **settings.headers}
+        lines = [b"Content-Type: application/json", b"Accept: application/json"]
         if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
-        self._session: aiohttp.ClientSession | None = None
+            lines.append(b"Authorization: Bearer " + api_key.encode())
+        lines += [f"{k}: {v}".encode() for k, v in settings.headers.items()]
+        self._head = b"".join(line + b"\r\n" for line in lines)
+        self._pool: HTTP1Pool | None = None
         self.embedding_batcher = (
             EmbeddingBatcher(self._post, settings.batch_embeddings)
             if settings.batch_embeddings is not None
@@ -46,29 +45,19 @@ class OpenAIHTTPBackend:
 
     async def start(self) -> None:
         timeout = self._settings.timeout
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.max_concurrency,
-            limit_per_host=0,
-            keepalive_timeout=30,
-            ttl_dns_cache=300,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.first_byte
-            ),
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
+        self._pool = HTTP1Pool(
+            self._settings.api_base,
+            max_connections=self._settings.max_concurrency,
+            connect_timeout=timeout.connect,
+            read_timeout=timeout.first_byte,
         )
 
     async def close(self) -> None:
         if self.embedding_batcher is not None:
             await self.embedding_batcher.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
         if call.route == "embeddings" and self.embedding_batcher is not None:
@@ -76,86 +65,67 @@ class OpenAIHTTPBackend:
         return await self._post(call)
 
     async def _post(self, call: UpstreamCall) -> UpstreamReply:
-        session = self._require_session()
-        with self._translate_errors():
-            async with session.post(
-                f"{self._base}/{call.route}",
-                data=_payload(call),
-                headers=self._request_headers(call),
-            ) as response:
-                body = await response.read()
-                content_type = response.headers.get("Content-Type", "application/json")
-        if response.status >= 400:
-            raise UpstreamStatusError(response.status, body, content_type)
-        return UpstreamReply(response.status, body, content_type)
+        pool = self._require_pool()
+        try:
+            async with asyncio.timeout(self._settings.timeout.total):
+                reply = await pool.post(f"/{call.route}", self._request_head(call), _payload(call))
+        except TimeoutError:
+            raise _total_timeout(self.name) from None
+        body = _decoded(reply.body, reply.headers.get(b"content-encoding"))
+        content_type = reply.headers.get(b"content-type", b"application/json").decode("latin-1")
+        if reply.status >= 400:
+            raise UpstreamStatusError(reply.status, body, content_type)
+        return UpstreamReply(reply.status, body, content_type)
 
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
-        session = self._require_session()
-        with self._translate_errors():
-            response = await session.post(
-                f"{self._base}/{call.route}",
-                data=_payload(call),
-                headers=self._request_headers(call),
-            )
+        pool = self._require_pool()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.timeout.total
         try:
-            if response.status >= 400:
-                with self._translate_errors():
-                    body = await response.read()
-                raise UpstreamStatusError(
-                    response.status, body, response.headers.get("Content-Type", "")
+            async with asyncio.timeout_at(deadline):
+                conn, chunks = await pool.open_stream(
+                    f"/{call.route}", self._request_head(call), _payload(call), deadline
                 )
-            yield self._chunks(response)
-        finally:
-            if response.content.at_eof():
-                response.release()  # fully read: the connection goes back to the pool
-            else:
-                response.close()  # abandoned mid-stream: drop the connection, abort upstream
-
-    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        with self._translate_errors():
-            async for chunk in response.content.iter_any():
-                yield chunk
-
-    def _request_headers(self, call: UpstreamCall) -> dict[str, str]:
-        headers = {**self._headers, "X-Request-ID": call.request_id}
-        if call.headers:
-            headers.update(call.headers)
-        return headers
-
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise UpstreamConnectError(f"deployment {self.name} is not started")
-        return self._session
-
-    @contextmanager
-    def _translate_errors(self) -> Iterator[None]:
+        except TimeoutError:
+            raise _total_timeout(self.name) from None
         try:
-            yield
-        except UpstreamError:
-            raise
-        except aiohttp.ConnectionTimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"upstream {self.name}: connect timed out", code="upstream_connect_timeout"
-            ) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"upstream {self.name}: no data within the first-byte timeout",
-                code="upstream_read_timeout",
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeoutError(
-                f"upstream {self.name}: total timeout exceeded", code="upstream_timeout"
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamConnectError(
-                f"upstream {self.name}: connection broke mid-response", code="upstream_reset"
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamConnectError(
-                f"upstream {self.name}: unreachable ({type(exc).__name__})"
-            ) from exc
+            if conn.status >= 400:
+                body = b""
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > _ERROR_BODY_LIMIT:
+                        break
+                content_type = conn.headers.get(b"content-type", b"").decode("latin-1")
+                raise UpstreamStatusError(conn.status, body, content_type)
+            yield chunks
+        finally:
+            pool.finish(conn)  # incomplete: the connection is dropped, aborting the upstream
+
+    def _request_head(self, call: UpstreamCall) -> bytes:
+        head = self._head + b"X-Request-ID: " + call.request_id.encode() + b"\r\n"
+        for name, value in call.headers.items():
+            head += f"{name}: {value}\r\n".encode()
+        return head
+
+    def _require_pool(self) -> HTTP1Pool:
+        if self._pool is None:
+            raise UpstreamConnectError(f"deployment {self.name} is not started")
+        return self._pool
 
 
 def _payload(call: UpstreamCall) -> bytes:
     return call.raw if call.raw is not None else orjson.dumps(call.body)
+
+
+def _total_timeout(name: str) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(f"upstream {name}: total timeout exceeded", code="upstream_timeout")
+
+
+def _decoded(body: bytes, encoding: bytes | None) -> bytes:
+    """Sluice asks for no compression; undo it if an upstream compresses anyway."""
+    if encoding in (b"gzip", b"x-gzip"):
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    if encoding == b"deflate":
+        return zlib.decompress(body)
+    return body
