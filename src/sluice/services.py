@@ -26,6 +26,7 @@ from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.guard import Guard
 from sluice.pipeline.invalidation import KeyInvalidation
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
+from sluice.pipeline.limits.wire import PipelinedRedis
 from sluice.settings import Settings, resolve_secret, resolve_url
 from sluice.store.database import Database, default_database_url
 from sluice.store.keys import KeyStore
@@ -43,6 +44,7 @@ class Services:
     accounting: Accounting
     database: Database | None = None
     redis: aioredis.Redis | None = None
+    limiter_redis: PipelinedRedis | None = None
     keys: KeyStore | None = None
     usage: UsageStore | None = None
     recorder: UsageRecorder | None = None
@@ -63,6 +65,8 @@ class Services:
         if self.database is not None:
             await self.database.close()
         await self.limiter.close()
+        if self.limiter_redis is not None:
+            await self.limiter_redis.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -70,10 +74,11 @@ class Services:
 def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     master_key = resolve_secret(settings.auth.master_key)
     redis = _redis(settings.redis_url)
+    limiter_redis = _limiter_redis(settings.redis_url)
     limiter: Limiter
-    if redis is not None:
+    if limiter_redis is not None:
         limiter = RedisLimiter(
-            redis,
+            limiter_redis,
             failure_mode=settings.limits.redis_failure,
             on_failure=lambda exc: _limiter_failed(metrics, settings.limits.redis_failure, exc),
         )
@@ -87,6 +92,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             KeyInvalidation(redis, lambda _: None),
             Accounting(None, None, prices),
             redis=redis,
+            limiter_redis=limiter_redis,
         )
 
     data_dir = Path(settings.data_dir).expanduser()
@@ -120,6 +126,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         accounting=Accounting(recorder, limiter, prices),
         database=database,
         redis=redis,
+        limiter_redis=limiter_redis,
         keys=keys,
         usage=usage,
         recorder=recorder,
@@ -154,6 +161,12 @@ def _redis(url: str | None) -> aioredis.Redis | None:
         retry=Retry(NoBackoff(), 0),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def _limiter_redis(url: str | None) -> PipelinedRedis | None:
+    """The limiter's own connection: one pipelined socket, far cheaper per call than redis-py."""
+    resolved = resolve_url(url)
+    return PipelinedRedis(resolved, timeout=0.5) if resolved is not None else None
 
 
 def _limiter_failed(metrics: GatewayMetrics, mode: str, exc: Exception) -> None:

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sluice.errors import ServiceUnavailableError
@@ -50,12 +49,18 @@ def _limit_arg(value: int | None) -> int:
     return -1 if value is None else value
 
 
+class ScriptHost(Protocol):
+    """What the limiter needs of a Redis client: redis-py's ``Redis`` or `PipelinedRedis`."""
+
+    def register_script(self, script: str) -> Any: ...
+
+
 class RedisLimiter:
     """``Limiter`` over Redis; several replicas sharing the Redis share the limits."""
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: ScriptHost,
         *,
         prefix: str = "sluice:rl:",
         failure_mode: FailureMode = "open",
