@@ -77,6 +77,9 @@ class OpenAIDeployment(_Strict):
     weight: float = Field(1.0, gt=0)
     timeout: TimeoutSettings = TimeoutSettings()
     max_concurrency: int = Field(256, ge=1, description="connection cap to this upstream")
+    ca_file: str | None = Field(
+        None, description="PEM bundle to verify an https upstream (default: system CAs)"
+    )
     headers: dict[str, str] = Field(default_factory=dict, description="extra upstream headers")
     stream_usage: bool = Field(
         True, description="ask for usage on streams (stripped unless the client asked)"

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +210,39 @@ async def test_gzip_bodies_are_decoded_by_the_backend() -> None:
         reply = await backend.send(UpstreamCall("completions", {"model": "m"}, None, "rid"))
         await backend.close()
     assert reply.body == b'{"z": 1}'
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            return
+        writer.write(response(b"over tls"))
+        await writer.drain()
+
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
+    port = srv.sockets[0].getsockname()[1]
+    async with srv:
+        url = f"https://localhost:{port}/v1"
+        trusted = HTTP1Pool(url, 2, connect_timeout=2, read_timeout=2, ca_file=str(cert))
+        assert (await trusted.post("/x", HEAD, b"{}")).body == b"over tls"
+        await trusted.close()
+        with pytest.raises(UpstreamConnectError, match="TLS failed.*CERTIFICATE_VERIFY_FAILED"):
+            await HTTP1Pool(url, 2, connect_timeout=2, read_timeout=2).post("/x", HEAD, b"{}")

@@ -197,6 +197,8 @@ class HTTP1Pool:
     max_connections: int
     connect_timeout: float
     read_timeout: float
+    ca_file: str | None = None
+    """PEM bundle to verify an https upstream against (default: the system's CAs)."""
     _idle: deque[_Connection] = field(default_factory=deque)
     _slots: asyncio.Semaphore | None = None
 
@@ -206,7 +208,7 @@ class HTTP1Pool:
         tls = parts.scheme == "https"
         self.port = parts.port or (443 if tls else 80)
         self.path_prefix = parts.path.rstrip("/")
-        self._ssl = ssl.create_default_context() if tls else None
+        self._ssl = ssl.create_default_context(cafile=self.ca_file) if tls else None
         default_port = (tls and self.port == 443) or (not tls and self.port == 80)
         host_header = self.host if default_port else f"{self.host}:{self.port}"
         self.host_line = f"Host: {host_header}\r\n".encode()
@@ -322,6 +324,11 @@ class HTTP1Pool:
                 f"upstream {self.host}:{self.port}: connect timed out",
                 code="upstream_connect_timeout",
             ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(
+                f"upstream {self.host}:{self.port}: TLS failed ({exc.reason or exc})",
+                code="upstream_tls_error",
+            ) from exc
         except OSError as exc:
             raise UpstreamConnectError(
                 f"upstream {self.host}:{self.port}: unreachable ({type(exc).__name__})"

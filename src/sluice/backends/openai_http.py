@@ -50,6 +50,7 @@ class OpenAIHTTPBackend:
             max_connections=self._settings.max_concurrency,
             connect_timeout=timeout.connect,
             read_timeout=timeout.first_byte,
+            ca_file=self._settings.ca_file,
         )
 
     async def close(self) -> None:
