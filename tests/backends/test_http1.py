@@ -244,5 +244,5 @@ async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
         trusted = HTTP1Pool(url, 2, connect_timeout=2, read_timeout=2, ca_file=str(cert))
         assert (await trusted.post("/x", HEAD, b"{}")).body == b"over tls"
         await trusted.close()
-        with pytest.raises(UpstreamConnectError, match="TLS failed.*CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(UpstreamConnectError, match=r"TLS failed.*CERTIFICATE_VERIFY_FAILED"):
             await HTTP1Pool(url, 2, connect_timeout=2, read_timeout=2).post("/x", HEAD, b"{}")
