@@ -15,11 +15,14 @@ from sluice.store.periods import current_period_start
 Period = Literal["daily", "weekly", "monthly"]
 
 
+INT32_MAX = 2**31 - 1  # the columns are 32-bit integers on PostgreSQL
+
+
 class ModelLimit(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
-    max_parallel: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=INT32_MAX)
+    tpm: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_parallel: int | None = Field(None, ge=1, le=INT32_MAX)
 
 
 class KeySettings(BaseModel):
@@ -28,9 +31,9 @@ class KeySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[str] | None = Field(None, description="allowed models; null for all")
     model_limits: dict[str, ModelLimit] | None = Field(None, description="limits per model")
-    rpm: int | None = Field(None, ge=1, description="requests per minute")
-    tpm: int | None = Field(None, ge=1, description="tokens per minute")
-    max_parallel: int | None = Field(None, ge=1, description="concurrent requests")
+    rpm: int | None = Field(None, ge=1, le=INT32_MAX, description="requests per minute")
+    tpm: int | None = Field(None, ge=1, le=INT32_MAX, description="tokens per minute")
+    max_parallel: int | None = Field(None, ge=1, le=INT32_MAX, description="concurrent requests")
     budget_usd: float | None = Field(None, ge=0, description="spend limit in USD")
     budget_period: Period | None = Field(None, description="budget resets; null: lifetime")
     expires_at: datetime | None = None

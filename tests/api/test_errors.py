@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -185,3 +187,15 @@ def test_unexpected_exceptions_become_a_bare_500(upstream: MockUpstream) -> None
     error = envelope(response)
     assert error["message"] == "The server had an error while processing your request."
     assert "secret internal detail" not in response.text
+
+
+def test_a_client_leaving_mid_body_is_not_an_error(
+    gateway: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = gateway.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"mo'
+        )
+    time.sleep(0.3)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]

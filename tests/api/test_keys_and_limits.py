@@ -272,3 +272,9 @@ def test_revocation_reaches_every_replica_through_redis(
             assert time.monotonic() < deadline, "replica b still accepts a revoked key"
             time.sleep(0.02)
         assert b.chat(created["key"]).json()["error"]["code"] == "key_revoked"
+
+
+def test_limits_beyond_32_bits_are_refused_with_400(gw: Gateway) -> None:
+    response = gw.admin.post("/admin/keys", json={"tpm": 100_000_000_000})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "tpm"

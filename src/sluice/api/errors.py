@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler
 
@@ -66,6 +66,15 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     return render(InvalidRequestError(f"{param or 'body'}: {first['msg']}", param=param))
 
 
+async def client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client left while its body was being read: nobody to answer, nothing to log."""
+    ctx: RequestContext | None = request.scope.get(SCOPE_KEY)
+    if ctx is not None:
+        ctx.client_disconnected = True
+        ctx.error_kind = "client_disconnected"
+    return Response(status_code=499)
+
+
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     ctx: RequestContext | None = request.scope.get(SCOPE_KEY)
     log.error(
@@ -82,6 +91,7 @@ ERROR_HANDLERS: dict[Any, ExceptionHandler] = {
     SluiceError: sluice_error,
     HTTPException: http_error,
     RequestValidationError: validation_error,
+    ClientDisconnect: client_disconnect,
     Exception: unexpected_error,
 }
 

@@ -79,11 +79,14 @@ class Admission:
 
     # -- decode-thread side -----------------------------------------------------------------
 
-    def admit(self, *, idle: bool) -> list[tuple[Sequence, int]] | None:
+    def admit(
+        self, *, idle: bool, pick: Callable[[Sequence, list[int]], int] | None = None
+    ) -> list[tuple[Sequence, int]] | None:
         """Sequences to start now, each with its slot; None once stopping.
 
         While `idle` (nothing running) and nothing waits, block until work arrives. Drops
-        cancelled sequences and fails those that waited past the limit.
+        cancelled sequences and fails those that waited past the limit. `pick(seq, free)`
+        chooses which of the free slots a sequence gets (default: the last one freed).
         """
         with self._cond:
             while idle and not self._stopping and not self._waiting:
@@ -97,7 +100,9 @@ class Admission:
                 if seq.cancelled:
                     continue
                 if self._free:
-                    admitted.append((seq, self._free.pop()))
+                    slot = pick(seq, self._free) if pick else self._free[-1]
+                    self._free.remove(slot)
+                    admitted.append((seq, slot))
                     if self._metrics:
                         self._metrics.queue_time.observe(now - seq.submitted)
                 elif now - seq.submitted > self._max_wait:

@@ -28,6 +28,9 @@ class EngineConfig:
     prefill_chunk: int | None = None
     """Most prompt tokens prefilled per step (None: as many as the batch has room for).
     Smaller chunks keep inter-token latency of running sequences low under long prompts."""
+    cache_prompt: bool = True
+    """Keep a finished sequence's KV cache in its slot and reuse its longest common prefix
+    with the next prompt admitted there, prefilling only the new suffix."""
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:

@@ -59,6 +59,7 @@ class Engine:
             max_queue=cfg.max_queue,
             max_queue_wait_s=cfg.max_queue_wait_s,
             prefill_chunk=cfg.prefill_chunk or cfg.batch_size,
+            cache_prompt=cfg.cache_prompt,
             metrics=self.metrics,
         )
         scheduler.start()

@@ -65,6 +65,11 @@ class EngineMetrics:
             "Prompt tokens prefilled.",
             registry=registry,
         )
+        self.prompt_tokens_reused = Counter(
+            "sluice_engine_prompt_tokens_reused",
+            "Prompt tokens found in a slot's kept KV cache, so not prefilled again.",
+            registry=registry,
+        )
         self.requests = Counter(
             "sluice_engine_requests",
             "Requests finished, by outcome (stop, length, cancelled, error).",

@@ -5,8 +5,14 @@ into free sequence slots (highest priority first, then first come, first served)
 one `llama_batch` with one token for every decoding sequence plus chunks of prompt tokens
 for sequences still prefilling (chunked prefill, so a long prompt never stalls decodes),
 (4) runs one `llama_decode`, and (5) samples every sequence that produced logits with its
-own sampler chain. A sequence that ends or is cancelled leaves the KV cache
-(`llama_memory_seq_rm`) and frees its slot in the same step.
+own sampler chain. A sequence that ends or is cancelled frees its slot in the same step.
+
+Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse): a finished or cancelled
+sequence leaves its KV cells in its slot, and the scheduler remembers which tokens they hold.
+A new request goes to the free slot whose kept tokens share the longest prefix with its
+prompt; only the cache past that prefix is dropped (`llama_memory_seq_rm`) and prefill
+starts there. At least the last prompt token is always decoded again, so that position
+yields the logits of the first sampled token. A sequence that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -48,10 +54,15 @@ class Scheduler:
         max_queue: int,
         max_queue_wait_s: float,
         prefill_chunk: int,
+        cache_prompt: bool = True,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self._model = model
         self._prefill_chunk = prefill_chunk
+        self._cache_prompt = cache_prompt
+        # Tokens held in the KV cache of each free slot (decode thread only; a running
+        # sequence's own tokens are tracked on the sequence and stored here on release).
+        self._cached: list[list[int]] = [[] for _ in range(model.n_seq)]
         self._metrics = metrics
         self._admission = Admission(
             model.n_seq, max_queue=max_queue, max_wait_s=max_queue_wait_s, metrics=metrics
@@ -93,9 +104,13 @@ class Scheduler:
     def _run(self) -> None:
         error: BaseException = EngineClosedError("engine closed")
         try:
-            while (admitted := self._admission.admit(idle=not self._running)) is not None:
+            pick = self._pick_slot if self._cache_prompt else None
+            while (
+                admitted := self._admission.admit(idle=not self._running, pick=pick)
+            ) is not None:
                 for seq, slot in admitted:
                     seq.slot = slot
+                    self._reuse_cache(seq)
                     seq.sampler = make_sampler(seq.req)
                     self._running.append(seq)
                 self._release_cancelled()
@@ -111,14 +126,57 @@ class Scheduler:
             for seq in list(self._running):
                 self._release(seq, outcome="error")
                 seq.fail(error)
+            self._cached = [[] for _ in self._cached]
+            if self._model.ctx:
+                llama_cpp.llama_memory_clear(self._model.memory, True)
+
+    # -- prompt cache ---------------------------------------------------------------------
+
+    def _reusable(self, seq: Sequence, slot: int) -> int:
+        """Leading prompt tokens already in `slot`'s cache (never the whole prompt)."""
+        cached, prompt = self._cached[slot], seq.prompt
+        limit = min(len(cached), len(prompt) - 1)
+        n = 0
+        while n < limit and cached[n] == prompt[n]:
+            n += 1
+        return n
+
+    def _pick_slot(self, seq: Sequence, free: list[int]) -> int:
+        """The free slot with the longest reusable prefix; else the least recently freed."""
+        best, best_n = free[0], 0
+        for slot in reversed(free):
+            n = self._reusable(seq, slot)
+            if n > best_n:
+                best, best_n = slot, n
+        return best
+
+    def _reuse_cache(self, seq: Sequence) -> None:
+        """Trim the new sequence's slot to the prefix it shares and start prefill after it."""
+        slot, memory = seq.slot, self._model.memory
+        n = self._reusable(seq, slot) if self._cache_prompt else 0
+        if n > 0 and not llama_cpp.llama_memory_seq_rm(memory, slot, n, -1):
+            n = 0  # this memory cannot drop a tail (e.g. recurrent): start over
+        if n == 0 and self._cached[slot]:
+            llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+        self._cached[slot] = []
+        seq.cursor = seq.n_past = seq.reused = n
+        if n and self._metrics:
+            self._metrics.prompt_tokens_reused.inc(n)
 
     def _release_cancelled(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
             self._release(seq, outcome="cancelled")
 
     def _release(self, seq: Sequence, *, outcome: str) -> None:
-        """Free the slot, the KV cells and the sampler of a sequence that is done."""
-        llama_cpp.llama_memory_seq_rm(self._model.memory, seq.slot, -1, -1)
+        """Free the slot and the sampler of a sequence that is done.
+
+        Its KV cells stay for the next request in the slot (prompt caching) unless it failed.
+        """
+        if self._cache_prompt and outcome != "error":
+            self._cached[seq.slot] = seq.prompt[: seq.cursor] + seq.decoded
+        else:
+            llama_cpp.llama_memory_seq_rm(self._model.memory, seq.slot, -1, -1)
+            self._cached[seq.slot] = []
         seq.free_sampler()
         self._running.remove(seq)
         self._admission.release(seq.slot)
@@ -142,6 +200,7 @@ class Scheduler:
                 token[n], pos[n], n_seq_id[n], logits[n] = seq.next_token, seq.n_past, 1, 1
                 seq_id[n][0] = seq.slot
                 seq.batch_index = n
+                seq.decoded.append(seq.next_token)
                 seq.n_past += 1
                 n += 1
                 in_batch.append(seq)

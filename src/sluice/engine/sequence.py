@@ -59,6 +59,10 @@ class Sequence:
         self.cursor = 0
         """Prompt tokens already fed to the model (also the next position while prefilling)."""
         self.n_past = 0
+        self.reused = 0
+        """Prompt tokens taken from the slot's kept KV cache instead of prefilled."""
+        self.decoded: list[int] = []
+        """Sampled tokens already fed back to the model (in the KV cache after the prompt)."""
         self.next_token = -1
         self.generated = 0
         self.batch_index = -1

@@ -22,6 +22,7 @@ from typing import Protocol
 from sluice.store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
+_BACKLOG_FACTOR = 10  # at most this many batch_size batches written as one
 
 
 class UsageSink(Protocol):
@@ -135,15 +136,18 @@ class UsageRecorder:
                 if self._closing:
                     return
                 continue
-            count = min(len(self._buffer), self._batch_size)
+            # A backlog is written in bigger batches: a batch's fixed cost (a transaction, the
+            # hops to the driver's thread) then stops bounding throughput under heavy load.
+            count = min(len(self._buffer), self._batch_size * _BACKLOG_FACTOR)
             self._batch = [self._buffer.popleft() for _ in range(count)]
             await self._write(self._batch)
             self._batch = []
 
     async def _write(self, records: list[UsageRecord]) -> None:
         """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""
-        for i in range(0, len(records), self._batch_size):
-            chunk = records[i : i + self._batch_size]
+        step = self._batch_size * _BACKLOG_FACTOR
+        for i in range(0, len(records), step):
+            chunk = records[i : i + step]
             delay = self._retry_initial
             while True:
                 try:
