@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError, ResponseError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from sluice.pipeline.limits.wire import PipelinedRedis
 from tests.gateway import free_port
@@ -76,3 +76,21 @@ async def test_unreachable_server_fails_fast() -> None:
     client = PipelinedRedis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
     with pytest.raises(ConnectionError):
         await client.execute("PING")
+
+
+async def test_a_server_that_stops_answering_fails_calls_with_a_timeout() -> None:
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        client = PipelinedRedis(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(
+            client.execute("PING"), client.execute("PING"), return_exceptions=True
+        )
+        elapsed = asyncio.get_running_loop().time() - started
+        await client.close()
+    assert all(isinstance(r, TimeoutError) for r in results)
+    assert elapsed < 1.0

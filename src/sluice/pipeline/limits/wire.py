@@ -8,9 +8,11 @@ call on it: a call writes its command and awaits a future; replies, parsed by hi
 in order and resolve the futures in order. Concurrent requests thereby share round trips.
 
 Errors are redis-py's exception classes (``ConnectionError``, ``TimeoutError``,
-``ResponseError``), so callers handle both clients alike. A call that times out leaves its
-future queued: its late reply is matched and dropped, keeping the order intact. A lost
-connection fails every waiting call and is reopened by the next one.
+``ResponseError``), so callers handle both clients alike. Timeouts cost no timer per call: a
+watchdog looks at the oldest unanswered call every half timeout, and when it is overdue the
+connection is judged stuck: every waiting call fails with ``TimeoutError`` and the
+connection is closed (replies are ordered, so nothing behind a stuck reply can arrive). A
+lost connection fails every waiting call and is reopened by the next one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import hiredis
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 def _command(*parts: bytes | str | int) -> bytes:
@@ -39,7 +43,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ResponseError)
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -48,20 +52,25 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if future.done():
-                continue  # its caller timed out; the reply is dropped
+                continue  # its caller went away; the reply is dropped
             if isinstance(reply, ResponseError):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.fail_all(RedisConnectionError(f"Redis connection lost ({exc})"))
+
+    def fail_all(self, error: Exception) -> None:
         self.lost = True
         while self.waiting:
-            future = self.waiting.popleft()
+            future, _ = self.waiting.popleft()
             if not future.done():
-                future.set_exception(ConnectionError(f"Redis connection lost ({exc})"))
+                future.set_exception(error)
+        if self.transport is not None:
+            self.transport.close()
 
 
 class PipelinedRedis:
@@ -78,26 +87,43 @@ class PipelinedRedis:
         self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def register_script(self, script: str) -> Script:
         return Script(self, script)
 
     async def execute(self, *parts: bytes | str | int) -> Any:
-        protocol = await self._connection()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiting.append(future)
+        protocol = self._protocol
+        if protocol is None or protocol.lost:
+            protocol = await self._connection()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        protocol.waiting.append((future, loop.time() + self._timeout))
         assert protocol.transport is not None
         protocol.transport.write(_command(*parts))
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError as exc:
-            raise TimeoutError(f"Redis did not answer within {self._timeout} s") from exc
+        return await future
 
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._timeout / 2)
+            protocol = self._protocol
+            if protocol is None or not protocol.waiting:
+                continue
+            future, deadline = protocol.waiting[0]
+            if not future.done() and loop.time() > deadline:
+                protocol.fail_all(
+                    RedisTimeoutError(f"Redis did not answer within {self._timeout} s")
+                )
 
     async def _connection(self) -> _Protocol:
         if self._protocol is not None and not self._protocol.lost:
@@ -107,6 +133,8 @@ class PipelinedRedis:
         async with self._connecting:
             if self._protocol is None or self._protocol.lost:
                 self._protocol = await self._open()
+            if self._watchdog is None:
+                self._watchdog = asyncio.create_task(self._watch(), name="redis-watchdog")
         return self._protocol
 
     async def _open(self) -> _Protocol:
@@ -117,8 +145,8 @@ class PipelinedRedis:
                     _Protocol, self._host, self._port, ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
                 )  # fmt: skip
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionError(
+        except (OSError, TimeoutError) as exc:  # the builtin TimeoutError of asyncio.timeout
+            raise RedisConnectionError(
                 f"cannot reach Redis at {self._host}:{self._port}: {exc}"
             ) from exc
         self._protocol = protocol
@@ -137,8 +165,9 @@ class PipelinedRedis:
         return protocol
 
     async def _handshake(self, protocol: _Protocol, *parts: str | int) -> None:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiting.append(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        protocol.waiting.append((future, loop.time() + self._timeout))
         assert protocol.transport is not None
         protocol.transport.write(_command(*parts))
         async with asyncio.timeout(self._timeout):
