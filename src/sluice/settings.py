@@ -110,6 +110,9 @@ class LocalDeployment(_Strict):
     batch_size: int = Field(512, ge=16, description="tokens per llama_decode step (> parallel)")
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     max_queue_wait: float = Field(30.0, gt=0, description="seconds a request may wait for a slot")
+    cache_prompt: bool = Field(
+        True, description="reuse a free slot's KV cache for a prompt sharing its prefix"
+    )
     weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")

@@ -82,6 +82,7 @@ class BackendFactory:
             batch_size=spec.batch_size,
             max_queue=spec.max_queue,
             max_queue_wait_s=spec.max_queue_wait,
+            cache_prompt=spec.cache_prompt,
         )
         backend: Backend = LocalBackend(name, config, self._engine_metrics)  # type: ignore[arg-type]
         return backend
