@@ -232,10 +232,12 @@ async def test_https_upstreams_are_verified(tmp_path: Path) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await read_request(reader)
+            writer.write(response(b"over tls"))
+            await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionResetError):
-            return
-        writer.write(response(b"over tls"))
-        await writer.drain()
+            pass
+        finally:
+            writer.close()
 
     srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=context)
     port = srv.sockets[0].getsockname()[1]

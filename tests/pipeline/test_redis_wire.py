@@ -80,7 +80,10 @@ async def test_unreachable_server_fails_fast() -> None:
 
 async def test_a_server_that_stops_answering_fails_calls_with_a_timeout() -> None:
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)
+        try:
+            await asyncio.sleep(5)
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(mute, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
