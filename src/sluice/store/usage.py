@@ -132,27 +132,29 @@ _SQLITE_EXISTING = (
 _SQLITE_INSERT = f"INSERT INTO usage_records ({_COLUMNS}) VALUES ({', '.join('?' * 12)})"
 
 
+def _values(r: UsageRecord, created_at: object) -> tuple[object, ...]:
+    """A record's column values in ``_COLUMNS`` order, with ``created_at`` as the driver wants."""
+    return (
+        r.request_id,
+        r.key_id,
+        r.model,
+        r.deployment,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.cost_usd,
+        r.latency_ms,
+        r.status,
+        r.cache_hit,
+        r.stream,
+        created_at,
+    )
+
+
 async def _insert_postgres(
     conn: AsyncConnection, unique: dict[str, UsageRecord]
 ) -> list[UsageRecord]:
     """Insert ``unique``'s records that are not stored yet; returns those records."""
-    rows = [
-        (
-            r.request_id,
-            r.key_id,
-            r.model,
-            r.deployment,
-            r.prompt_tokens,
-            r.completion_tokens,
-            r.cost_usd,
-            r.latency_ms,
-            r.status,
-            r.cache_hit,
-            r.stream,
-            (r.created_at - _EPOCH) // _MICROSECOND,
-        )
-        for r in unique.values()
-    ]
+    rows = [_values(r, (r.created_at - _EPOCH) // _MICROSECOND) for r in unique.values()]
     # allow_nan=False: PostgreSQL's JSON has no NaN/Infinity; fail here, and clearly.
     result = await conn.exec_driver_sql(_PG_INSERT, (json.dumps(rows, allow_nan=False),))
     new = dict(unique)
@@ -176,20 +178,7 @@ async def _insert_sqlite(
     if new:
         seconds: dict[tuple[int, ...], str] = {}
         rows = [
-            (
-                r.request_id,
-                r.key_id,
-                r.model,
-                r.deployment,
-                r.prompt_tokens,
-                r.completion_tokens,
-                r.cost_usd,
-                r.latency_ms,
-                r.status,
-                r.cache_hit,
-                r.stream,
-                _sqlite_datetime(r.created_at, seconds),
-            )
+            _values(r, _sqlite_datetime(r.created_at, seconds))
             for r in sorted(new.values(), key=_request_id)
         ]
         await sqlite.executemany(_SQLITE_INSERT, rows)
