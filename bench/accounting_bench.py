@@ -69,8 +69,6 @@ OUT = gb.WORK / "accounting"
 DOCS = gb.DOCS
 HOST = gb.HOST
 
-DOC_START = "<!-- accounting:start -->"
-DOC_END = "<!-- accounting:end -->"
 
 MASTER_KEY = "sk-bench-master-accounting"
 UPSTREAM_KEY = gb.UPSTREAM_KEY
@@ -1032,18 +1030,7 @@ def render_section(
 
 
 def write_docs(section: str) -> None:
-    block = f"{DOC_START}\n{section.rstrip()}\n{DOC_END}"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if DOC_START in text and DOC_END in text:
-        pre, rest = text.split(DOC_START, 1)
-        _, post = rest.split(DOC_END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    if not text.endswith("\n"):
-        text += "\n"
-    DOCS.write_text(text)
-    log(f"wrote {DOCS}")
+    gb.write_section("accounting", section)
 
 
 def wrk_json(x: Any) -> dict[str, Any] | None:

@@ -62,8 +62,6 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / ".work"
 DOCS = REPO / "docs" / "benchmarks.md"
-DOC_START = "<!-- local-engine:start -->"
-DOC_END = "<!-- local-engine:end -->"
 CONFIG = "bench/sluice-local.yaml"
 HOST = "127.0.0.1"
 SLUICE_PORT = 8090
@@ -1033,16 +1031,9 @@ def render_section(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 
 def write_docs(section: str) -> None:
-    block = f"{DOC_START}\n{section.rstrip()}\n{DOC_END}"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if DOC_START in text and DOC_END in text:
-        pre, rest = text.split(DOC_START, 1)
-        _, post = rest.split(DOC_END, 1)
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-    log(f"wrote the local-engine section of {DOCS.relative_to(REPO)}")
+    from gateway_bench import write_section  # bench/ is on sys.path when run as a script
+
+    write_section("local-engine", section)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -101,8 +101,6 @@ FOREIGN_CPU_WARN_PCT = 5.0
 # Before each measured run, wait (up to --quiet-wait s) until they use less than this.
 QUIET_PCT = 10.0
 
-DOC_START = "<!-- core-gateway:start -->"
-DOC_END = "<!-- core-gateway:end -->"
 
 MODEL = "gpt-4o-mini"
 STREAM_MODEL = "gpt-4o-mini-stream"
@@ -1545,13 +1543,18 @@ def render_section(
     return "\n".join(out)
 
 
-def write_docs(section: str) -> None:
-    block = f"{DOC_START}\n{section.rstrip()}\n{DOC_END}\n"
+def write_section(name: str, section: str) -> None:
+    """Replace the ``<!-- NAME:start/end -->`` section of docs/benchmarks.md (append if absent).
+
+    Shared by every script in bench/, each owning one section.
+    """
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
     if DOCS.exists():
         text = DOCS.read_text()
-        if DOC_START in text and DOC_END in text:
-            pre, rest = text.split(DOC_START, 1)
-            _, post = rest.split(DOC_END, 1)
+        if start in text and end in text:
+            pre, rest = text.split(start, 1)
+            _, post = rest.split(end, 1)
             text = pre + block.rstrip("\n") + post
             if not text.endswith("\n"):
                 text += "\n"
@@ -1567,7 +1570,11 @@ def write_docs(section: str) -> None:
         )
     DOCS.parent.mkdir(parents=True, exist_ok=True)
     DOCS.write_text(text)
-    log(f"wrote {DOCS}")
+    log(f"wrote the {name} section of {DOCS}")
+
+
+def write_docs(section: str) -> None:
+    write_section("core-gateway", section)
 
 
 def result_json(r: TargetResult) -> dict[str, Any]:
