@@ -104,6 +104,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             usage,
             batch_size=settings.usage.batch_size,
             flush_interval=settings.usage.flush_interval,
+            max_buffered=settings.usage.max_buffered,
             spool_path=data_dir / "usage-spool.jsonl",
             on_error=lambda exc: metrics.usage_write_failures.inc(),
         )

@@ -144,8 +144,8 @@ Deployment = Annotated[
 class PricingSettings(_Strict):
     """USD per million tokens, for usage records and budgets."""
 
-    prompt_per_million: float = Field(0.0, ge=0)
-    completion_per_million: float = Field(0.0, ge=0)
+    prompt_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
+    completion_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
 
 
 class ModelSettings(_Strict):
@@ -190,6 +190,18 @@ class UsageSettings(_Strict):
     enabled: bool = Field(True, description="write one usage record per request")
     batch_size: int = Field(500, ge=1)
     flush_interval: float = Field(0.5, gt=0, description="seconds between batched writes")
+    max_buffered: int = Field(
+        100_000,
+        ge=1,
+        description="records kept in memory while the database is down; older ones go to "
+        "the spool file under data_dir and are written once it answers again",
+    )
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_batch(self) -> UsageSettings:
+        if self.max_buffered < self.batch_size:
+            raise ValueError("usage.max_buffered must be at least usage.batch_size")
+        return self
 
 
 def _default_data_dir() -> str:

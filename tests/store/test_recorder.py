@@ -188,3 +188,52 @@ async def test_record_after_close_goes_to_the_spool(db: Database, tmp_path: Path
     await recorder.close()
     recorder.record(records(1, prefix="late")[0])
     assert json.loads(spool.read_text())["request_id"] == "late0"
+
+
+async def test_long_outage_spills_to_the_spool_and_replays_when_the_database_is_back(
+    db: Database, tmp_path: Path
+) -> None:
+    await KeyStore(db).create(KeyRecord(id="key_a", key_hash="h", display="d", created_at=NOW))
+    spool = tmp_path / "usage.jsonl"
+    flaky = FlakyStore(UsageStore(db), failing=True)
+    recorder = UsageRecorder(
+        flaky, batch_size=10, flush_interval=0.01, spool_path=spool, max_buffered=50,
+        retry_initial=0.01, retry_max=0.02,
+    )  # fmt: skip
+    await recorder.start()
+    for r in records(400):
+        recorder.record(r)
+        assert len(recorder._buffer) <= 50  # memory stays bounded during the outage
+    assert spool.exists()
+    spilled = len(spool.read_text().splitlines())
+    assert spilled >= 300
+    assert recorder.pending + spilled == 400  # nothing lost, nothing counted twice
+
+    flaky.failing = False
+    await wait_until(lambda: recorder.pending == 0 and not spool.exists())
+    assert not spool.with_name(spool.name + ".replay").exists()
+    assert await UsageStore(db).count() == 400
+    key = await KeyStore(db).get("key_a")
+    assert key is not None
+    assert key.spend_usd == pytest.approx(4.0)
+    await recorder.close()
+
+
+async def test_a_replay_cut_short_is_finished_by_the_next_start(
+    db: Database, tmp_path: Path
+) -> None:
+    spool = tmp_path / "usage.jsonl"
+    replay = tmp_path / "usage.jsonl.replay"
+    replay.write_text("\n".join(json.dumps(r.to_json()) for r in records(3, "a")) + "\n")
+    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(2, "b")) + "\n")
+    recorder = UsageRecorder(UsageStore(db), spool_path=spool)
+    await recorder.start()
+    assert not replay.exists()
+    assert not spool.exists()
+    assert await UsageStore(db).count() == 5
+    await recorder.close()
+
+
+def test_buffer_limit_must_hold_a_batch() -> None:
+    with pytest.raises(ValueError, match="max_buffered"):
+        UsageRecorder(FlakyStore(None), batch_size=100, max_buffered=10)  # type: ignore[arg-type]

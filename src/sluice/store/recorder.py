@@ -2,10 +2,11 @@
 
 ``record()`` only appends to an in-memory buffer. One background task writes batches
 with ``insert_many``; a failed write is retried with exponential backoff and the batch is
-kept. ``close()`` drains the buffer; whatever the database still refuses when its
-timeout runs out is appended to the spool file as JSON lines, and the next ``start()``
-replays that file (``insert_many`` is idempotent, so records already written are not
-counted twice).
+kept. While the database is down the buffer is bounded: past ``max_buffered`` records the
+oldest are moved to the spool file (JSON lines), and the first successful write after that
+replays the file. ``close()`` drains the buffer; whatever the database still refuses when
+its timeout runs out is appended to the spool file, and the next ``start()`` replays it
+(``insert_many`` is idempotent, so records already written are not counted twice).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,9 +44,12 @@ class UsageRecorder:
         on_error: Callable[[Exception], None] | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
+        max_buffered: int = 100_000,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if max_buffered < batch_size:
+            raise ValueError("max_buffered must be at least batch_size")
         self._store = store
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -52,6 +57,8 @@ class UsageRecorder:
         self._on_error = on_error
         self._retry_initial = retry_initial
         self._retry_max = retry_max
+        self._max_buffered = max_buffered
+        self._spilled = False  # records were moved to the spool while the writer ran
         self._buffer: deque[UsageRecord] = deque()
         self._batch: list[UsageRecord] = []  # taken from the buffer, not yet written
         self._replay: list[UsageRecord] = []  # from the spool file, not yet written
@@ -75,11 +82,14 @@ class UsageRecorder:
         self._buffer.append(rec)
         if len(self._buffer) >= self._batch_size:
             self._wake.set()
+            if len(self._buffer) > self._max_buffered and self._spool_path is not None:
+                self._spill()
 
     async def start(self) -> None:
         """Replay the spool file, if any, then start the background writer."""
         if self._task is not None or self._closed:
             raise RuntimeError("UsageRecorder.start() called twice or after close()")
+        await asyncio.to_thread(self._merge_replay_file)
         spooled = await asyncio.to_thread(self._read_spool)
         if spooled:
             try:
@@ -116,7 +126,9 @@ class UsageRecorder:
             except Exception:
                 log.exception("usage recorder task failed")
             # Spool synchronously: this also runs when close() itself is cancelled.
-            left = [*self._batch, *self._buffer]  # the spool file still holds self._replay
+            # The spool file (or the .replay file, merged back on start) still holds
+            # self._replay.
+            left = [*self._batch, *self._buffer]
             self._batch, self._replay = [], []
             self._buffer.clear()
             if left:
@@ -142,6 +154,38 @@ class UsageRecorder:
             self._batch = [self._buffer.popleft() for _ in range(count)]
             await self._write(self._batch)
             self._batch = []
+            if self._spilled:  # the database is back: write what went to the spool
+                await self._replay_spilled()
+
+    def _spill(self) -> None:
+        """Move the oldest records to the spool file: the database has been failing for
+        long enough to buffer ``max_buffered`` records, and memory must stay bounded."""
+        count = min(len(self._buffer) - self._max_buffered // 2, len(self._buffer))
+        spilled = [self._buffer.popleft() for _ in range(count)]
+        try:
+            self._spool(spilled, replay="once the database answers")
+        except OSError:
+            self._buffer.extendleft(reversed(spilled))  # kept in memory, and said so
+            log.exception("could not spill %d usage records to the spool", count)
+            return
+        self._spilled = True
+
+    async def _replay_spilled(self) -> None:
+        """Write the records spilled during an outage (the spool file, renamed first so
+        that spills during the replay start a new file)."""
+        assert self._spool_path is not None
+        self._spilled = False
+        replay = self._replay_path()
+        if not replay.exists():
+            try:
+                self._spool_path.replace(replay)
+            except FileNotFoundError:
+                return
+        self._replay = await asyncio.to_thread(self._read_spool, replay)
+        await self._write(self._replay)
+        count, self._replay = len(self._replay), []
+        replay.unlink(missing_ok=True)
+        log.info("replayed %d spilled usage records from %s", count, replay)
 
     async def _write(self, records: list[UsageRecord]) -> None:
         """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""
@@ -175,7 +219,19 @@ class UsageRecorder:
         except OSError:
             log.exception("usage record %s lost: recorder closed, spool failed", rec.request_id)
 
-    def _spool(self, records: list[UsageRecord]) -> None:
+    def _replay_path(self) -> Path:
+        assert self._spool_path is not None
+        return self._spool_path.with_name(self._spool_path.name + ".replay")
+
+    def _merge_replay_file(self) -> None:
+        """A replay cut short (the process stopped) left its file: back into the spool."""
+        if self._spool_path is None or not self._replay_path().exists():
+            return
+        with self._replay_path().open("rb") as src, self._spool_path.open("ab") as dst:
+            shutil.copyfileobj(src, dst)
+        self._replay_path().unlink()
+
+    def _spool(self, records: list[UsageRecord], replay: str = "on start") -> None:
         if self._spool_path is None:
             log.error(
                 "usage recorder closed with %d records unwritten and no spool file: they are lost",
@@ -187,25 +243,25 @@ class UsageRecorder:
             for rec in records:
                 f.write(json.dumps(rec.to_json(), separators=(",", ":")) + "\n")
         log.error(
-            "database unavailable: spooled %d usage records to %s for replay on start",
+            "database unavailable: spooled %d usage records to %s for replay %s",
             len(records),
             self._spool_path,
+            replay,
         )
 
-    def _read_spool(self) -> list[UsageRecord]:
-        if self._spool_path is None or not self._spool_path.exists():
+    def _read_spool(self, path: Path | None = None) -> list[UsageRecord]:
+        path = path or self._spool_path
+        if path is None or not path.exists():
             return []
         records: list[UsageRecord] = []
-        with self._spool_path.open(encoding="utf-8") as f:
+        with path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     records.append(UsageRecord.from_json(json.loads(line)))
                 except (ValueError, TypeError, KeyError) as exc:  # a torn last line, say
-                    log.error(
-                        "skipping bad line %d of usage spool %s: %s", number, self._spool_path, exc
-                    )
+                    log.error("skipping bad line %d of usage spool %s: %s", number, path, exc)
         return records
 
     def _remove_spool(self) -> None:
