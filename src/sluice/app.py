@@ -38,6 +38,9 @@ from sluice.settings import Settings, load_settings
 CONFIG_ENV = "SLUICE_CONFIG"
 
 
+_GC_YOUNG_THRESHOLD = 20_000
+
+
 def build_app(settings: Settings) -> Starlette:
     """The ASGI app: a lean Starlette router for the hot OpenAI routes and health checks,
     with FastAPI mounted behind it for the admin API and the OpenAPI docs (``/docs``)."""
@@ -58,6 +61,11 @@ def build_app(settings: Settings) -> Starlette:
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's scans, which otherwise cost milliseconds of tail latency under load.
         gc.freeze()
+        # Requests free almost everything they allocate by reference counting; with the
+        # default threshold (700 net allocations) the young generation was collected every
+        # ~3 ms at 6,000 req/s, each collection (~0.14 ms) walking the in-flight requests'
+        # objects: about 5% of the CPU for nothing. Cycles are still collected, just later.
+        gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         lifecycle.ready()
         try:
             yield

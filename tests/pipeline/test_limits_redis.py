@@ -213,6 +213,32 @@ async def test_settle_is_idempotent(limiter: RedisLimiter) -> None:
     assert (await take(limiter, key)).remaining_tokens == 800
 
 
+async def test_settles_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
+    key = Scope("key:a", LimitSpec(tpm=100_000, max_parallel=40))
+    model = Scope("key:a:model:m", LimitSpec(tpm=50_000, max_parallel=40))
+    tickets = [ticket_of(await take(limiter, key, model, tokens=1000)) for _ in range(40)]
+    assert not (await take(limiter, key)).allowed  # every slot is taken
+
+    calls = 0
+    script = limiter._settle
+
+    async def counting(**kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(**kwargs)
+
+    limiter._settle = counting  # type: ignore[method-assign]
+    # 40 requests end together: 20 used fewer tokens than reserved, 20 exactly as many.
+    await asyncio.gather(
+        *(limiter.settle(t, 400 if i % 2 else 1000) for i, t in enumerate(tickets))
+    )
+    assert calls == 1
+    after = await take(limiter, key, model, tokens=0)
+    assert after.allowed  # every slot freed
+    # 40 x 1000 reserved, 20 x 600 refunded, in both scopes; the tighter one is reported.
+    assert after.remaining_tokens == 50_000 - 28_000
+
+
 async def test_keys_carry_ttls(redis: aioredis.Redis, limiter: RedisLimiter, prefix: str) -> None:
     await take(limiter, Scope("key:a", LimitSpec(rpm=5, tpm=50, max_parallel=2)), lease=600)
     for suffix, low, high in ((":r", 100, 120), (":t", 100, 120), (":p", 700, 720)):

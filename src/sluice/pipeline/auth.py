@@ -45,6 +45,7 @@ class Principal:
 
 
 MASTER = Principal(key=None)
+_NOT_CACHED: tuple[float, Principal | None] = (0.0, None)
 
 
 def credential(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str | None:
@@ -78,7 +79,8 @@ class Authenticator:
         self._master = master_key.encode()
         self._ttl = cache_ttl
         self._clock = clock
-        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        # key hash -> (deadline, principal; None for an unknown key)
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
 
     async def authenticate(
         self, headers: list[tuple[bytes, bytes]], query_string: bytes = b""
@@ -90,24 +92,35 @@ class Authenticator:
                 "Bearer auth (Authorization: Bearer YOUR_KEY).",
                 code="missing_api_key",
             )
+        # The hot path: a key seen within the cache TTL costs one SHA-256 and a dict look-up
+        # (its checksum was verified when it was cached).
+        key_hash = apikeys.hash_key(secret)
+        deadline, principal = self._cache.get(key_hash, _NOT_CACHED)
+        record = None if principal is None else principal.key
+        if record is None or record.revoked_at is not None or deadline <= self._clock():
+            principal = await self._identify(secret, key_hash)
+            record = principal.key
+        assert principal is not None
+        expires_at = None if record is None else record.expires_at
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            assert record is not None
+            raise AuthenticationError(
+                f"The API key {record.display} has expired.", code="key_expired"
+            )
+        return principal
+
+    async def _identify(self, secret: str, key_hash: str) -> Principal:
+        """The principal of a key not in the cache (or cached as unknown)."""
         if hmac.compare_digest(secret.encode(), self._master):
             return MASTER
         if not apikeys.well_formed(secret):
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        record = await self._lookup(apikeys.hash_key(secret))
-        if record is None:
+        principal = await self._lookup(key_hash)
+        if principal is None:
             raise AuthenticationError(
                 f"Incorrect API key provided: {apikeys.display(secret)}.", code="invalid_api_key"
             )
-        if record.revoked_at is not None:
-            raise AuthenticationError(
-                f"The API key {record.display} has been revoked.", code="key_revoked"
-            )
-        if record.expires_at is not None and record.expires_at <= datetime.now(UTC):
-            raise AuthenticationError(
-                f"The API key {record.display} has expired.", code="key_expired"
-            )
-        return Principal(record)
+        return principal
 
     def invalidate(self, key_hash: str | None = None) -> None:
         """Forget one cached key (or all): the next request reads the store again."""
@@ -116,13 +129,21 @@ class Authenticator:
         else:
             self._cache.pop(key_hash, None)
 
-    async def _lookup(self, key_hash: str) -> KeyRecord | None:
+    async def _lookup(self, key_hash: str) -> Principal | None:
+        """The key's principal (None: unknown), through the cache; 401 for a revoked key."""
         now = self._clock()
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
-            return cached[1]
-        record = await self._keys.get_by_hash(key_hash)
-        if len(self._cache) >= _MAX_CACHED:
-            self._cache.clear()
-        self._cache[key_hash] = (now + self._ttl, record)
-        return record
+            principal = cached[1]
+        else:
+            record = await self._keys.get_by_hash(key_hash)
+            principal = None if record is None else Principal(record)
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[key_hash] = (now + self._ttl, principal)
+        record = None if principal is None else principal.key
+        if record is not None and record.revoked_at is not None:
+            raise AuthenticationError(
+                f"The API key {record.display} has been revoked.", code="key_revoked"
+            )
+        return principal

@@ -16,8 +16,10 @@ from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, Scope
+from sluice.store.keys import KeyRecord
 
 _BYTES_PER_TOKEN = 4  # a deliberate over-estimate of prompt tokens from the JSON body size
+_MAX_CACHED_SCOPES = 50_000
 
 
 class Guard:
@@ -33,6 +35,7 @@ class Guard:
         self._limiter = limiter
         self._default_max_tokens = default_max_tokens
         self._lease = lease_seconds
+        self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[Scope]]] = {}
 
     async def identify(
         self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
@@ -53,7 +56,14 @@ class Guard:
                 code="budget_exceeded",
                 headers={"x-should-retry": "false"},
             )
-        scopes = _scopes(key.id, key.rpm, key.tpm, key.max_parallel, key.model_limits, model)
+        cached = self._scopes.get((key.id, model))
+        if cached is not None and cached[0] is key:
+            scopes = cached[1]
+        else:  # built once per key record (the auth cache's) and model
+            scopes = _scopes(key.id, key.rpm, key.tpm, key.max_parallel, key.model_limits, model)
+            if len(self._scopes) >= _MAX_CACHED_SCOPES:
+                self._scopes.clear()
+            self._scopes[(key.id, model)] = (key, scopes)
         if not scopes:
             return
         tokens = self._estimate_tokens(ctx.route, body, size)
@@ -113,21 +123,39 @@ def _refusal(admission: Admission) -> RateLimitError:
     )
 
 
+_REQUEST_HEADERS = (
+    b"x-ratelimit-limit-requests",
+    b"x-ratelimit-remaining-requests",
+    b"x-ratelimit-reset-requests",
+)
+_TOKEN_HEADERS = (
+    b"x-ratelimit-limit-tokens",
+    b"x-ratelimit-remaining-tokens",
+    b"x-ratelimit-reset-tokens",
+)
+
+
 def ratelimit_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit-* headers for a response."""
     out: list[tuple[bytes, bytes]] = []
-    for kind, limit, remaining, reset in (
+    for names, limit, remaining, reset in (
         (
-            "requests",
+            _REQUEST_HEADERS,
             admission.limit_requests,
             admission.remaining_requests,
             admission.reset_requests,
         ),
-        ("tokens", admission.limit_tokens, admission.remaining_tokens, admission.reset_tokens),
+        (
+            _TOKEN_HEADERS,
+            admission.limit_tokens,
+            admission.remaining_tokens,
+            admission.reset_tokens,
+        ),
     ):
-        if limit is None:
-            continue
-        out.append((f"x-ratelimit-limit-{kind}".encode(), str(limit).encode()))
-        out.append((f"x-ratelimit-remaining-{kind}".encode(), str(remaining or 0).encode()))
-        out.append((f"x-ratelimit-reset-{kind}".encode(), f"{reset or 0:.3f}s".encode()))
+        if limit is not None:
+            out += (
+                (names[0], b"%d" % limit),
+                (names[1], b"%d" % (remaining or 0)),
+                (names[2], b"%.3fs" % (reset or 0)),
+            )
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel"]
 
@@ -57,11 +57,11 @@ class Ticket:
     def __init__(
         self,
         request_id: str,
-        *,
         tokens: int,
         second: int,
         token_scopes: tuple[str, ...] = (),
         lease_scopes: tuple[str, ...] = (),
+        *,
         noop: bool = False,
     ) -> None:
         self.request_id = request_id
@@ -87,8 +87,7 @@ class Ticket:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Admission:
+class Admission(NamedTuple):
     """The verdict of ``acquire`` plus what OpenAI's ``x-ratelimit-*`` headers need.
 
     ``reason`` names the limit that refused, in the first refusing scope (rpm, then tpm,
@@ -99,6 +98,8 @@ class Admission:
     The header fields come from the most constrained scope that has that limit (least
     remaining), ``None`` when no scope limits it; ``reset_*`` is the time until that
     scope's oldest counted bucket leaves the window (0 when nothing is counted).
+    (A named tuple: made once per request, it is several times cheaper than a frozen
+    dataclass.)
     """
 
     allowed: bool

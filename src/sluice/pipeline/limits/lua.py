@@ -184,23 +184,31 @@ end
 return out
 """
 
-# KEYS: the token hashes of the reserving scopes, then the lease sets to release
-# ARGV: number of token hashes, reservation second, token delta, request id
+# Settles several tickets in one call (the settles of one event-loop turn, batched).
+# KEYS: per ticket, the token hashes of its reserving scopes (none when its delta is 0),
+#       then its lease sets to release
+# ARGV: number of tickets, then per ticket: number of token hashes, number of lease sets,
+#       reservation second, token delta, request id
 _SETTLE = """
 local first_live = tonumber(redis.call('TIME')[1]) - __WINDOW__ + 1
-local ntok = tonumber(ARGV[1])
-local second = ARGV[2]
-local delta = tonumber(ARGV[3])
-if delta ~= 0 and tonumber(second) >= first_live then
-  for i = 1, ntok do
-    if redis.call('HEXISTS', KEYS[i], second) == 1 then
-      redis.call('HINCRBY', KEYS[i], second, delta)
-      redis.call('HINCRBY', KEYS[i], 's', delta)
+local k, a = 1, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local ntok, nlease = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local second, delta, rid = ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
+  a = a + 5
+  if delta ~= 0 and tonumber(second) >= first_live then
+    for i = k, k + ntok - 1 do
+      if redis.call('HEXISTS', KEYS[i], second) == 1 then
+        redis.call('HINCRBY', KEYS[i], second, delta)
+        redis.call('HINCRBY', KEYS[i], 's', delta)
+      end
     end
   end
-end
-for i = ntok + 1, #KEYS do
-  redis.call('ZREM', KEYS[i], ARGV[4])
+  k = k + ntok
+  for i = k, k + nlease - 1 do
+    redis.call('ZREM', KEYS[i], rid)
+  end
+  k = k + nlease
 end
 return 1
 """

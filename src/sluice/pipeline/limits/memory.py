@@ -21,24 +21,35 @@ from sluice.pipeline.limits.window import (
 
 
 class _Window:
-    """Per-second buckets in ascending order (dicts keep insertion order) and their sum."""
+    """Per-second buckets in ascending order (dicts keep insertion order), their sum and
+    the oldest bucket's second (None when empty)."""
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("buckets", "oldest", "total")
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
         self.total = 0
+        self.oldest: int | None = None
 
     def expire(self, first_live: int) -> None:
+        """Drop the buckets older than ``first_live`` (cheap when there are none)."""
+        oldest = self.oldest
+        if oldest is None or oldest >= first_live:
+            return
         buckets = self.buckets
-        while buckets:
-            second = next(iter(buckets))
-            if second >= first_live:
-                return
-            self.total -= buckets.pop(second)
+        while oldest is not None and oldest < first_live:
+            self.total -= buckets.pop(oldest)
+            oldest = next(iter(buckets), None)
+        self.oldest = oldest
 
     def add(self, second: int, amount: int) -> None:
-        self.buckets[second] = self.buckets.get(second, 0) + amount
+        buckets = self.buckets
+        if second in buckets:
+            buckets[second] += amount
+        else:
+            buckets[second] = amount
+            if self.oldest is None:
+                self.oldest = second
         self.total += amount
 
     def adjust(self, second: int, delta: int) -> None:
@@ -47,14 +58,11 @@ class _Window:
             self.buckets[second] += delta
             self.total += delta
 
-    def oldest(self) -> int | None:
-        return next(iter(self.buckets), None)
-
     def wait(self, need: int, now: float) -> float:
         return seconds_until_freed(self.buckets.items(), need, now)
 
     def usage(self, limit: int) -> Usage:
-        return Usage(limit, self.total, next(iter(self.buckets), None))
+        return Usage(limit, self.total, self.oldest)
 
 
 class _ScopeState:
@@ -66,10 +74,11 @@ class _ScopeState:
         self.leases: dict[str, float] = {}  # request id -> expiry (limiter clock)
 
     def live_leases(self, now: float) -> int:
-        if self.leases:
-            expired = [rid for rid, expiry in self.leases.items() if expiry <= now]
-            for rid in expired:
-                del self.leases[rid]
+        """Parallel slots taken, after dropping expired leases (a full scan: called only
+        when the slots look full, and by the sweep)."""
+        expired = [rid for rid, expiry in self.leases.items() if expiry <= now]
+        for rid in expired:
+            del self.leases[rid]
         return len(self.leases)
 
     def refusals(
@@ -85,7 +94,11 @@ class _ScopeState:
             need = self.tokens.total + tokens - tpm
             wait = NEVER_RETRY_AFTER if tokens > tpm else self.tokens.wait(need, now)
             out = (out or []) + [("tpm", wait)]
-        if max_parallel is not None and self.live_leases(now) >= max_parallel:
+        if (
+            max_parallel is not None
+            and len(self.leases) >= max_parallel
+            and self.live_leases(now) >= max_parallel
+        ):
             wait = NEVER_RETRY_AFTER if max_parallel < 1 else PARALLEL_RETRY_AFTER
             out = (out or []) + [("parallel", wait)]
         return out
@@ -111,8 +124,7 @@ class MemoryLimiter:
         first_live = first_live_second(now)
         tokens = max(tokens, 0)
         checked: list[tuple[LimitSpec, _ScopeState, str]] = []
-        reason: Reason | None = None
-        retry_after = 0.0
+        maybe_refused = False
         for scope in scopes:
             spec = scope.spec
             if spec.unlimited:
@@ -120,50 +132,72 @@ class MemoryLimiter:
             state = self._scopes.get(scope.name)
             if state is None:
                 state = self._scopes[scope.name] = _ScopeState()
-            state.requests.expire(first_live)
-            state.tokens.expire(first_live)
+            requests, used = state.requests, state.tokens
+            if requests.oldest is not None and requests.oldest < first_live:
+                requests.expire(first_live)
+            if used.oldest is not None and used.oldest < first_live:
+                used.expire(first_live)
+            rpm, tpm, max_parallel = spec.rpm, spec.tpm, spec.max_parallel
+            maybe_refused = (
+                maybe_refused
+                or (rpm is not None and requests.total >= rpm)
+                or (tpm is not None and used.total + tokens > tpm)
+                or (max_parallel is not None and len(state.leases) >= max_parallel)
+            )
+            checked.append((spec, state, scope.name))
+        if maybe_refused:  # the full check, which also drops expired leases
+            refused = self._refusal(checked, tokens, now)
+            if refused is not None:
+                return refused
+
+        second = int(now)
+        token_scopes: list[str] = []
+        lease_scopes: list[str] = []
+        requests_usage: list[Usage] = []
+        tokens_usage: list[Usage] = []
+        for spec, state, name in checked:
+            if spec.rpm is not None:
+                state.requests.add(second, 1)
+                requests_usage.append(state.requests.usage(spec.rpm))
+            if spec.tpm is not None:
+                state.tokens.add(second, tokens)
+                tokens_usage.append(state.tokens.usage(spec.tpm))
+                token_scopes.append(name)
+            if spec.max_parallel is not None:
+                state.leases[request_id] = now + lease_seconds
+                lease_scopes.append(name)
+        ticket = Ticket(request_id, tokens, second, tuple(token_scopes), tuple(lease_scopes))
+        return build_admission(
+            allowed=True,
+            reason=None,
+            retry_after=0.0,
+            requests=requests_usage,
+            tokens=tokens_usage,
+            now=now,
+            ticket=ticket,
+        )
+
+    def _refusal(
+        self, checked: list[tuple[LimitSpec, _ScopeState, str]], tokens: int, now: float
+    ) -> Admission | None:
+        """The refusal for a request some limit may refuse; None when none does."""
+        reason: Reason | None = None
+        retry_after = 0.0
+        for spec, state, _ in checked:
             refusals = state.refusals(spec, tokens, now)
             if refusals is not None:
                 reason = reason or refusals[0][0]
                 retry_after = max(retry_after, *(wait for _, wait in refusals))
-            checked.append((spec, state, scope.name))
-
-        ticket: Ticket | None = None
         if reason is None:
-            second = int(now)
-            token_scopes: list[str] = []
-            lease_scopes: list[str] = []
-            for spec, state, name in checked:
-                if spec.rpm is not None:
-                    state.requests.add(second, 1)
-                if spec.tpm is not None:
-                    state.tokens.add(second, tokens)
-                    token_scopes.append(name)
-                if spec.max_parallel is not None:
-                    state.leases[request_id] = now + lease_seconds
-                    lease_scopes.append(name)
-            ticket = Ticket(
-                request_id,
-                tokens=tokens,
-                second=second,
-                token_scopes=tuple(token_scopes),
-                lease_scopes=tuple(lease_scopes),
-            )
-        requests: list[Usage] = []
-        used_tokens: list[Usage] = []
-        for spec, state, _ in checked:
-            if spec.rpm is not None:
-                requests.append(state.requests.usage(spec.rpm))
-            if spec.tpm is not None:
-                used_tokens.append(state.tokens.usage(spec.tpm))
+            return None
         return build_admission(
-            allowed=reason is None,
+            allowed=False,
             reason=reason,
             retry_after=retry_after,
-            requests=requests,
-            tokens=used_tokens,
+            requests=[s.requests.usage(spec.rpm) for spec, s, _ in checked if spec.rpm is not None],
+            tokens=[s.tokens.usage(spec.tpm) for spec, s, _ in checked if spec.tpm is not None],
             now=now,
-            ticket=ticket,
+            ticket=None,
         )
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
@@ -184,14 +218,15 @@ class MemoryLimiter:
         self._scopes.clear()
 
     def _sweep(self, now: float) -> None:
-        """Forget scopes with nothing counted and nothing in flight (bounded memory)."""
+        """Forget scopes with nothing counted and nothing in flight (bounded memory), and
+        leases past their expiry."""
         first_live = first_live_second(now)
         idle = []
         for name, state in self._scopes.items():
             state.requests.expire(first_live)
             state.tokens.expire(first_live)
             quiet = not state.requests.buckets and not state.tokens.buckets
-            if quiet and not state.live_leases(now):
+            if not state.live_leases(now) and quiet:
                 idle.append(name)
         for name in idle:
             del self._scopes[name]

@@ -1,11 +1,13 @@
-"""Rate limiter shared by every replica through one Redis: one round trip per call.
+"""Rate limiter shared by every replica through one Redis: one round trip per request.
 
-``acquire`` and ``settle`` each run one Lua script (EVALSHA) over all scopes, atomically,
-on Redis's clock. When Redis fails (unreachable, timeout, script error), ``acquire``
-either admits the request with a no-op ticket and reports the error to ``on_failure``
-(``failure_mode="open"``) or reports it and raises ``ServiceUnavailableError``
-(``"closed"``); ``settle`` only reports (the leases expire on their own) and never retries,
-since a timed-out script may have run.
+``acquire`` runs one Lua script (EVALSHA) over all of a request's scopes, atomically, on
+Redis's clock. ``settle`` calls made during one turn of the event loop are sent together
+as one call of the settle script (up to 256 tickets), so a busy replica pays one round
+trip for many requests' reconciliations. When Redis fails (unreachable, timeout, script
+error), ``acquire`` either admits the request with a no-op ticket and reports the error
+to ``on_failure`` (``failure_mode="open"``) or reports it and raises
+``ServiceUnavailableError`` (``"closed"``); ``settle`` only reports (the leases expire on
+their own) and never retries, since a timed-out script may have run.
 
 Build the client for this: a ``BlockingConnectionPool`` (the default pool raises
 ``MaxConnectionsError`` past ``max_connections`` concurrent commands, which fail-open turns
@@ -39,6 +41,7 @@ from sluice.pipeline.limits.window import Usage, build_admission
 FailureMode = Literal["open", "closed"]
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+_SETTLE_BATCH_MAX = 256  # tickets per settle call: bounds one script's run time in Redis
 
 
 def _or_none(value: int) -> int | None:
@@ -72,6 +75,8 @@ class RedisLimiter:
         self._on_failure = on_failure
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
+        self._settling: _SettleBatch | None = None
+        self._settle_tasks: set[asyncio.Future[None]] = set()
 
     async def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
@@ -124,18 +129,48 @@ class RedisLimiter:
         if not ticket.claim():
             return
         delta = max(actual_tokens, 0) - ticket.tokens
-        token_keys = [self._prefix + name + ":t" for name in ticket.token_scopes] if delta else []
-        lease_keys = [self._prefix + name + ":p" for name in ticket.lease_scopes]
-        if not token_keys and not lease_keys:
+        token_scopes = ticket.token_scopes if delta else ()
+        if not token_scopes and not ticket.lease_scopes:
             return
-        args: list[Any] = [len(token_keys), ticket.second, delta, ticket.request_id]
+        batch = self._settling
+        if batch is None:
+            batch = self._settling = _SettleBatch(asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().call_soon(self._send_settles)
+        prefix = self._prefix
+        batch.keys += [prefix + name + ":t" for name in token_scopes]
+        batch.keys += [prefix + name + ":p" for name in ticket.lease_scopes]
+        batch.args += (
+            len(token_scopes), len(ticket.lease_scopes), ticket.second, delta, ticket.request_id
+        )  # fmt: skip
+        batch.count += 1
+        if batch.count >= _SETTLE_BATCH_MAX:
+            self._send_settles()
+        # Shielded: a caller cancelled while it waits must not cancel the batch's future.
+        await asyncio.shield(batch.done)
+
+    def _send_settles(self) -> None:
+        """Send the open batch of settles as one script call (a task the batch awaits)."""
+        batch, self._settling = self._settling, None
+        if batch is None:
+            return
+        task = asyncio.ensure_future(self._run_settles(batch))
+        self._settle_tasks.add(task)
+        task.add_done_callback(self._settle_tasks.discard)
+
+    async def _run_settles(self, batch: _SettleBatch) -> None:
         try:
-            await self._settle(keys=token_keys + lease_keys, args=args)
+            await self._settle(keys=batch.keys, args=[batch.count, *batch.args])
         except _FAILURES as exc:
             self._report(exc)
+        finally:
+            if not batch.done.done():
+                batch.done.set_result(None)
 
     async def close(self) -> None:
-        """The Redis client belongs to the caller, who closes it."""
+        """Send the settles still waiting; the Redis client belongs to the caller."""
+        self._send_settles()
+        if self._settle_tasks:
+            await asyncio.gather(*self._settle_tasks, return_exceptions=True)
 
     def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
         self._report(exc)
@@ -148,6 +183,18 @@ class RedisLimiter:
     def _report(self, exc: Exception) -> None:
         if self._on_failure is not None:
             self._on_failure(exc)
+
+
+class _SettleBatch:
+    """The settles requested during one event-loop turn: one script call for all."""
+
+    __slots__ = ("args", "count", "done", "keys")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.keys: list[str] = []
+        self.args: list[int | str] = []
+        self.count = 0
 
 
 def _unlimited(request_id: str, tokens: int, *, noop: bool = False) -> Admission:

@@ -48,13 +48,6 @@ def seconds_until_freed(buckets: Iterable[tuple[int, int]], need: int, now: floa
     return float(WINDOW_BUCKETS)
 
 
-def seconds_until_reset(oldest: int | None, now: float) -> float:
-    """Time until the oldest counted bucket leaves the window (0 when nothing is counted)."""
-    if oldest is None:
-        return 0.0
-    return max(oldest + WINDOW_BUCKETS - now, 0.0)
-
-
 class Usage(NamedTuple):
     """One scope's limit and its usage after the decision, for the rate-limit headers."""
 
@@ -65,6 +58,8 @@ class Usage(NamedTuple):
 
 def _tightest(usages: Sequence[Usage]) -> Usage | None:
     """The usage with the least remaining (then the smallest limit)."""
+    if len(usages) == 1:
+        return usages[0]
     best: Usage | None = None
     for usage in usages:
         if best is None or (usage.limit - usage.used, usage.limit) < (
@@ -73,6 +68,20 @@ def _tightest(usages: Sequence[Usage]) -> Usage | None:
         ):
             best = usage
     return best
+
+
+_NO_LIMIT: tuple[None, None, None] = (None, None, None)
+
+
+def _header_values(
+    usage: Usage | None, now: float
+) -> tuple[int, int, float] | tuple[None, None, None]:
+    """Limit, remaining and seconds to reset of one usage, for the x-ratelimit headers."""
+    if usage is None:
+        return _NO_LIMIT
+    limit, used, oldest = usage
+    reset = 0.0 if oldest is None else max(oldest + WINDOW_BUCKETS - now, 0.0)
+    return limit, max(limit - used, 0), reset
 
 
 def build_admission(
@@ -85,17 +94,22 @@ def build_admission(
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    req = _tightest(requests)
-    tok = _tightest(tokens)
+    # Runs once per request: positional construction, no helper calls for absent limits.
+    limit_requests, remaining_requests, reset_requests = (
+        _NO_LIMIT if not requests else _header_values(_tightest(requests), now)
+    )
+    limit_tokens, remaining_tokens, reset_tokens = (
+        _NO_LIMIT if not tokens else _header_values(_tightest(tokens), now)
+    )
     return Admission(
-        allowed=allowed,
-        reason=reason,
-        retry_after=0.0 if allowed else retry_after,
-        limit_requests=None if req is None else req.limit,
-        remaining_requests=None if req is None else max(req.limit - req.used, 0),
-        reset_requests=None if req is None else seconds_until_reset(req.oldest, now),
-        limit_tokens=None if tok is None else tok.limit,
-        remaining_tokens=None if tok is None else max(tok.limit - tok.used, 0),
-        reset_tokens=None if tok is None else seconds_until_reset(tok.oldest, now),
-        ticket=ticket if allowed else None,
+        allowed,
+        reason,
+        0.0 if allowed else retry_after,
+        limit_requests,
+        remaining_requests,
+        reset_requests,
+        limit_tokens,
+        remaining_tokens,
+        reset_tokens,
+        ticket if allowed else None,
     )

@@ -4,8 +4,10 @@ Why not redis-py here: with redis-py's asyncio client each limiter call cost abo
 CPU (connection-pool checkout, command packing, retry wrappers, response callbacks), which
 made Redis-backed limits cut the gateway's throughput several-fold. The limiter needs only
 EVALSHA on one server, so this client keeps ONE connection per process and pipelines every
-call on it: a call writes its command and awaits a future; replies, parsed by hiredis, arrive
-in order and resolve the futures in order. Concurrent requests thereby share round trips.
+call on it: a call queues its command and awaits a future; the commands queued during one
+turn of the event loop leave in one write, and replies, parsed by hiredis, arrive in order
+and resolve the futures in order. Concurrent requests thereby share round trips and system
+calls.
 
 Errors are redis-py's exception classes (``ConnectionError``, ``TimeoutError``,
 ``ResponseError``), so callers handle both clients alike. Timeouts cost no timer per call: a
@@ -44,7 +46,20 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.outbox: list[bytes] = []  # commands written during this loop iteration
         self.lost = False
+
+    def send(self, command: bytes) -> None:
+        """Queue ``command``; every command queued in one loop iteration goes out in one
+        write (one system call) when the loop next runs its callbacks."""
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outbox.append(command)
+
+    def flush(self) -> None:
+        out, self.outbox = self.outbox, []
+        if out and self.transport is not None and not self.lost:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -65,6 +80,7 @@ class _Protocol(asyncio.Protocol):
 
     def fail_all(self, error: Exception) -> None:
         self.lost = True
+        self.outbox.clear()
         while self.waiting:
             future, _ = self.waiting.popleft()
             if not future.done():
@@ -99,8 +115,7 @@ class PipelinedRedis:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append((future, loop.time() + self._timeout))
-        assert protocol.transport is not None
-        protocol.transport.write(_command(*parts))
+        protocol.send(_command(*parts))
         return await future
 
     async def close(self) -> None:
