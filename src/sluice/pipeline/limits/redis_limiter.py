@@ -42,6 +42,7 @@ FailureMode = Literal["open", "closed"]
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 _SETTLE_BATCH_MAX = 256  # tickets per settle call: bounds one script's run time in Redis
+_MAX_PLANS = 10_000
 
 
 def _or_none(value: int) -> int | None:
@@ -76,44 +77,29 @@ class RedisLimiter:
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
         self._settling: _SettleBatch | None = None
+        self._plans: dict[int, _Plan] = {}
         self._settle_tasks: set[asyncio.Future[None]] = set()
 
     async def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
     ) -> Admission:
         tokens = max(tokens, 0)
-        limited = [scope for scope in scopes if not scope.spec.unlimited]
-        if not limited:
+        plan = self._plan(scopes)
+        if not plan.keys:
             return _unlimited(request_id, tokens)
-        keys: list[str] = []
-        args: list[int | str] = [tokens, request_id, max(round(lease_seconds * 1000), 1)]
-        for scope in limited:
-            base = self._prefix + scope.name
-            keys += (base + ":r", base + ":t", base + ":p")
-            spec = scope.spec
-            args += (_limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel))
+        args = [tokens, request_id, max(round(lease_seconds * 1000), 1), *plan.limit_args]
         try:
-            reply: list[int] = await self._acquire(keys=keys, args=args)
+            reply: list[int] = await self._acquire(keys=plan.keys, args=args)
         except _FAILURES as exc:
             return self._fail(exc, request_id, tokens)
 
         allowed, code, retry_ms, now_ms = reply[0], reply[1], reply[2], reply[3]
-        requests: list[Usage] = []
-        used_tokens: list[Usage] = []
-        for i, scope in enumerate(limited):
-            spec = scope.spec
-            if spec.rpm is not None:
-                requests.append(Usage(spec.rpm, reply[4 + 4 * i], _or_none(reply[5 + 4 * i])))
-            if spec.tpm is not None:
-                used_tokens.append(Usage(spec.tpm, reply[6 + 4 * i], _or_none(reply[7 + 4 * i])))
+        requests = [Usage(limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.rpm_at]
+        used_tokens = [Usage(limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.tpm_at]
         ticket = None
         if allowed:
             ticket = Ticket(
-                request_id,
-                tokens=tokens,
-                second=now_ms // 1000,
-                token_scopes=tuple(s.name for s in limited if s.spec.tpm is not None),
-                lease_scopes=tuple(s.name for s in limited if s.spec.max_parallel is not None),
+                request_id, tokens, now_ms // 1000, plan.token_scopes, plan.lease_scopes
             )
         return build_admission(
             allowed=bool(allowed),
@@ -124,6 +110,16 @@ class RedisLimiter:
             now=now_ms / 1000,
             ticket=ticket,
         )
+
+    def _plan(self, scopes: Sequence[Scope]) -> _Plan:
+        """What a call over ``scopes`` sends and reads, built once per scopes object (the
+        guard keeps one per key and model)."""
+        plan = self._plans.get(id(scopes))
+        if plan is None or plan.scopes is not scopes:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[id(scopes)] = _Plan(scopes, self._prefix)
+        return plan
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         if not ticket.claim():
@@ -183,6 +179,35 @@ class RedisLimiter:
     def _report(self, exc: Exception) -> None:
         if self._on_failure is not None:
             self._on_failure(exc)
+
+
+class _Plan:
+    """The constant part of an acquire over one list of scopes: the keys, the limit
+    arguments, where each scope's usage sits in the reply, and the ticket's scope names.
+    Holding ``scopes`` keeps its id from being reused while the plan is cached."""
+
+    __slots__ = ("keys", "lease_scopes", "limit_args", "rpm_at", "scopes", "token_scopes", "tpm_at")
+
+    def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
+        self.scopes = scopes
+        limited = [scope for scope in scopes if not scope.spec.unlimited]
+        self.keys: list[str] = []
+        self.limit_args: list[int] = []
+        self.rpm_at: list[tuple[int, int]] = []  # (reply index of the count, limit)
+        self.tpm_at: list[tuple[int, int]] = []
+        for i, scope in enumerate(limited):
+            base = prefix + scope.name
+            self.keys += (base + ":r", base + ":t", base + ":p")
+            spec = scope.spec
+            self.limit_args += (
+                _limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel)
+            )  # fmt: skip
+            if spec.rpm is not None:
+                self.rpm_at.append((4 + 4 * i, spec.rpm))
+            if spec.tpm is not None:
+                self.tpm_at.append((6 + 4 * i, spec.tpm))
+        self.token_scopes = tuple(s.name for s in limited if s.spec.tpm is not None)
+        self.lease_scopes = tuple(s.name for s in limited if s.spec.max_parallel is not None)
 
 
 class _SettleBatch:
