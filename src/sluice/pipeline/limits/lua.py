@@ -116,13 +116,14 @@ local function wait_ms(w, need)
 end
 
 local function add(w, amount)
-  redis.call('HINCRBY', w.key, now_s, amount)
+  local bucket = redis.call('HINCRBY', w.key, now_s, amount)
   redis.call('HINCRBY', w.key, 's', amount)
   if w.oldest < 0 then
     redis.call('HSET', w.key, 'o', now_s)
     w.oldest = now_s
   end
-  redis.call('EXPIRE', w.key, TTL)
+  -- A new bucket (at most once a second per key) pushes the TTL out; TTL > WINDOW.
+  if bucket == amount then redis.call('EXPIRE', w.key, TTL) end
   w.total = w.total + amount
 end
 
