@@ -210,8 +210,8 @@ async def test_long_outage_spills_to_the_spool_and_replays_when_the_database_is_
     assert recorder.pending + spilled == 400  # nothing lost, nothing counted twice
 
     flaky.failing = False
-    await wait_until(lambda: recorder.pending == 0 and not spool.exists())
-    assert not spool.with_name(spool.name + ".replay").exists()
+    replay = spool.with_name(spool.name + ".replay")  # the spool while it is replayed
+    await wait_until(lambda: recorder.pending == 0 and not spool.exists() and not replay.exists())
     assert await UsageStore(db).count() == 400
     key = await KeyStore(db).get("key_a")
     assert key is not None
