@@ -213,6 +213,36 @@ async def test_settle_is_idempotent(limiter: RedisLimiter) -> None:
     assert (await take(limiter, key)).remaining_tokens == 800
 
 
+async def test_acquires_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
+    calls = 0
+    script = limiter._acquire
+
+    async def counting(**kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return await script(**kwargs)
+
+    limiter._acquire = counting  # type: ignore[method-assign]
+    key = Scope("key:a", LimitSpec(rpm=30, tpm=10_000))
+    other = Scope("key:b", LimitSpec(rpm=100))
+    model = Scope("key:a:model:m", LimitSpec(rpm=20))
+    # 50 requests in one turn, two keys, some with a per-model scope: each is all or
+    # nothing over its own scopes, in order.
+    answers = await asyncio.gather(
+        *(take(limiter, key, model, tokens=100) if i % 2 else take(limiter, key, other)
+          for i in range(50))
+    )  # fmt: skip
+    assert calls == 1
+    allowed = [a for a in answers if a.allowed]
+    assert len(allowed) == 30  # key:a's RPM, exactly
+    with_model = [a for i, a in enumerate(answers) if i % 2 and a.allowed]
+    assert len(with_model) <= 20
+    refused = [a for a in answers if not a.allowed]
+    assert {a.reason for a in refused} == {"rpm"}
+    assert all(0 < a.retry_after <= 61 for a in refused)
+    assert (await take(limiter, other)).remaining_requests == 100 - 15 - 1
+
+
 async def test_settles_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
     key = Scope("key:a", LimitSpec(tpm=100_000, max_parallel=40))
     model = Scope("key:a:model:m", LimitSpec(tpm=50_000, max_parallel=40))

@@ -21,11 +21,14 @@ KEY_TTL_SECONDS = 120
 
 REASON_CODES: dict[int, Reason] = {1: "rpm", 2: "tpm", 3: "parallel"}
 
-# KEYS: per scope i, (requests hash, tokens hash, leases zset)
-# ARGV: tokens, request id, lease ms, then per scope i: rpm, tpm, max_parallel (-1 = none)
-# Returns: allowed (0/1), reason code (0 = none), retry ms, now ms,
-#          then per scope: requests, oldest request second, tokens, oldest token second
-#          (-1 when nothing is counted).
+# Admits several requests in one call (the acquires of one event-loop turn, batched), each
+# all-or-nothing over its own scopes, in order, on one reading of Redis's clock.
+# KEYS: per request, per scope i: (requests hash, tokens hash, leases zset)
+# ARGV: number of requests, then per request: number of scopes, tokens, request id,
+#       lease ms, then per scope: rpm, tpm, max_parallel (-1 = none)
+# Returns, per request: allowed (0/1), reason code (0 = none), retry ms, now ms, then per
+#          scope: requests, oldest request second, tokens, oldest token second (-1 when
+#          nothing is counted).
 _ACQUIRE = """
 local WINDOW = __WINDOW__
 local TTL = __TTL__
@@ -36,10 +39,6 @@ local clock = redis.call('TIME')
 local now_s = tonumber(clock[1])
 local now_ms = now_s * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local first_live = now_s - WINDOW + 1
-local tokens = tonumber(ARGV[1])
-local rid = ARGV[2]
-local lease_ms = tonumber(ARGV[3])
-local n = #KEYS / 3
 
 -- A window hash holds per-second buckets plus 's' (their sum) and 'o' (the oldest bucket),
 -- so a call reads two fields and touches only the buckets that have just left the window.
@@ -127,60 +126,78 @@ local function add(w, amount)
   w.total = w.total + amount
 end
 
-local reqs, toks, lims = {}, {}, {}
-local reason, retry = 0, 0
-for i = 1, n do
-  local base = 3 + (i - 1) * 3
-  local rpm, tpm, par = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local kr, kt, kp = KEYS[(i - 1) * 3 + 1], KEYS[(i - 1) * 3 + 2], KEYS[(i - 1) * 3 + 3]
-  local r, t = load(kr, rpm >= 0), load(kt, tpm >= 0)
-  reqs[i], toks[i], lims[i] = r, t, {rpm, tpm, par}
-  local fail, wait = 0, 0
-  if rpm >= 0 and r.total + 1 > rpm then
-    fail = 1
-    if rpm < 1 then wait = NEVER_MS else wait = wait_ms(r, r.total + 1 - rpm) end
-  end
-  if tpm >= 0 and t.total + tokens > tpm then
-    if fail == 0 then fail = 2 end
-    if tokens > tpm then
-      wait = math.max(wait, NEVER_MS)
-    else
-      wait = math.max(wait, wait_ms(t, t.total + tokens - tpm))
-    end
-  end
-  if par >= 0 then
-    redis.call('ZREMRANGEBYSCORE', kp, '-inf', now_ms)
-    if redis.call('ZCARD', kp) >= par then
-      if fail == 0 then fail = 3 end
-      if par < 1 then wait = math.max(wait, NEVER_MS) else wait = math.max(wait, PARALLEL_MS) end
-    end
-  end
-  if fail > 0 then
-    if reason == 0 then reason = fail end
-    retry = math.max(retry, wait)
-  end
-end
-
-if reason == 0 then
+-- One request: its keys start after KEYS[k0], its arguments after ARGV[a0]; appends its
+-- answer to out.
+local function acquire(k0, a0, n, out)
+  local tokens, rid, lease_ms = tonumber(ARGV[a0 + 1]), ARGV[a0 + 2], tonumber(ARGV[a0 + 3])
+  local reqs, toks, lims = {}, {}, {}
+  local reason, retry = 0, 0
   for i = 1, n do
-    local rpm, tpm, par = lims[i][1], lims[i][2], lims[i][3]
-    local kp = KEYS[(i - 1) * 3 + 3]
-    if rpm >= 0 then add(reqs[i], 1) end
-    if tpm >= 0 then add(toks[i], tokens) end
-    if par >= 0 then
-      redis.call('ZADD', kp, now_ms + lease_ms, rid)
-      local keep = lease_ms + TTL * 1000
-      if redis.call('PTTL', kp) < keep then redis.call('PEXPIRE', kp, keep) end
+    local base = a0 + 3 + (i - 1) * 3
+    local rpm = tonumber(ARGV[base + 1])
+    local tpm, par = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    local kb = k0 + (i - 1) * 3
+    local kr, kp = KEYS[kb + 1], KEYS[kb + 3]
+    local r, t = load(kr, rpm >= 0), load(KEYS[kb + 2], tpm >= 0)
+    reqs[i], toks[i], lims[i] = r, t, {rpm, tpm, par, kp}
+    local fail, wait = 0, 0
+    if rpm >= 0 and r.total + 1 > rpm then
+      fail = 1
+      if rpm < 1 then wait = NEVER_MS else wait = wait_ms(r, r.total + 1 - rpm) end
     end
+    if tpm >= 0 and t.total + tokens > tpm then
+      if fail == 0 then fail = 2 end
+      if tokens > tpm then
+        wait = math.max(wait, NEVER_MS)
+      else
+        wait = math.max(wait, wait_ms(t, t.total + tokens - tpm))
+      end
+    end
+    if par >= 0 then
+      redis.call('ZREMRANGEBYSCORE', kp, '-inf', now_ms)
+      if redis.call('ZCARD', kp) >= par then
+        if fail == 0 then fail = 3 end
+        if par < 1 then wait = math.max(wait, NEVER_MS) else wait = math.max(wait, PARALLEL_MS) end
+      end
+    end
+    if fail > 0 then
+      if reason == 0 then reason = fail end
+      retry = math.max(retry, wait)
+    end
+  end
+
+  if reason == 0 then
+    for i = 1, n do
+      local rpm, tpm, par, kp = lims[i][1], lims[i][2], lims[i][3], lims[i][4]
+      if rpm >= 0 then add(reqs[i], 1) end
+      if tpm >= 0 then add(toks[i], tokens) end
+      if par >= 0 then
+        redis.call('ZADD', kp, now_ms + lease_ms, rid)
+        local keep = lease_ms + TTL * 1000
+        if redis.call('PTTL', kp) < keep then redis.call('PEXPIRE', kp, keep) end
+      end
+    end
+  end
+
+  out[#out + 1] = reason == 0 and 1 or 0
+  out[#out + 1] = reason
+  out[#out + 1] = retry
+  out[#out + 1] = now_ms
+  for i = 1, n do
+    out[#out + 1] = reqs[i].total
+    out[#out + 1] = reqs[i].oldest
+    out[#out + 1] = toks[i].total
+    out[#out + 1] = toks[i].oldest
   end
 end
 
-local out = {reason == 0 and 1 or 0, reason, retry, now_ms}
-for i = 1, n do
-  out[#out + 1] = reqs[i].total
-  out[#out + 1] = reqs[i].oldest
-  out[#out + 1] = toks[i].total
-  out[#out + 1] = toks[i].oldest
+local out = {}
+local k0, a0 = 0, 1
+for _ = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a0 + 1])
+  acquire(k0, a0 + 1, n, out)
+  k0 = k0 + 3 * n
+  a0 = a0 + 4 + 3 * n
 end
 return out
 """

@@ -1,11 +1,13 @@
 """Rate limiter shared by every replica through one Redis: one round trip per request.
 
-``acquire`` runs one Lua script (EVALSHA) over all of a request's scopes, atomically, on
-Redis's clock. ``settle`` calls made during one turn of the event loop are sent together
-as one call of the settle script (up to 256 tickets), so a busy replica pays one round
-trip for many requests' reconciliations. When Redis fails (unreachable, timeout, script
-error), ``acquire`` either admits the request with a no-op ticket and reports the error
-to ``on_failure`` (``failure_mode="open"``) or reports it and raises
+``acquire`` is one Lua script (EVALSHA) over all of a request's scopes, atomic, on Redis's
+clock. The acquires made during one turn of the event loop go to Redis together, as one
+call of the script that admits each request in order, all-or-nothing over its own scopes
+(up to 256 requests a call); the ``settle`` calls of one turn are likewise one call of the
+settle script. A busy replica thereby pays one round trip and one script dispatch for many
+requests, not two per request. When Redis fails (unreachable, timeout, script error),
+``acquire`` either admits the request with a no-op ticket and reports the error to
+``on_failure`` (``failure_mode="open"``) or reports it and raises
 ``ServiceUnavailableError`` (``"closed"``); ``settle`` only reports (the leases expire on
 their own) and never retries, since a timed-out script may have run.
 
@@ -20,15 +22,14 @@ getting its ticket: its request and tokens stay counted, and its parallel slot i
 until the lease expires.
 
 Key layout and the Redis Cluster caveat: each scope uses ``<prefix><scope name>:{r,t,p}``.
-One script touches the keys of every scope of a request, so on a cluster all of them
-must hash to one slot: give related scope names a common hash tag, e.g. ``{key:abc}`` and
-``{key:abc}:model:gpt-4o``.
+One call touches the keys of every scope of several requests: this limiter needs a single
+Redis (or one primary), not a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, Protocol
 
 from redis.exceptions import RedisError
@@ -41,7 +42,7 @@ from sluice.pipeline.limits.window import Usage, build_admission
 FailureMode = Literal["open", "closed"]
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
-_SETTLE_BATCH_MAX = 256  # tickets per settle call: bounds one script's run time in Redis
+_BATCH_MAX = 256  # requests per script call: bounds one call's run time in Redis
 _MAX_PLANS = 10_000
 
 
@@ -76,9 +77,10 @@ class RedisLimiter:
         self._on_failure = on_failure
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
+        self._acquiring: _AcquireBatch | None = None
         self._settling: _SettleBatch | None = None
         self._plans: dict[int, _Plan] = {}
-        self._settle_tasks: set[asyncio.Future[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
 
     async def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
@@ -87,9 +89,20 @@ class RedisLimiter:
         plan = self._plan(scopes)
         if not plan.keys:
             return _unlimited(request_id, tokens)
-        args = [tokens, request_id, max(round(lease_seconds * 1000), 1), *plan.limit_args]
+        loop = asyncio.get_running_loop()
+        batch = self._acquiring
+        if batch is None:
+            batch = self._acquiring = _AcquireBatch()
+            loop.call_soon(self._send_acquires)
+        answer: asyncio.Future[list[int]] = loop.create_future()
+        batch.answers.append((answer, plan))
+        batch.keys += plan.keys
+        batch.args += (len(plan.keys) // 3, tokens, request_id, max(round(lease_seconds * 1000), 1))
+        batch.args += plan.limit_args
+        if len(batch.answers) >= _BATCH_MAX:
+            self._send_acquires()
         try:
-            reply: list[int] = await self._acquire(keys=plan.keys, args=args)
+            reply = await answer
         except _FAILURES as exc:
             return self._fail(exc, request_id, tokens)
 
@@ -110,6 +123,38 @@ class RedisLimiter:
             now=now_ms / 1000,
             ticket=ticket,
         )
+
+    def _send_acquires(self) -> None:
+        """Send the open batch of acquires as one script call."""
+        batch, self._acquiring = self._acquiring, None
+        if batch is not None:
+            self._track(self._run_acquires(batch))
+
+    async def _run_acquires(self, batch: _AcquireBatch) -> None:
+        try:
+            reply: list[int] = await self._acquire(
+                keys=batch.keys, args=[len(batch.answers), *batch.args]
+            )
+        except Exception as exc:  # every waiting request gets it (and applies its mode)
+            for answer, _ in batch.answers:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+        except BaseException:  # cancelled (shutdown): so are the requests waiting
+            for answer, _ in batch.answers:
+                answer.cancel()
+            raise
+        at = 0
+        for answer, plan in batch.answers:
+            size = 4 + 4 * (len(plan.keys) // 3)
+            if not answer.done():  # a request cancelled while it waited is skipped
+                answer.set_result(reply[at : at + size])
+            at += size
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _plan(self, scopes: Sequence[Scope]) -> _Plan:
         """What a call over ``scopes`` sends and reads, built once per scopes object (the
@@ -139,7 +184,7 @@ class RedisLimiter:
             len(token_scopes), len(ticket.lease_scopes), ticket.second, delta, ticket.request_id
         )  # fmt: skip
         batch.count += 1
-        if batch.count >= _SETTLE_BATCH_MAX:
+        if batch.count >= _BATCH_MAX:
             self._send_settles()
         # Shielded: a caller cancelled while it waits must not cancel the batch's future.
         await asyncio.shield(batch.done)
@@ -147,11 +192,8 @@ class RedisLimiter:
     def _send_settles(self) -> None:
         """Send the open batch of settles as one script call (a task the batch awaits)."""
         batch, self._settling = self._settling, None
-        if batch is None:
-            return
-        task = asyncio.ensure_future(self._run_settles(batch))
-        self._settle_tasks.add(task)
-        task.add_done_callback(self._settle_tasks.discard)
+        if batch is not None:
+            self._track(self._run_settles(batch))
 
     async def _run_settles(self, batch: _SettleBatch) -> None:
         try:
@@ -163,10 +205,11 @@ class RedisLimiter:
                 batch.done.set_result(None)
 
     async def close(self) -> None:
-        """Send the settles still waiting; the Redis client belongs to the caller."""
+        """Send the calls still waiting; the Redis client belongs to the caller."""
+        self._send_acquires()
         self._send_settles()
-        if self._settle_tasks:
-            await asyncio.gather(*self._settle_tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
         self._report(exc)
@@ -208,6 +251,17 @@ class _Plan:
                 self.tpm_at.append((6 + 4 * i, spec.tpm))
         self.token_scopes = tuple(s.name for s in limited if s.spec.tpm is not None)
         self.lease_scopes = tuple(s.name for s in limited if s.spec.max_parallel is not None)
+
+
+class _AcquireBatch:
+    """The acquires requested during one event-loop turn: one script call for all."""
+
+    __slots__ = ("answers", "args", "keys")
+
+    def __init__(self) -> None:
+        self.answers: list[tuple[asyncio.Future[list[int]], _Plan]] = []
+        self.keys: list[str] = []
+        self.args: list[int | str] = []
 
 
 class _SettleBatch:
