@@ -173,10 +173,11 @@ async def test_replay_that_fails_at_start_is_retried_in_the_background(
     )
     await recorder.start()  # does not fail the app's start-up
     assert errors
-    assert spool.exists()
+    replay = spool.with_name(spool.name + ".replay")
+    assert replay.exists()  # the spool, renamed while it is replayed
     assert recorder.pending == 3
     flaky.failing = False
-    await wait_until(lambda: not spool.exists())
+    await wait_until(lambda: not replay.exists() and not spool.exists())
     assert await UsageStore(db).count() == 3
     await recorder.close()
 
@@ -237,3 +238,24 @@ async def test_a_replay_cut_short_is_finished_by_the_next_start(
 def test_buffer_limit_must_hold_a_batch() -> None:
     with pytest.raises(ValueError, match="max_buffered"):
         UsageRecorder(FlakyStore(None), batch_size=100, max_buffered=10)  # type: ignore[arg-type]
+
+
+async def test_records_spilled_while_the_start_up_replay_fails_are_kept(
+    db: Database, tmp_path: Path
+) -> None:
+    spool = tmp_path / "usage.jsonl"
+    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(5, "old")) + "\n")
+    flaky = FlakyStore(UsageStore(db), failing=True)
+    recorder = UsageRecorder(
+        flaky, batch_size=10, flush_interval=0.01, spool_path=spool, max_buffered=50,
+        retry_initial=0.01, retry_max=0.02,
+    )  # fmt: skip
+    await recorder.start()  # the replay fails: the writer keeps retrying it
+    for r in records(400, "new"):
+        recorder.record(r)  # spills to a new spool file meanwhile
+    assert spool.exists()
+    flaky.failing = False
+    replay = spool.with_name(spool.name + ".replay")
+    await wait_until(lambda: recorder.pending == 0 and not spool.exists() and not replay.exists())
+    assert await UsageStore(db).count() == 405
+    await recorder.close()

@@ -19,7 +19,7 @@ import shutil
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from sluice.store.usage import UsageRecord
 
@@ -59,6 +59,7 @@ class UsageRecorder:
         self._retry_max = retry_max
         self._max_buffered = max_buffered
         self._spilled = False  # records were moved to the spool while the writer ran
+        self._reader: _SpoolReader | None = None  # the replay file being written
         self._buffer: deque[UsageRecord] = deque()
         self._batch: list[UsageRecord] = []  # taken from the buffer, not yet written
         self._replay: list[UsageRecord] = []  # from the spool file, not yet written
@@ -89,19 +90,11 @@ class UsageRecorder:
         """Replay the spool file, if any, then start the background writer."""
         if self._task is not None or self._closed:
             raise RuntimeError("UsageRecorder.start() called twice or after close()")
-        await asyncio.to_thread(self._merge_replay_file)
-        spooled = await asyncio.to_thread(self._read_spool)
-        if spooled:
+        if await asyncio.to_thread(self._take_spool):
             try:
-                for i in range(0, len(spooled), self._batch_size):
-                    chunk = spooled[i : i + self._batch_size]
-                    await self._store.insert_many(chunk)
-                    self.written += len(chunk)
-            except Exception as exc:
-                self._failed(exc, len(spooled), "replaying the usage spool")
-                self._replay = spooled  # the writer retries it first; the file stays
-            else:
-                self._remove_spool()
+                await self._replay_file(retry=False)
+            except Exception as exc:  # the writer goes on with it first, retrying
+                self._failed(exc, len(self._replay), "replaying the usage spool")
         self._task = asyncio.create_task(self._run(), name="sluice-usage-recorder")
 
     async def close(self, timeout: float = 10) -> None:  # noqa: ASYNC109 (a drain deadline)
@@ -126,8 +119,10 @@ class UsageRecorder:
             except Exception:
                 log.exception("usage recorder task failed")
             # Spool synchronously: this also runs when close() itself is cancelled.
-            # The spool file (or the .replay file, merged back on start) still holds
-            # self._replay.
+            # A replay cut short leaves its file (self._replay included), which the next
+            # start() merges back into the spool.
+            if self._reader is not None:
+                self._reader.close()
             left = [*self._batch, *self._buffer]
             self._batch, self._replay = [], []
             self._buffer.clear()
@@ -135,10 +130,8 @@ class UsageRecorder:
                 self._spool(left)
 
     async def _run(self) -> None:
-        if self._replay:
-            await self._write(self._replay)
-            self._replay = []
-            self._remove_spool()
+        if self._reader is not None:
+            await self._replay_file(retry=True)
         while True:
             if len(self._buffer) < self._batch_size and not self._closing:
                 self._wake.clear()
@@ -171,21 +164,59 @@ class UsageRecorder:
         self._spilled = True
 
     async def _replay_spilled(self) -> None:
-        """Write the records spilled during an outage (the spool file, renamed first so
-        that spills during the replay start a new file)."""
-        assert self._spool_path is not None
+        """Write the records spilled during an outage."""
         self._spilled = False
+        try:
+            taken = await asyncio.to_thread(self._take_spool)
+        except OSError:
+            self._spilled = True  # tried again after the next batch
+            log.exception("could not open the usage spool %s for replay", self._spool_path)
+            return
+        if taken:
+            await self._replay_file(retry=True)
+
+    def _take_spool(self) -> bool:
+        """Set up the replay of the spool: it is renamed to the replay file first, so that
+        records spilled meanwhile start a new spool. True when there is a file to replay."""
+        if self._spool_path is None:
+            return False
         replay = self._replay_path()
-        if not replay.exists():
-            try:
-                self._spool_path.replace(replay)
-            except FileNotFoundError:
-                return
-        self._replay = await asyncio.to_thread(self._read_spool, replay)
-        await self._write(self._replay)
-        count, self._replay = len(self._replay), []
-        replay.unlink(missing_ok=True)
-        log.info("replayed %d spilled usage records from %s", count, replay)
+        if replay.exists():  # a replay cut short by a restart: back into the spool
+            if self._spool_path.exists():
+                with replay.open("rb") as src, self._spool_path.open("ab") as dst:
+                    if dst.tell() and not _ends_with_newline(self._spool_path):
+                        dst.write(b"\n")  # a torn last line stays alone
+                    shutil.copyfileobj(src, dst)
+                replay.unlink()
+            else:
+                replay.replace(self._spool_path)
+        if not self._spool_path.exists():
+            return False
+        self._spool_path.replace(replay)
+        self._reader = _SpoolReader(replay, self._batch_size * _BACKLOG_FACTOR)
+        return True
+
+    async def _replay_file(self, *, retry: bool) -> None:
+        """Write the replay file chunk by chunk (memory stays bounded whatever its size),
+        then remove it. Without ``retry`` the first failure is raised, the failed chunk
+        kept in ``self._replay`` and the reader where it was, for the writer to go on."""
+        reader = self._reader
+        assert reader is not None
+        while True:
+            if not self._replay:
+                self._replay = await asyncio.to_thread(reader.next_chunk)
+                if not self._replay:
+                    break
+            if retry:
+                await self._write(self._replay)
+            else:
+                await self._store.insert_many(self._replay)
+                self.written += len(self._replay)
+            self._replay = []
+        reader.close()
+        self._reader = None
+        reader.path.unlink(missing_ok=True)
+        log.info("replayed %d usage records from %s", reader.records, reader.path)
 
     async def _write(self, records: list[UsageRecord]) -> None:
         """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""
@@ -223,14 +254,6 @@ class UsageRecorder:
         assert self._spool_path is not None
         return self._spool_path.with_name(self._spool_path.name + ".replay")
 
-    def _merge_replay_file(self) -> None:
-        """A replay cut short (the process stopped) left its file: back into the spool."""
-        if self._spool_path is None or not self._replay_path().exists():
-            return
-        with self._replay_path().open("rb") as src, self._spool_path.open("ab") as dst:
-            shutil.copyfileobj(src, dst)
-        self._replay_path().unlink()
-
     def _spool(self, records: list[UsageRecord], replay: str = "on start") -> None:
         if self._spool_path is None:
             log.error(
@@ -249,27 +272,42 @@ class UsageRecorder:
             replay,
         )
 
-    def _read_spool(self, path: Path | None = None) -> list[UsageRecord]:
-        path = path or self._spool_path
-        if path is None or not path.exists():
-            return []
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+class _SpoolReader:
+    """Reads a spool file (JSON lines) in chunks, from a worker thread; skips bad lines."""
+
+    def __init__(self, path: Path, chunk: int) -> None:
+        self.path = path
+        self._chunk = chunk
+        self._file: IO[str] | None = None
+        self._line = 0
+        self.records = 0
+
+    def next_chunk(self) -> list[UsageRecord]:
+        if self._file is None:
+            self._file = self.path.open(encoding="utf-8")
         records: list[UsageRecord] = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(UsageRecord.from_json(json.loads(line)))
-                except (ValueError, TypeError, KeyError) as exc:  # a torn last line, say
-                    log.error("skipping bad line %d of usage spool %s: %s", number, path, exc)
+        while len(records) < self._chunk:
+            line = self._file.readline()
+            if not line:
+                break
+            self._line += 1
+            if not line.strip():
+                continue
+            try:
+                records.append(UsageRecord.from_json(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as exc:  # a torn last line, say
+                log.error("skipping bad line %d of usage spool %s: %s", self._line, self.path, exc)
+        self.records += len(records)
         return records
 
-    def _remove_spool(self) -> None:
-        if self._spool_path is None:
-            return
-        try:
-            self._spool_path.unlink(missing_ok=True)
-        except OSError:  # replaying it again later is harmless
-            log.exception("could not remove replayed usage spool %s", self._spool_path)
-        else:
-            log.info("replayed usage spool %s", self._spool_path)
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

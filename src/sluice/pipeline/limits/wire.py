@@ -161,7 +161,8 @@ class PipelinedRedis:
             raise RedisConnectionError(
                 f"cannot reach Redis at {self._host}:{self._port}: {exc}"
             ) from exc
-        self._protocol = protocol
+        # Published (by _connection) only after the handshake: a command queued meanwhile
+        # would be written after the handshake's and get its reply.
         try:
             if self._password is not None:
                 credentials = (
