@@ -213,10 +213,30 @@ class Scheduler:
             batch.seq_id,
             batch.logits,
         )
-        n = 0
-        in_batch: list[Sequence] = []
+        # Who takes part, decided in admission order: every decoding sequence (one token),
+        # then prefilling ones (chunks of their prompts) while the batch has room.
+        takes: list[tuple[Sequence, int]] = []
+        decoded = 0
         for seq in self._running:
             seq.batch_index = -1
+            if not seq.prefilling:
+                takes.append((seq, 1))
+                decoded += 1
+        budget = min(self._prefill_chunk, self._model.n_batch - decoded)
+        for seq in self._running:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                take = min(budget, len(seq.prompt) - seq.cursor)
+                takes.append((seq, take))
+                budget -= take
+        # Tokens go in in slot (sequence id) order: with one KV stream per sequence,
+        # llama.cpp decoded a batch whose ids ran backwards ~75% slower (184 vs 105 ms a
+        # step at 16 sequences): prompt caching's slot choice once cost 40% that way.
+        takes.sort(key=_slot_of_take)
+        n = 0
+        in_batch: list[Sequence] = []
+        for seq, take in takes:
             if not seq.prefilling:
                 token[n], pos[n], n_seq_id[n], logits[n] = seq.next_token, seq.n_past, 1, 1
                 seq_id[n][0] = seq.slot
@@ -224,25 +244,16 @@ class Scheduler:
                 seq.decoded.append(seq.next_token)
                 seq.n_past += 1
                 n += 1
-                in_batch.append(seq)
-        decoded = n
-        budget = min(self._prefill_chunk, self._model.n_batch - n)
-        for seq in self._running:
-            if budget <= 0:
-                break
-            if not seq.prefilling:
-                continue
-            take = min(budget, len(seq.prompt) - seq.cursor)
-            for tok in seq.prompt[seq.cursor : seq.cursor + take]:
-                token[n], pos[n], n_seq_id[n], logits[n] = tok, seq.cursor, 1, 0
-                seq_id[n][0] = seq.slot
-                seq.cursor += 1
-                n += 1
-            budget -= take
-            seq.n_past = seq.cursor
-            if not seq.prefilling:
-                logits[n - 1] = 1
-                seq.batch_index = n - 1
+            else:
+                for tok in seq.prompt[seq.cursor : seq.cursor + take]:
+                    token[n], pos[n], n_seq_id[n], logits[n] = tok, seq.cursor, 1, 0
+                    seq_id[n][0] = seq.slot
+                    seq.cursor += 1
+                    n += 1
+                seq.n_past = seq.cursor
+                if not seq.prefilling:
+                    logits[n - 1] = 1
+                    seq.batch_index = n - 1
             in_batch.append(seq)
         batch.n_tokens = n
         started = time.perf_counter()
@@ -303,3 +314,7 @@ class Scheduler:
             self._outbox.append((seq, seq.final_event("length", text + seq.tail())))
         elif text:
             self._outbox.append((seq, GenerationEvent(text, seq.generated)))
+
+
+def _slot_of_take(take: tuple[Sequence, int]) -> int:
+    return take[0].slot
