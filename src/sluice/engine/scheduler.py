@@ -15,10 +15,11 @@ starts there. At least the last prompt token is always decoded again, so that po
 yields the logits of the first sampled token. A sequence that fails leaves nothing behind.
 
 Kept cells are not free: every later decode step attends over them, which measured 40% off
-batched decode at 16 sequences when every slot kept its cache. So at most one free slot
-keeps its cells (the most recently freed), and none while several sequences decode
-together: the cache serves sequential traffic (and the shared system prompt) without
-taxing batches.
+batched decode at 16 sequences when every slot kept its cache (a measurement taken before
+the batch was laid out in slot order, which removed a slowdown of the same size; not
+re-examined since). So at most one free slot keeps its cells (the most recently freed),
+and none while several sequences decode together: the cache serves sequential traffic
+(and the shared system prompt) without taxing batches.
 """
 
 from __future__ import annotations
