@@ -58,6 +58,21 @@ async def test_replaying_a_batch_stores_and_charges_it_once(db: Database) -> Non
     assert await spend(db) == pytest.approx(1.5)
 
 
+async def test_a_batch_larger_than_one_statement_is_stored_and_charged_once(
+    db: Database,
+) -> None:
+    await add_key(db)
+    store = UsageStore(db)
+    batch = [rec(f"big{i:05d}", cost_usd=0.001) for i in range(2500)]  # 3 statements each
+    assert await store.insert_many(batch[1000:1100]) == 100  # some already stored
+    assert await store.insert_many(batch) == 2400
+    assert await store.count() == 2500
+    key = await KeyStore(db).get("key_a")
+    assert key is not None
+    assert key.spend_usd == pytest.approx(2.5)
+    assert await store.insert_many(batch) == 0
+
+
 async def test_duplicates_inside_one_batch_count_once(db: Database) -> None:
     await add_key(db)
     store = UsageStore(db)

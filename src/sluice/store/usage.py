@@ -123,6 +123,7 @@ WITH batch ({_COLUMNS}) AS (
     RETURNING request_id
 )
 SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
+_PG_ROWS_PER_STATEMENT = 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # SQLite: writers hold the database lock from BEGIN IMMEDIATE (see Database), so the ids
@@ -174,12 +175,20 @@ async def _insert_postgres(
     conn: AsyncConnection, unique: dict[str, UsageRecord]
 ) -> list[UsageRecord]:
     """Insert ``unique``'s records that are not stored yet; returns those records."""
-    rows = [_values(r, (r.created_at - _EPOCH) // _MICROSECOND) for r in unique.values()]
-    # Costs and latencies are finite (prices refuse inf/NaN); orjson would write NaN as null.
-    result = await conn.exec_driver_sql(_PG_INSERT, (orjson.dumps(rows).decode(),))
+    # One statement per 1,024 records, so the event loop runs requests between them (a
+    # 5,000-record backlog encoded at once held it for milliseconds). Chunks go in in
+    # request_id order, like the rows within each, keeping concurrent batches deadlock-free.
+    ordered = [unique[request_id] for request_id in sorted(unique)]
     new = dict(unique)
-    for request_id in result.scalars():
-        del new[request_id]
+    for i in range(0, len(ordered), _PG_ROWS_PER_STATEMENT):
+        rows = [
+            _values(r, (r.created_at - _EPOCH) // _MICROSECOND)
+            for r in ordered[i : i + _PG_ROWS_PER_STATEMENT]
+        ]
+        # Costs and latencies are finite (prices refuse inf/NaN); orjson writes NaN as null.
+        result = await conn.exec_driver_sql(_PG_INSERT, (orjson.dumps(rows).decode(),))
+        for request_id in result.scalars():
+            del new[request_id]
     return list(new.values())
 
 
