@@ -42,6 +42,17 @@ def records(n: int, prefix: str = "r", cost: float = 0.01) -> list[UsageRecord]:
     ]  # fmt: skip
 
 
+def write_spool(path: Path, recs: list[UsageRecord], tail: str = "") -> None:
+    """A spool file as the recorder writes it (JSON lines), plus ``tail`` verbatim."""
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in recs) + tail)
+
+
+async def spend(db: Database, key_id: str = "key_a") -> float:
+    key = await KeyStore(db).get(key_id)
+    assert key is not None
+    return key.spend_usd
+
+
 async def wait_until(condition: Callable[[], bool], within: float = 5.0) -> None:
     """Poll ``condition`` (the recorder has no event to wait on from outside)."""
     for _ in range(int(within / 0.005)):
@@ -97,9 +108,7 @@ async def test_failed_writes_retry_with_backoff_and_lose_nothing(db: Database) -
     await wait_until(lambda: recorder.written == 120)
     await recorder.close()
     assert await UsageStore(db).count() == 120
-    key = await KeyStore(db).get("key_a")
-    assert key is not None
-    assert key.spend_usd == pytest.approx(1.2)  # retried batches charged exactly once
+    assert await spend(db) == pytest.approx(1.2)  # retried batches charged exactly once
 
 
 async def test_close_drains_everything_buffered(db: Database) -> None:
@@ -155,9 +164,7 @@ async def test_persistent_failure_spools_and_next_start_replays(
     await restarted.start()  # replays before accepting new work
     assert not spool.exists()
     assert await UsageStore(db).count() == 25
-    key = await KeyStore(db).get("key_a")
-    assert key is not None
-    assert key.spend_usd == pytest.approx(0.25)
+    assert await spend(db) == pytest.approx(0.25)
     await restarted.close()
 
 
@@ -165,7 +172,7 @@ async def test_replay_that_fails_at_start_is_retried_in_the_background(
     db: Database, tmp_path: Path
 ) -> None:
     spool = tmp_path / "usage.jsonl"
-    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(3)) + "\n{torn line\n")
+    write_spool(spool, records(3), tail="{torn line\n")
     flaky = FlakyStore(UsageStore(db), failing=True)
     errors: list[Exception] = []
     recorder = UsageRecorder(
@@ -214,9 +221,7 @@ async def test_long_outage_spills_to_the_spool_and_replays_when_the_database_is_
     replay = spool.with_name(spool.name + ".replay")  # the spool while it is replayed
     await wait_until(lambda: recorder.pending == 0 and not spool.exists() and not replay.exists())
     assert await UsageStore(db).count() == 400
-    key = await KeyStore(db).get("key_a")
-    assert key is not None
-    assert key.spend_usd == pytest.approx(4.0)
+    assert await spend(db) == pytest.approx(4.0)
     await recorder.close()
 
 
@@ -225,8 +230,8 @@ async def test_a_replay_cut_short_is_finished_by_the_next_start(
 ) -> None:
     spool = tmp_path / "usage.jsonl"
     replay = tmp_path / "usage.jsonl.replay"
-    replay.write_text("\n".join(json.dumps(r.to_json()) for r in records(3, "a")) + "\n")
-    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(2, "b")) + "\n")
+    write_spool(replay, records(3, "a"))
+    write_spool(spool, records(2, "b"))
     recorder = UsageRecorder(UsageStore(db), spool_path=spool)
     await recorder.start()
     assert not replay.exists()
@@ -244,7 +249,7 @@ async def test_records_spilled_while_the_start_up_replay_fails_are_kept(
     db: Database, tmp_path: Path
 ) -> None:
     spool = tmp_path / "usage.jsonl"
-    spool.write_text("\n".join(json.dumps(r.to_json()) for r in records(5, "old")) + "\n")
+    write_spool(spool, records(5, "old"))
     flaky = FlakyStore(UsageStore(db), failing=True)
     recorder = UsageRecorder(
         flaky, batch_size=10, flush_interval=0.01, spool_path=spool, max_buffered=50,

@@ -153,7 +153,7 @@ class UsageRecorder:
     def _spill(self) -> None:
         """Move the oldest records to the spool file: the database has been failing for
         long enough to buffer ``max_buffered`` records, and memory must stay bounded."""
-        count = min(len(self._buffer) - self._max_buffered // 2, len(self._buffer))
+        count = len(self._buffer) - self._max_buffered // 2
         spilled = [self._buffer.popleft() for _ in range(count)]
         try:
             self._spool(spilled, replay="once the database answers")
@@ -215,8 +215,12 @@ class UsageRecorder:
             self._replay = []
         reader.close()
         self._reader = None
-        reader.path.unlink(missing_ok=True)
-        log.info("replayed %d usage records from %s", reader.records, reader.path)
+        try:
+            reader.path.unlink(missing_ok=True)
+        except OSError:  # replaying it again later is harmless
+            log.exception("could not remove replayed usage spool %s", reader.path)
+        else:
+            log.info("replayed %d usage records from %s", reader.records, reader.path)
 
     async def _write(self, records: list[UsageRecord]) -> None:
         """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""

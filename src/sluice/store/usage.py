@@ -100,16 +100,21 @@ _KEY_PERIODS = (
 # statement (SQLite) cost about 5-7 us (PostgreSQL) and 10-14 us (SQLite, of which 6-9 us
 # are SQLite's own B-tree and WAL work). The spend update stays in SQLAlchemy Core: two
 # statements per batch, whatever its size. The SQL below must match schema.usage_records.
+# Both drivers write at most this many records per statement, the event loop running
+# requests between statements (a backlog batch of 5,000 records laid out and sent at once
+# held it for tens of milliseconds).
+_ROWS_PER_STATEMENT = 1024
 _COLUMNS = (
     "request_id, key_id, model, deployment, prompt_tokens, completion_tokens,"
     " cost_usd, latency_ms, status, cache_hit, stream, created_at"
 )
-# PostgreSQL: one statement per batch. orjson encodes the batch for well under 1 us a
-# record, where asyncpg's array parameters (INSERT ... SELECT FROM unnest($1::text[], ...))
-# cost 0.3-1.2 us per value. created_at travels as integer microseconds since the epoch
-# (exact: the product is exact below 2**53 us, the year 2255). Rows go in in request_id
-# order, so two concurrent batches sharing ids wait on each other in the same order rather
-# than deadlock. The statement returns the ids it skipped (already stored): usually none.
+# PostgreSQL: one statement per _ROWS_PER_STATEMENT records. orjson encodes them for well
+# under 1 us a record, where asyncpg's array parameters (INSERT ... SELECT FROM
+# unnest($1::text[], ...)) cost 0.3-1.2 us per value. created_at travels as integer
+# microseconds since the epoch (exact: the product is exact below 2**53 us, the year 2255).
+# Rows go in in request_id order, so two concurrent batches sharing ids wait on each other
+# in the same order rather than deadlock. The statement returns the ids it skipped
+# (already stored): usually none.
 _PG_INSERT = f"""\
 WITH batch ({_COLUMNS}) AS (
     SELECT r->>0, r->>1, r->>2, r->>3, (r->>4)::int4, (r->>5)::int4, (r->>6)::float8,
@@ -123,7 +128,6 @@ WITH batch ({_COLUMNS}) AS (
     RETURNING request_id
 )
 SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
-_PG_ROWS_PER_STATEMENT = 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 # SQLite: writers hold the database lock from BEGIN IMMEDIATE (see Database), so the ids
@@ -138,14 +142,13 @@ _MICROSECOND = timedelta(microseconds=1)
 _SQLITE_EXISTING = (
     "SELECT request_id FROM usage_records WHERE request_id IN (SELECT value FROM json_each(?))"
 )
-_SQLITE_ROWS_PER_INSERT = 1024
 _SQLITE_ROW = "(" + ", ".join("?" * 12) + ")"
 
 
 def _sqlite_chunk(left: int) -> int:
     """Rows for the next INSERT: a power of two, so the few distinct statements stay in
     sqlite3's statement cache (compiling a 1,000-row statement costs more than running it)."""
-    return min(_SQLITE_ROWS_PER_INSERT, 1 << (left.bit_length() - 1))
+    return min(_ROWS_PER_STATEMENT, 1 << (left.bit_length() - 1))
 
 
 @functools.cache
@@ -175,15 +178,14 @@ async def _insert_postgres(
     conn: AsyncConnection, unique: dict[str, UsageRecord]
 ) -> list[UsageRecord]:
     """Insert ``unique``'s records that are not stored yet; returns those records."""
-    # One statement per 1,024 records, so the event loop runs requests between them (a
-    # 5,000-record backlog encoded at once held it for milliseconds). Chunks go in in
-    # request_id order, like the rows within each, keeping concurrent batches deadlock-free.
+    # Chunks go in in request_id order, like the rows within each, keeping concurrent
+    # batches deadlock-free.
     ordered = [unique[request_id] for request_id in sorted(unique)]
     new = dict(unique)
-    for i in range(0, len(ordered), _PG_ROWS_PER_STATEMENT):
+    for i in range(0, len(ordered), _ROWS_PER_STATEMENT):
         rows = [
             _values(r, (r.created_at - _EPOCH) // _MICROSECOND)
-            for r in ordered[i : i + _PG_ROWS_PER_STATEMENT]
+            for r in ordered[i : i + _ROWS_PER_STATEMENT]
         ]
         # Costs and latencies are finite (prices refuse inf/NaN); orjson writes NaN as null.
         result = await conn.exec_driver_sql(_PG_INSERT, (orjson.dumps(rows).decode(),))
@@ -208,8 +210,6 @@ async def _insert_sqlite(
     seconds: dict[tuple[int, ...], str] = {}
     i = 0
     while i < len(inserted):
-        # Rows are laid out chunk by chunk, so the event loop runs requests between chunks
-        # (a backlog of 5,000 records laid out at once held it for tens of milliseconds).
         size = _sqlite_chunk(len(inserted) - i)
         params = list(
             itertools.chain.from_iterable(

@@ -133,10 +133,8 @@ class MemoryLimiter:
             if state is None:
                 state = self._scopes[scope.name] = _ScopeState()
             requests, used = state.requests, state.tokens
-            if requests.oldest is not None and requests.oldest < first_live:
-                requests.expire(first_live)
-            if used.oldest is not None and used.oldest < first_live:
-                used.expire(first_live)
+            requests.expire(first_live)
+            used.expire(first_live)
             rpm, tpm, max_parallel = spec.rpm, spec.tpm, spec.max_parallel
             maybe_refused = (
                 maybe_refused

@@ -97,7 +97,7 @@ class RedisLimiter:
         answer: asyncio.Future[list[int]] = loop.create_future()
         batch.answers.append((answer, plan))
         batch.keys += plan.keys
-        batch.args += (len(plan.keys) // 3, tokens, request_id, max(round(lease_seconds * 1000), 1))
+        batch.args += (plan.n_scopes, tokens, request_id, max(round(lease_seconds * 1000), 1))
         batch.args += plan.limit_args
         if len(batch.answers) >= _BATCH_MAX:
             self._send_acquires()
@@ -146,10 +146,9 @@ class RedisLimiter:
             raise
         at = 0
         for answer, plan in batch.answers:
-            size = 4 + 4 * (len(plan.keys) // 3)
             if not answer.done():  # a request cancelled while it waited is skipped
-                answer.set_result(reply[at : at + size])
-            at += size
+                answer.set_result(reply[at : at + plan.reply_size])
+            at += plan.reply_size
 
     def _track(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -229,11 +228,23 @@ class _Plan:
     arguments, where each scope's usage sits in the reply, and the ticket's scope names.
     Holding ``scopes`` keeps its id from being reused while the plan is cached."""
 
-    __slots__ = ("keys", "lease_scopes", "limit_args", "rpm_at", "scopes", "token_scopes", "tpm_at")
+    __slots__ = (
+        "keys",
+        "lease_scopes",
+        "limit_args",
+        "n_scopes",
+        "reply_size",
+        "rpm_at",
+        "scopes",
+        "token_scopes",
+        "tpm_at",
+    )
 
     def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
         self.scopes = scopes
         limited = [scope for scope in scopes if not scope.spec.unlimited]
+        self.n_scopes = len(limited)
+        self.reply_size = 4 + 4 * len(limited)  # verdict, then 4 numbers per scope
         self.keys: list[str] = []
         self.limit_args: list[int] = []
         self.rpm_at: list[tuple[int, int]] = []  # (reply index of the count, limit)

@@ -94,13 +94,9 @@ def build_admission(
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    # Runs once per request: positional construction, no helper calls for absent limits.
-    limit_requests, remaining_requests, reset_requests = (
-        _NO_LIMIT if not requests else _header_values(_tightest(requests), now)
-    )
-    limit_tokens, remaining_tokens, reset_tokens = (
-        _NO_LIMIT if not tokens else _header_values(_tightest(tokens), now)
-    )
+    # Runs once per request: the named tuple is built positionally.
+    limit_requests, remaining_requests, reset_requests = _header_values(_tightest(requests), now)
+    limit_tokens, remaining_tokens, reset_tokens = _header_values(_tightest(tokens), now)
     return Admission(
         allowed,
         reason,
