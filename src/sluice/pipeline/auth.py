@@ -101,9 +101,11 @@ class Authenticator:
             principal = await self._identify(secret, key_hash)
             record = principal.key
         assert principal is not None
-        expires_at = None if record is None else record.expires_at
-        if expires_at is not None and expires_at <= datetime.now(UTC):
-            assert record is not None
+        if (
+            record is not None
+            and record.expires_at is not None
+            and record.expires_at <= datetime.now(UTC)
+        ):
             raise AuthenticationError(
                 f"The API key {record.display} has expired.", code="key_expired"
             )
