@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sluice.api.context import RequestContext
-from sluice.pipeline.limits import Limiter
+from sluice.pipeline.limits import Limiter, MemoryLimiter
 from sluice.settings import PricingSettings
 from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageRecord
@@ -26,6 +26,7 @@ class Accounting:
     ) -> None:
         self._recorder = recorder
         self._limiter = limiter
+        self._settle_now = limiter.settle_now if isinstance(limiter, MemoryLimiter) else None
         self._prices = prices
 
     async def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
@@ -53,7 +54,10 @@ class Accounting:
                 )
             )
         if ctx.ticket is not None and self._limiter is not None:
-            await self._limiter.settle(ctx.ticket, prompt + completion)
+            if self._settle_now is not None:
+                self._settle_now(ctx.ticket, prompt + completion)
+            else:
+                await self._limiter.settle(ctx.ticket, prompt + completion)
 
     def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
         price = self._prices.get(model or "")

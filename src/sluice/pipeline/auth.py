@@ -10,6 +10,7 @@ hash (the secret is never stored or logged) through a short-lived memory cache, 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import Callable
@@ -57,14 +58,24 @@ def credential(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str |
             "API keys are not accepted in the query string; send 'Authorization: Bearer <key>'.",
             code="key_in_query_string",
         )
+    found = _credential_header(headers)
+    return None if found is None else found[1]
+
+
+def _credential_header(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, str] | None:
+    """The header that carries the key, as name + NUL + raw value, and the key it carries."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+                return name + b"\0" + value, token.strip()
         elif name == b"api-key" and value.strip():
-            return value.decode("latin-1").strip()
+            return name + b"\0" + value, value.decode("latin-1").strip()
     return None
+
+
+def _header_digest(header: bytes) -> bytes:
+    return hashlib.sha256(header).digest()
 
 
 class Authenticator:
@@ -81,19 +92,48 @@ class Authenticator:
         self._clock = clock
         # key hash -> (deadline, principal; None for an unknown key)
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        # SHA-256 of the credential header as sent -> (deadline, a virtual key's principal):
+        # `recognise` answers a key seen within the TTL without parsing the header.
+        self._by_header: dict[bytes, tuple[float, Principal]] = {}
+
+    def recognise(self, headers: list[tuple[bytes, bytes]]) -> Principal | None:
+        """The principal of a virtual key authenticated within the cache TTL, from the same
+        credential header, still unrevoked and unexpired; None sends the caller to
+        `authenticate` (which also raises every error)."""
+        for name, value in headers:
+            if name == b"authorization" or name == b"api-key":
+                entry = self._by_header.get(_header_digest(name + b"\0" + value))
+                break
+        else:
+            return None
+        if entry is None:
+            return None
+        deadline, principal = entry
+        record = principal.key
+        if (
+            deadline <= self._clock()
+            or record is None
+            or record.revoked_at is not None
+            or (record.expires_at is not None and record.expires_at <= datetime.now(UTC))
+        ):
+            return None
+        return principal
 
     async def authenticate(
         self, headers: list[tuple[bytes, bytes]], query_string: bytes = b""
     ) -> Principal:
-        secret = credential(headers, query_string)
-        if secret is None:
+        if query_string:
+            credential(headers, query_string)  # refuses a key in the query string
+        found = _credential_header(headers)
+        if found is None:
             raise AuthenticationError(
                 "You didn't provide an API key. Send it in an Authorization header using "
                 "Bearer auth (Authorization: Bearer YOUR_KEY).",
                 code="missing_api_key",
             )
-        # The hot path: a key seen within the cache TTL costs one SHA-256 and a dict look-up
-        # (its checksum was verified when it was cached).
+        header, secret = found
+        # A key seen within the cache TTL costs one SHA-256 and a dict look-up (its checksum
+        # was verified when it was cached).
         key_hash = apikeys.hash_key(secret)
         deadline, principal = self._cache.get(key_hash, _NOT_CACHED)
         record = None if principal is None else principal.key
@@ -109,6 +149,12 @@ class Authenticator:
             raise AuthenticationError(
                 f"The API key {record.display} has expired.", code="key_expired"
             )
+        if record is not None:
+            if len(self._by_header) >= _MAX_CACHED:
+                self._by_header.clear()
+            # the deadline of the key-hash entry (set by _lookup when it went to the store)
+            deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
+            self._by_header[_header_digest(header)] = (deadline, principal)
         return principal
 
     async def _identify(self, secret: str, key_hash: str) -> Principal:
@@ -130,6 +176,7 @@ class Authenticator:
             self._cache.clear()
         else:
             self._cache.pop(key_hash, None)
+        self._by_header.clear()  # keyed by what clients send, not by key: all of it
 
     async def _lookup(self, key_hash: str) -> Principal | None:
         """The key's principal (None: unknown), through the cache; 401 for a revoked key."""

@@ -15,7 +15,7 @@ from typing import Any
 from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
-from sluice.pipeline.limits import Admission, Limiter, LimitSpec, Scope
+from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
 from sluice.store.keys import KeyRecord
 
 _BYTES_PER_TOKEN = 4  # a deliberate over-estimate of prompt tokens from the JSON body size
@@ -33,6 +33,8 @@ class Guard:
     ) -> None:
         self._auth = authenticator
         self._limiter = limiter
+        # A limiter that decides without I/O is called directly (no coroutine per request).
+        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
         self._default_max_tokens = default_max_tokens
         self._lease = lease_seconds
         self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[Scope]]] = {}
@@ -40,7 +42,10 @@ class Guard:
     async def identify(
         self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
     ) -> None:
-        ctx.principal = await self._auth.authenticate(headers, query_string)
+        principal = None if query_string else self._auth.recognise(headers)
+        if principal is None:
+            principal = await self._auth.authenticate(headers, query_string)
+        ctx.principal = principal
 
     async def admit(self, ctx: RequestContext, model: str, body: dict[str, Any], size: int) -> None:
         principal: Principal | None = ctx.principal
@@ -67,7 +72,10 @@ class Guard:
         if not scopes:
             return
         tokens = self._estimate_tokens(ctx.route, body, size)
-        admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
+        if self._acquire_now is not None:
+            admission = self._acquire_now(scopes, tokens, ctx.request_id, self._lease)
+        else:
+            admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
         ctx.admission = admission
         if not admission.allowed:
             raise _refusal(admission)

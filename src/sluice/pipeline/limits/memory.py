@@ -118,6 +118,12 @@ class MemoryLimiter:
     async def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
     ) -> Admission:
+        return self.acquire_now(scopes, tokens, request_id, lease_seconds)
+
+    def acquire_now(
+        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+    ) -> Admission:
+        """``acquire`` without a coroutine: the memory limiter never waits for anything."""
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
@@ -199,6 +205,10 @@ class MemoryLimiter:
         )
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        self.settle_now(ticket, actual_tokens)
+
+    def settle_now(self, ticket: Ticket, actual_tokens: int) -> None:
+        """``settle`` without a coroutine."""
         if not ticket.claim():
             return
         delta = max(actual_tokens, 0) - ticket.tokens
