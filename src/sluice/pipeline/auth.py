@@ -51,6 +51,12 @@ _NOT_CACHED: tuple[float, Principal | None] = (0.0, None)
 
 def credential(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str | None:
     """The key the client sent, from the headers it may use."""
+    _refuse_key_in_query(query_string)
+    found = _credential_header(headers)
+    return None if found is None else found[2]
+
+
+def _refuse_key_in_query(query_string: bytes) -> None:
     if query_string and _QUERY_KEY_NAMES & {
         name.lower() for name, _ in parse_qsl(query_string.decode("latin-1"))
     }:
@@ -58,24 +64,27 @@ def credential(headers: list[tuple[bytes, bytes]], query_string: bytes) -> str |
             "API keys are not accepted in the query string; send 'Authorization: Bearer <key>'.",
             code="key_in_query_string",
         )
-    found = _credential_header(headers)
-    return None if found is None else found[1]
 
 
-def _credential_header(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, str] | None:
-    """The header that carries the key, as name + NUL + raw value, and the key it carries."""
+def _credential_header(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, str] | None:
+    """The header that carries the key (name, raw value) and the key it carries."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
-                return name + b"\0" + value, token.strip()
+                return name, value, token.strip()
         elif name == b"api-key" and value.strip():
-            return name + b"\0" + value, value.decode("latin-1").strip()
+            return name, value, value.decode("latin-1").strip()
     return None
 
 
-def _header_digest(header: bytes) -> bytes:
-    return hashlib.sha256(header).digest()
+def _header_id(name: bytes, value: bytes) -> bytes:
+    """What the header cache is keyed by: the SHA-256 of a credential header as sent."""
+    return hashlib.sha256(name + b"\0" + value).digest()
+
+
+def _expired(record: KeyRecord) -> bool:
+    return record.expires_at is not None and record.expires_at <= datetime.now(UTC)
 
 
 class Authenticator:
@@ -102,7 +111,7 @@ class Authenticator:
         `authenticate` (which also raises every error)."""
         for name, value in headers:
             if name == b"authorization" or name == b"api-key":
-                entry = self._by_header.get(_header_digest(name + b"\0" + value))
+                entry = self._by_header.get(_header_id(name, value))
                 break
         else:
             return None
@@ -114,7 +123,7 @@ class Authenticator:
             deadline <= self._clock()
             or record is None
             or record.revoked_at is not None
-            or (record.expires_at is not None and record.expires_at <= datetime.now(UTC))
+            or _expired(record)
         ):
             return None
         return principal
@@ -122,8 +131,7 @@ class Authenticator:
     async def authenticate(
         self, headers: list[tuple[bytes, bytes]], query_string: bytes = b""
     ) -> Principal:
-        if query_string:
-            credential(headers, query_string)  # refuses a key in the query string
+        _refuse_key_in_query(query_string)
         found = _credential_header(headers)
         if found is None:
             raise AuthenticationError(
@@ -131,7 +139,7 @@ class Authenticator:
                 "Bearer auth (Authorization: Bearer YOUR_KEY).",
                 code="missing_api_key",
             )
-        header, secret = found
+        name, value, secret = found
         # A key seen within the cache TTL costs one SHA-256 and a dict look-up (its checksum
         # was verified when it was cached).
         key_hash = apikeys.hash_key(secret)
@@ -141,11 +149,7 @@ class Authenticator:
             principal = await self._identify(secret, key_hash)
             record = principal.key
         assert principal is not None
-        if (
-            record is not None
-            and record.expires_at is not None
-            and record.expires_at <= datetime.now(UTC)
-        ):
+        if record is not None and _expired(record):
             raise AuthenticationError(
                 f"The API key {record.display} has expired.", code="key_expired"
             )
@@ -154,7 +158,7 @@ class Authenticator:
                 self._by_header.clear()
             # the deadline of the key-hash entry (set by _lookup when it went to the store)
             deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
-            self._by_header[_header_digest(header)] = (deadline, principal)
+            self._by_header[_header_id(name, value)] = (deadline, principal)
         return principal
 
     async def _identify(self, secret: str, key_hash: str) -> Principal:
