@@ -51,6 +51,7 @@ def build_app(settings: Settings) -> Starlette:
     services = build_services(settings, metrics)
     openai = OpenAIService(router, metrics, settings.server.max_body_bytes, services.guard)
     health = HealthRoutes(lifecycle, registry)
+    access_log = AccessLog(settings.logging.access_log)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -74,6 +75,7 @@ def build_app(settings: Settings) -> Starlette:
             lifecycle.stop()
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
+            access_log.flush()
 
     api = FastAPI(title="Sluice", summary="OpenAI-compatible LLM gateway", redoc_url=None)
     if services.keys is not None and services.usage is not None:
@@ -90,7 +92,7 @@ def build_app(settings: Settings) -> Starlette:
                 ObserveRequests,
                 lifecycle=lifecycle,
                 metrics=metrics,
-                access_log=AccessLog(settings.logging.access_log),
+                access_log=access_log,
                 accounting=services.accounting,
             )
         ],
