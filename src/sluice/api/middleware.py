@@ -90,7 +90,7 @@ class ObserveRequests:
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
                 if ctx.admission is not None:
-                    headers += ratelimit_headers(ctx.admission)
+                    ratelimit_headers(ctx.admission, headers)
                 message["headers"] = headers
             await send(message)
 

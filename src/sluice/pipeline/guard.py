@@ -131,39 +131,18 @@ def _refusal(admission: Admission) -> RateLimitError:
     )
 
 
-_REQUEST_HEADERS = (
-    b"x-ratelimit-limit-requests",
-    b"x-ratelimit-remaining-requests",
-    b"x-ratelimit-reset-requests",
-)
-_TOKEN_HEADERS = (
-    b"x-ratelimit-limit-tokens",
-    b"x-ratelimit-remaining-tokens",
-    b"x-ratelimit-reset-tokens",
-)
-
-
-def ratelimit_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
-    """OpenAI's x-ratelimit-* headers for a response."""
-    out: list[tuple[bytes, bytes]] = []
-    for names, limit, remaining, reset in (
-        (
-            _REQUEST_HEADERS,
-            admission.limit_requests,
-            admission.remaining_requests,
-            admission.reset_requests,
-        ),
-        (
-            _TOKEN_HEADERS,
-            admission.limit_tokens,
-            admission.remaining_tokens,
-            admission.reset_tokens,
-        ),
-    ):
-        if limit is not None:
-            out += (
-                (names[0], b"%d" % limit),
-                (names[1], b"%d" % (remaining or 0)),
-                (names[2], b"%.3fs" % (reset or 0)),
-            )
-    return out
+def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> None:
+    """Append OpenAI's x-ratelimit-* headers for ``admission`` to ``out``."""
+    # Straight-line code: it runs for every response of a limited key.
+    if admission.limit_requests is not None:
+        out += (
+            (b"x-ratelimit-limit-requests", b"%d" % admission.limit_requests),
+            (b"x-ratelimit-remaining-requests", b"%d" % (admission.remaining_requests or 0)),
+            (b"x-ratelimit-reset-requests", b"%.3fs" % (admission.reset_requests or 0)),
+        )
+    if admission.limit_tokens is not None:
+        out += (
+            (b"x-ratelimit-limit-tokens", b"%d" % admission.limit_tokens),
+            (b"x-ratelimit-remaining-tokens", b"%d" % (admission.remaining_tokens or 0)),
+            (b"x-ratelimit-reset-tokens", b"%.3fs" % (admission.reset_tokens or 0)),
+        )

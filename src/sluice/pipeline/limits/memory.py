@@ -61,9 +61,6 @@ class _Window:
     def wait(self, need: int, now: float) -> float:
         return seconds_until_freed(self.buckets.items(), need, now)
 
-    def usage(self, limit: int) -> Usage:
-        return Usage(limit, self.total, self.oldest)
-
 
 class _ScopeState:
     __slots__ = ("leases", "requests", "tokens")
@@ -127,59 +124,56 @@ class MemoryLimiter:
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
+        second = int(now)
         first_live = first_live_second(now)
-        tokens = max(tokens, 0)
+        if tokens < 0:
+            tokens = 0
+        states = self._scopes
         checked: list[tuple[LimitSpec, _ScopeState, str]] = []
         maybe_refused = False
         for scope in scopes:
             spec = scope.spec
             if spec.unlimited:
                 continue
-            state = self._scopes.get(scope.name)
+            name = scope.name
+            state = states.get(name)
             if state is None:
-                state = self._scopes[scope.name] = _ScopeState()
+                state = states[name] = _ScopeState()
             requests, used = state.requests, state.tokens
             requests.expire(first_live)
             used.expire(first_live)
             rpm, tpm, max_parallel = spec.rpm, spec.tpm, spec.max_parallel
-            maybe_refused = (
-                maybe_refused
-                or (rpm is not None and requests.total >= rpm)
+            if (
+                (rpm is not None and requests.total >= rpm)
                 or (tpm is not None and used.total + tokens > tpm)
                 or (max_parallel is not None and len(state.leases) >= max_parallel)
-            )
-            checked.append((spec, state, scope.name))
+            ):
+                maybe_refused = True
+            checked.append((spec, state, name))
         if maybe_refused:  # the full check, which also drops expired leases
             refused = self._refusal(checked, tokens, now)
             if refused is not None:
                 return refused
 
-        second = int(now)
         token_scopes: list[str] = []
         lease_scopes: list[str] = []
         requests_usage: list[Usage] = []
         tokens_usage: list[Usage] = []
         for spec, state, name in checked:
             if spec.rpm is not None:
-                state.requests.add(second, 1)
-                requests_usage.append(state.requests.usage(spec.rpm))
+                window = state.requests
+                window.add(second, 1)
+                requests_usage.append((spec.rpm, window.total, window.oldest))
             if spec.tpm is not None:
-                state.tokens.add(second, tokens)
-                tokens_usage.append(state.tokens.usage(spec.tpm))
+                window = state.tokens
+                window.add(second, tokens)
+                tokens_usage.append((spec.tpm, window.total, window.oldest))
                 token_scopes.append(name)
             if spec.max_parallel is not None:
                 state.leases[request_id] = now + lease_seconds
                 lease_scopes.append(name)
         ticket = Ticket(request_id, tokens, second, tuple(token_scopes), tuple(lease_scopes))
-        return build_admission(
-            allowed=True,
-            reason=None,
-            retry_after=0.0,
-            requests=requests_usage,
-            tokens=tokens_usage,
-            now=now,
-            ticket=ticket,
-        )
+        return build_admission(True, None, 0.0, requests_usage, tokens_usage, now, ticket)
 
     def _refusal(
         self, checked: list[tuple[LimitSpec, _ScopeState, str]], tokens: int, now: float
@@ -194,15 +188,17 @@ class MemoryLimiter:
                 retry_after = max(retry_after, *(wait for _, wait in refusals))
         if reason is None:
             return None
-        return build_admission(
-            allowed=False,
-            reason=reason,
-            retry_after=retry_after,
-            requests=[s.requests.usage(spec.rpm) for spec, s, _ in checked if spec.rpm is not None],
-            tokens=[s.tokens.usage(spec.tpm) for spec, s, _ in checked if spec.tpm is not None],
-            now=now,
-            ticket=None,
-        )
+        requests: list[Usage] = [
+            (spec.rpm, s.requests.total, s.requests.oldest)
+            for spec, s, _ in checked
+            if spec.rpm is not None
+        ]
+        tokens_usage: list[Usage] = [
+            (spec.tpm, s.tokens.total, s.tokens.oldest)
+            for spec, s, _ in checked
+            if spec.tpm is not None
+        ]
+        return build_admission(False, reason, retry_after, requests, tokens_usage, now, None)
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         self.settle_now(ticket, actual_tokens)

@@ -107,21 +107,20 @@ class RedisLimiter:
             return self._fail(exc, request_id, tokens)
 
         allowed, code, retry_ms, now_ms = reply[0], reply[1], reply[2], reply[3]
-        requests = [Usage(limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.rpm_at]
-        used_tokens = [Usage(limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.tpm_at]
+        requests: list[Usage] = [
+            (limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.rpm_at
+        ]
+        used_tokens: list[Usage] = [
+            (limit, reply[i], _or_none(reply[i + 1])) for i, limit in plan.tpm_at
+        ]
         ticket = None
         if allowed:
             ticket = Ticket(
                 request_id, tokens, now_ms // 1000, plan.token_scopes, plan.lease_scopes
             )
+        reason = None if allowed else REASON_CODES[code]
         return build_admission(
-            allowed=bool(allowed),
-            reason=None if allowed else REASON_CODES[code],
-            retry_after=retry_ms / 1000,
-            requests=requests,
-            tokens=used_tokens,
-            now=now_ms / 1000,
-            ticket=ticket,
+            bool(allowed), reason, retry_ms / 1000, requests, used_tokens, now_ms / 1000, ticket
         )
 
     def _send_acquires(self) -> None:
@@ -289,12 +288,5 @@ class _SettleBatch:
 
 def _unlimited(request_id: str, tokens: int, *, noop: bool = False) -> Admission:
     """An admission no scope limits (no scopes, or fail-open); its ticket settles as nothing."""
-    return build_admission(
-        allowed=True,
-        reason=None,
-        retry_after=0.0,
-        requests=(),
-        tokens=(),
-        now=0.0,
-        ticket=Ticket(request_id, tokens=tokens, second=0, noop=noop),
-    )
+    ticket = Ticket(request_id, tokens=tokens, second=0, noop=noop)
+    return build_admission(True, None, 0.0, (), (), 0.0, ticket)

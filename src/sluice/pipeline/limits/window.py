@@ -15,7 +15,6 @@ The Lua script in ``lua.py`` implements the same rules; keep the two in step.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
 
 from sluice.pipeline.limits.base import Admission, Reason, Ticket
 
@@ -48,12 +47,10 @@ def seconds_until_freed(buckets: Iterable[tuple[int, int]], need: int, now: floa
     return float(WINDOW_BUCKETS)
 
 
-class Usage(NamedTuple):
-    """One scope's limit and its usage after the decision, for the rate-limit headers."""
-
-    limit: int
-    used: int
-    oldest: int | None  # oldest counted bucket second
+Usage = tuple[int, int, int | None]
+"""One scope's limit, its usage after the decision and its oldest counted bucket second
+(None when nothing is counted), for the rate-limit headers. A plain tuple: one is made per
+limited scope and request, and a named tuple's constructor is a Python call."""
 
 
 def _tightest(usages: Sequence[Usage]) -> Usage | None:
@@ -62,10 +59,7 @@ def _tightest(usages: Sequence[Usage]) -> Usage | None:
         return usages[0]
     best: Usage | None = None
     for usage in usages:
-        if best is None or (usage.limit - usage.used, usage.limit) < (
-            best.limit - best.used,
-            best.limit,
-        ):
+        if best is None or (usage[0] - usage[1], usage[0]) < (best[0] - best[1], best[0]):
             best = usage
     return best
 
@@ -85,7 +79,6 @@ def _header_values(
 
 
 def build_admission(
-    *,
     allowed: bool,
     reason: Reason | None,
     retry_after: float,
@@ -94,7 +87,8 @@ def build_admission(
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    # Runs once per request: the named tuple is built positionally.
+    """The admission for a decision at ``now``; header fields from the tightest usages."""
+    # Runs once per request: positional arguments, the named tuple built positionally.
     limit_requests, remaining_requests, reset_requests = _header_values(_tightest(requests), now)
     limit_tokens, remaining_tokens, reset_tokens = _header_values(_tightest(tokens), now)
     return Admission(
