@@ -19,6 +19,12 @@ with the server's CPU time per request (utime + stime from /proc over the reques
 counted). A development probe: bench/accounting_bench.py is the benchmark of record.
 
     python bench/accounting_breakdown.py ROUNDS DURATION plain master nolim lim full usage
+
+A/B of two source trees: a variant written NAME@base runs with PYTHONPATH set to
+$BENCH_BASE_SRC (say, the src/ folder of `git worktree add /tmp/base HEAD`), so the same
+variant on the old and the new code share every round:
+
+    BENCH_BASE_SRC=/tmp/base/src python bench/accounting_breakdown.py 5 4 full@base full
 """
 
 import contextlib
@@ -139,12 +145,13 @@ def main():
     nginx()
     variants = []
     for i, name in enumerate(names):
-        cfg = AB / "cfg" / f"{name}.yaml"
+        variant, _, tree = name.partition("@")
+        cfg = AB / "cfg" / f"{variant}.yaml"
         text = cfg.read_text()
         keymode = re.search(r"# key: (\w+)", text)
         keymode = keymode.group(1) if keymode else "none"
         port = 8081 + i
-        data = AB / "data" / name
+        data = AB / "data" / name.replace("@", "-")
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir(parents=True)
         env = {
@@ -154,9 +161,11 @@ def main():
             "SLUICE_SERVER__PORT": str(port),
             "BENCH_DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", ""),
         }
+        if tree:
+            env["PYTHONPATH"] = os.environ["BENCH_BASE_SRC"]
         p = start(
             ["taskset", "-c", "0", PY, "-m", "sluice", "serve", "--config", str(cfg)],
-            f"{name}.log",
+            f"{name.replace('@', '-')}.log",
             env,
         )
         wait_http(f"http://127.0.0.1:{port}/healthz")
