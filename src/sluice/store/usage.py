@@ -29,7 +29,9 @@ class UsageRecord:
     """One request's usage; ``request_id`` makes writing it idempotent.
 
     Made once per request, so kept cheap: slots, not frozen (a frozen dataclass cost four
-    times as much to build). ``created_at`` must be timezone-aware; it is kept in UTC.
+    times as much to build), and built positionally by `sluice.pipeline.accounting`: the
+    field order is part of the interface. ``created_at`` must be timezone-aware; it is kept
+    in UTC.
     """
 
     request_id: str
