@@ -130,6 +130,17 @@ def measure(name, index, args, body):
     return collected(out) / answered, answered, seconds
 
 
+def base_note(variants):
+    """What NAME@base variants ran on, for the docs."""
+    if not any("@" in variant for variant in variants):
+        return ""
+    tree = Path(os.environ["BENCH_BASE_SRC"]).parent
+    commit = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return f"; NAME@base = the same variant on commit {commit or tree}"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("variants", nargs="+")
@@ -171,9 +182,10 @@ def main():
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ab.REPO
         ).stdout.strip()
-        command = "python bench/accounting_instructions.py " + " ".join(sys.argv[1:]).replace(
-            " --write-docs", ""
-        )
+        argv = [a for a in sys.argv[1:] if a != "--write-docs"]
+        command = "python bench/accounting_instructions.py " + " ".join(argv)
+        if any("@" in variant for variant in args.variants):
+            command = f"BENCH_BASE_SRC={os.environ['BENCH_BASE_SRC']} {command}"
         when = time.strftime("%Y-%m-%d %H:%M")
         runtime = time.time() - began
         section = "\n\n".join(
@@ -192,8 +204,7 @@ def main():
                 " User-space instructions only: the kernel, cache misses and mispredictions"
                 " are not in it. Variants: plain = no auth, usage off; lim = virtual key with"
                 " RPM/TPM/parallel limits, usage off; full = lim + usage records in SQLite (the"
-                " memory/SQLite variant of the section above); NAME@base = the same on the"
-                " source tree named in the notes.",
+                " memory/SQLite variant of the section above)" + base_note(args.variants) + ".",
                 f"```sh\n{command}\n```",
                 table,
             ]
