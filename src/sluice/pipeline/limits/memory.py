@@ -61,6 +61,9 @@ class _Window:
     def wait(self, need: int, now: float) -> float:
         return seconds_until_freed(self.buckets.items(), need, now)
 
+    def usage(self, limit: int) -> Usage:
+        return (limit, self.total, self.oldest)
+
 
 class _ScopeState:
     __slots__ = ("leases", "requests", "tokens")
@@ -161,13 +164,11 @@ class MemoryLimiter:
         tokens_usage: list[Usage] = []
         for spec, state, name in checked:
             if spec.rpm is not None:
-                window = state.requests
-                window.add(second, 1)
-                requests_usage.append((spec.rpm, window.total, window.oldest))
+                state.requests.add(second, 1)
+                requests_usage.append(state.requests.usage(spec.rpm))
             if spec.tpm is not None:
-                window = state.tokens
-                window.add(second, tokens)
-                tokens_usage.append((spec.tpm, window.total, window.oldest))
+                state.tokens.add(second, tokens)
+                tokens_usage.append(state.tokens.usage(spec.tpm))
                 token_scopes.append(name)
             if spec.max_parallel is not None:
                 state.leases[request_id] = now + lease_seconds
@@ -188,17 +189,9 @@ class MemoryLimiter:
                 retry_after = max(retry_after, *(wait for _, wait in refusals))
         if reason is None:
             return None
-        requests: list[Usage] = [
-            (spec.rpm, s.requests.total, s.requests.oldest)
-            for spec, s, _ in checked
-            if spec.rpm is not None
-        ]
-        tokens_usage: list[Usage] = [
-            (spec.tpm, s.tokens.total, s.tokens.oldest)
-            for spec, s, _ in checked
-            if spec.tpm is not None
-        ]
-        return build_admission(False, reason, retry_after, requests, tokens_usage, now, None)
+        requests = [s.requests.usage(spec.rpm) for spec, s, _ in checked if spec.rpm is not None]
+        tokens_used = [s.tokens.usage(spec.tpm) for spec, s, _ in checked if spec.tpm is not None]
+        return build_admission(False, reason, retry_after, requests, tokens_used, now, None)
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         self.settle_now(ticket, actual_tokens)
