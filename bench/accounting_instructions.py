@@ -22,6 +22,8 @@ interleaved req/s ratio within a few points when both were measured (0.705 vs ~0
 
     python bench/accounting_instructions.py [--requests 2016] [--warmup 3008] \
         [--write-docs] plain lim full
+
+Needs valgrind, hey and nginx (Debian packages: apt-get install valgrind hey nginx).
 """
 
 import argparse
