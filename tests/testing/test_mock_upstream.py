@@ -100,6 +100,9 @@ def test_stream_chat_ends_with_done_and_usage(mock: MockUpstream, client: httpx.
     assert chunks[5]["choices"] == []
     assert chunks[5]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert len(chunks) == 6
+    # The mock counts the stream once its handler returns, on its own thread, which can be
+    # just after the client has read the last byte.
+    wait_for(lambda: mock.stats.streams_completed == 1)
     assert mock.stats.streams_started == mock.stats.streams_completed == 1
     assert mock.stats.streams_cancelled == 0
 
