@@ -137,6 +137,48 @@ def cpu_of(pid):
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+KEY_SPEC = {"rpm": 100_000_000, "tpm": 2_000_000_000, "max_parallel": 100_000}
+
+
+def server_setup(name, port, data_root):
+    """Config, key mode, file-name slug and environment of the server for variant ``name``
+    (NAME@base: on the source tree $BENCH_BASE_SRC), with a fresh data dir."""
+    variant, _, tree = name.partition("@")
+    cfg = AB / "cfg" / f"{variant}.yaml"
+    found = re.search(r"# key: (\w+)", cfg.read_text())
+    mode = found.group(1) if found else "none"
+    slug = name.replace("@", "-")
+    data = data_root / slug
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(parents=True)
+    env = {
+        "BENCH_UPSTREAM_KEY": "sk-upstream",
+        "BENCH_MASTER_KEY": MASTER,
+        "SLUICE_DATA_DIR": str(data),
+        "SLUICE_SERVER__PORT": str(port),
+        "BENCH_DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", ""),
+    }
+    if tree:
+        env["PYTHONPATH"] = os.environ["BENCH_BASE_SRC"]
+    return cfg, mode, slug, env
+
+
+def create_key(mode, port):
+    """The credential a variant's requests carry: none, the master key, or a new virtual key
+    (with limits that never refuse for mode "limits")."""
+    if mode == "none":
+        return None
+    if mode == "master":
+        return MASTER
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/admin/keys",
+        data=json.dumps(KEY_SPEC if mode == "limits" else {}).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
+    )
+    return json.loads(urllib.request.urlopen(req).read())["key"]
+
+
 def main():
     rounds, dur = int(sys.argv[1]), int(sys.argv[2])
     names = sys.argv[3:]
@@ -145,46 +187,15 @@ def main():
     nginx()
     variants = []
     for i, name in enumerate(names):
-        variant, _, tree = name.partition("@")
-        cfg = AB / "cfg" / f"{variant}.yaml"
-        text = cfg.read_text()
-        keymode = re.search(r"# key: (\w+)", text)
-        keymode = keymode.group(1) if keymode else "none"
         port = 8081 + i
-        data = AB / "data" / name.replace("@", "-")
-        shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        env = {
-            "BENCH_UPSTREAM_KEY": "sk-upstream",
-            "BENCH_MASTER_KEY": MASTER,
-            "SLUICE_DATA_DIR": str(data),
-            "SLUICE_SERVER__PORT": str(port),
-            "BENCH_DATABASE_URL": os.environ.get("BENCH_DATABASE_URL", ""),
-        }
-        if tree:
-            env["PYTHONPATH"] = os.environ["BENCH_BASE_SRC"]
+        cfg, mode, slug, env = server_setup(name, port, AB / "data")
         p = start(
             ["taskset", "-c", "0", PY, "-m", "sluice", "serve", "--config", str(cfg)],
-            f"{name.replace('@', '-')}.log",
+            f"{slug}.log",
             env,
         )
         wait_http(f"http://127.0.0.1:{port}/healthz")
-        auth = None
-        if keymode == "master":
-            auth = MASTER
-        elif keymode != "none":
-            spec = (
-                {"rpm": 100_000_000, "tpm": 2_000_000_000, "max_parallel": 100_000}
-                if keymode == "limits"
-                else {}
-            )
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{port}/admin/keys",
-                data=json.dumps(spec).encode(),
-                method="POST",
-                headers={"Authorization": f"Bearer {MASTER}", "Content-Type": "application/json"},
-            )
-            auth = json.loads(urllib.request.urlopen(req).read())["key"]
+        auth = create_key(mode, port)
         variants.append((name, port, auth, p))
     # warm-up
     for _name, port, auth, _proc in variants:

@@ -28,14 +28,11 @@ Needs valgrind, hey and nginx (Debian packages: apt-get install valgrind hey ngi
 
 import argparse
 import glob
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,7 +40,6 @@ import accounting_breakdown as ab
 import gateway_bench as gb
 
 WORK = ab.AB / "instructions"
-KEY_SPEC = {"rpm": 100_000_000, "tpm": 2_000_000_000, "max_parallel": 100_000}
 
 
 def hey(port, auth, n, body):
@@ -60,20 +56,6 @@ def hey(port, auth, n, body):
     return int(codes["200"])
 
 
-def key_for(mode, port):
-    if mode == "none":
-        return None
-    if mode == "master":
-        return ab.MASTER
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/admin/keys",
-        data=json.dumps(KEY_SPEC if mode == "limits" else {}).encode(),
-        method="POST",
-        headers={"Authorization": f"Bearer {ab.MASTER}", "Content-Type": "application/json"},
-    )
-    return json.loads(urllib.request.urlopen(req).read())["key"]
-
-
 def collected(prefix):
     """Instructions in the dump callgrind_control -d wrote (the largest 'summary:')."""
     total = 0
@@ -87,24 +69,10 @@ def collected(prefix):
 
 
 def measure(name, index, args, body):
-    variant, _, tree = name.partition("@")
-    cfg = ab.AB / "cfg" / f"{variant}.yaml"
-    mode = re.search(r"# key: (\w+)", cfg.read_text()).group(1)
     port = 8181 + index
-    slug = name.replace("@", "-")
-    data = WORK / "data" / slug
-    shutil.rmtree(data, ignore_errors=True)
-    data.mkdir(parents=True)
-    env = {
-        "BENCH_UPSTREAM_KEY": "sk-upstream",
-        "BENCH_MASTER_KEY": ab.MASTER,
-        "SLUICE_DATA_DIR": str(data),
-        "SLUICE_SERVER__PORT": str(port),
-        "SLUICE_USAGE__FLUSH_INTERVAL": "30",
-        "SLUICE_AUTH__KEY_CACHE_TTL": "600",
-    }
-    if tree:
-        env["PYTHONPATH"] = os.environ["BENCH_BASE_SRC"]
+    cfg, mode, slug, env = ab.server_setup(name, port, WORK / "data")
+    env["SLUICE_USAGE__FLUSH_INTERVAL"] = "30"
+    env["SLUICE_AUTH__KEY_CACHE_TTL"] = "600"
     out = str(WORK / f"callgrind.{slug}")
     for path in glob.glob(out + "*"):
         os.remove(path)
@@ -113,7 +81,7 @@ def measure(name, index, args, body):
     proc = ab.start(argv, f"instructions-{slug}.log", env)
     try:
         ab.wait_http(f"http://127.0.0.1:{port}/healthz", timeout=300)
-        auth = key_for(mode, port)
+        auth = ab.create_key(mode, port)
         hey(port, auth, args.warmup, body)
         time.sleep(1.5)
         subprocess.run(
