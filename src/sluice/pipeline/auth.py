@@ -123,7 +123,7 @@ class Authenticator:
             deadline <= self._clock()
             or record is None
             or record.revoked_at is not None
-            or _expired(record)
+            or (record.expires_at is not None and _expired(record))
         ):
             return None
         return principal

@@ -52,15 +52,10 @@ class Guard:
         if principal is None or principal.key is None:
             return  # the master key is not limited
         key = principal.key
-        principal.authorize(model)
+        if key.models is not None and model not in key.models:
+            principal.authorize(model)  # raises the 403
         if key.budget_usd is not None and key.spend_usd >= key.budget_usd:
-            raise RateLimitError(
-                f"Budget exceeded: the API key {key.display} has spent ${key.spend_usd:.4f} of "
-                f"its ${key.budget_usd:.2f} budget"
-                + (f" for this {_PERIOD_NOUN[key.budget_period]}." if key.budget_period else "."),
-                code="budget_exceeded",
-                headers={"x-should-retry": "false"},
-            )
+            raise _over_budget(key)
         cached = self._scopes.get((key.id, model))
         if cached is not None and cached[0] is key:
             scopes = cached[1]
@@ -71,7 +66,15 @@ class Guard:
             self._scopes[(key.id, model)] = (key, scopes)
         if not scopes:
             return
-        tokens = self._estimate_tokens(ctx.route, body, size)
+        # The estimate, inline (it runs for every limited request): the body's size in
+        # tokens, plus the completion's ceiling unless this is an embedding.
+        tokens = size // _BYTES_PER_TOKEN or 1
+        if ctx.route != "embeddings":
+            completion = body.get("max_completion_tokens") or body.get("max_tokens")
+            if not isinstance(completion, int):
+                completion = self._default_max_tokens
+            n = body.get("n")
+            tokens += completion * n if isinstance(n, int) and n > 0 else completion
         if self._acquire_now is not None:
             admission = self._acquire_now(scopes, tokens, ctx.request_id, self._lease)
         else:
@@ -82,18 +85,18 @@ class Guard:
         ctx.ticket = admission.ticket
         ctx.reserved_tokens = tokens
 
-    def _estimate_tokens(self, route: str, body: dict[str, Any], size: int) -> int:
-        prompt = max(1, size // _BYTES_PER_TOKEN)
-        if route == "embeddings":
-            return prompt
-        completion = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(completion, int):
-            completion = self._default_max_tokens
-        n = body.get("n")
-        return prompt + completion * (n if isinstance(n, int) and n > 0 else 1)
-
 
 _PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}
+
+
+def _over_budget(key: KeyRecord) -> RateLimitError:
+    period = f" for this {_PERIOD_NOUN[key.budget_period]}." if key.budget_period else "."
+    return RateLimitError(
+        f"Budget exceeded: the API key {key.display} has spent ${key.spend_usd:.4f} of "
+        f"its ${key.budget_usd:.2f} budget{period}",
+        code="budget_exceeded",
+        headers={"x-should-retry": "false"},
+    )
 
 
 def _scopes(

@@ -13,16 +13,21 @@ from sluice.pipeline.limits.base import Admission, LimitSpec, Reason, Scope, Tic
 from sluice.pipeline.limits.window import (
     NEVER_RETRY_AFTER,
     PARALLEL_RETRY_AFTER,
+    WINDOW_BUCKETS,
     Usage,
     build_admission,
     first_live_second,
     seconds_until_freed,
 )
 
+_KEPT_SECONDS = WINDOW_BUCKETS - 1  # first_live_second(now) == int(now) - _KEPT_SECONDS
+_new_tuple = tuple.__new__  # Admission(...) is a Python-level call; this is not
+
 
 class _Window:
     """Per-second buckets in ascending order (dicts keep insertion order), their sum and
-    the oldest bucket's second (None when empty)."""
+    the oldest bucket's second (None when empty). ``MemoryLimiter.acquire_now`` adds to
+    them and ``settle_now`` adjusts them in place (no method call per request)."""
 
     __slots__ = ("buckets", "oldest", "total")
 
@@ -41,22 +46,6 @@ class _Window:
             self.total -= buckets.pop(oldest)
             oldest = next(iter(buckets), None)
         self.oldest = oldest
-
-    def add(self, second: int, amount: int) -> None:
-        buckets = self.buckets
-        if second in buckets:
-            buckets[second] += amount
-        else:
-            buckets[second] = amount
-            if self.oldest is None:
-                self.oldest = second
-        self.total += amount
-
-    def adjust(self, second: int, delta: int) -> None:
-        """Change an existing bucket; a bucket that already left the window stays gone."""
-        if second in self.buckets:
-            self.buckets[second] += delta
-            self.total += delta
 
     def wait(self, need: int, now: float) -> float:
         return seconds_until_freed(self.buckets.items(), need, now)
@@ -124,90 +113,145 @@ class MemoryLimiter:
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
     ) -> Admission:
         """``acquire`` without a coroutine: the memory limiter never waits for anything."""
+        # Runs for every request of a limited key, so written out flat: no helper calls in
+        # the common case (a Python call, even max(), costs more than the arithmetic here).
         now = self._clock()
         if now >= self._next_sweep:
             self._sweep(now)
         second = int(now)
-        first_live = first_live_second(now)
+        first_live = second - _KEPT_SECONDS
         if tokens < 0:
             tokens = 0
         states = self._scopes
-        checked: list[tuple[LimitSpec, _ScopeState, str]] = []
         maybe_refused = False
         for scope in scopes:
-            spec = scope.spec
-            if spec.unlimited:
-                continue
-            name = scope.name
-            state = states.get(name)
+            state = states.get(scope.name)
             if state is None:
-                state = states[name] = _ScopeState()
+                state = states[scope.name] = _ScopeState()
+            spec = scope.spec
             requests, used = state.requests, state.tokens
-            requests.expire(first_live)
-            used.expire(first_live)
-            rpm, tpm, max_parallel = spec.rpm, spec.tpm, spec.max_parallel
+            if requests.oldest is not None and requests.oldest < first_live:
+                requests.expire(first_live)
+            if used.oldest is not None and used.oldest < first_live:
+                used.expire(first_live)
             if (
-                (rpm is not None and requests.total >= rpm)
-                or (tpm is not None and used.total + tokens > tpm)
-                or (max_parallel is not None and len(state.leases) >= max_parallel)
+                (spec.rpm is not None and requests.total >= spec.rpm)
+                or (spec.tpm is not None and used.total + tokens > spec.tpm)
+                or (spec.max_parallel is not None and len(state.leases) >= spec.max_parallel)
             ):
                 maybe_refused = True
-            checked.append((spec, state, name))
         if maybe_refused:  # the full check, which also drops expired leases
-            refused = self._refusal(checked, tokens, now)
+            refused = self._refusal(scopes, tokens, now)
             if refused is not None:
                 return refused
 
-        token_scopes: list[str] = []
-        lease_scopes: list[str] = []
-        requests_usage: list[Usage] = []
-        tokens_usage: list[Usage] = []
-        for spec, state, name in checked:
-            if spec.rpm is not None:
-                state.requests.add(second, 1)
-                requests_usage.append(state.requests.usage(spec.rpm))
-            if spec.tpm is not None:
-                state.tokens.add(second, tokens)
-                tokens_usage.append(state.tokens.usage(spec.tpm))
-                token_scopes.append(name)
+        # Admit into every scope; the headers report the scope with the least remaining
+        # (then the smallest limit) for requests and for tokens.
+        token_scopes: tuple[str, ...] = ()
+        lease_scopes: tuple[str, ...] = ()
+        rpm_limit = rpm_left = tpm_limit = tpm_left = None
+        rpm_reset = tpm_reset = 0.0
+        for scope in scopes:
+            spec, state, name = scope.spec, states[scope.name], scope.name
+            limit = spec.rpm
+            if limit is not None:
+                window = state.requests
+                buckets = window.buckets
+                if second in buckets:
+                    buckets[second] += 1
+                else:
+                    buckets[second] = 1
+                    if window.oldest is None:
+                        window.oldest = second
+                window.total += 1
+                left = limit - window.total
+                if (
+                    rpm_limit is None
+                    or rpm_left is None
+                    or left < rpm_left
+                    or (left == rpm_left and limit < rpm_limit)
+                ):
+                    rpm_limit, rpm_left = limit, left
+                    rpm_reset = window.oldest + WINDOW_BUCKETS - now  # type: ignore[operator]
+            limit = spec.tpm
+            if limit is not None:
+                window = state.tokens
+                buckets = window.buckets
+                if second in buckets:
+                    buckets[second] += tokens
+                else:
+                    buckets[second] = tokens
+                    if window.oldest is None:
+                        window.oldest = second
+                window.total += tokens
+                left = limit - window.total
+                if (
+                    tpm_limit is None
+                    or tpm_left is None
+                    or left < tpm_left
+                    or (left == tpm_left and limit < tpm_limit)
+                ):
+                    tpm_limit, tpm_left = limit, left
+                    tpm_reset = window.oldest + WINDOW_BUCKETS - now  # type: ignore[operator]
+                token_scopes += (name,)
             if spec.max_parallel is not None:
                 state.leases[request_id] = now + lease_seconds
-                lease_scopes.append(name)
-        ticket = Ticket(request_id, tokens, second, tuple(token_scopes), tuple(lease_scopes))
-        return build_admission(True, None, 0.0, requests_usage, tokens_usage, now, ticket)
+                lease_scopes += (name,)
+        ticket = Ticket(request_id, tokens, second, token_scopes, lease_scopes)
+        return _new_tuple(
+            Admission,
+            (
+                True,
+                None,
+                0.0,
+                rpm_limit,
+                None if rpm_left is None else rpm_left if rpm_left > 0 else 0,
+                None if rpm_limit is None else rpm_reset if rpm_reset > 0.0 else 0.0,
+                tpm_limit,
+                None if tpm_left is None else tpm_left if tpm_left > 0 else 0,
+                None if tpm_limit is None else tpm_reset if tpm_reset > 0.0 else 0.0,
+                ticket,
+            ),
+        )
 
-    def _refusal(
-        self, checked: list[tuple[LimitSpec, _ScopeState, str]], tokens: int, now: float
-    ) -> Admission | None:
+    def _refusal(self, scopes: Sequence[Scope], tokens: int, now: float) -> Admission | None:
         """The refusal for a request some limit may refuse; None when none does."""
+        checked = [(scope.spec, self._scopes[scope.name]) for scope in scopes]
         reason: Reason | None = None
         retry_after = 0.0
-        for spec, state, _ in checked:
+        for spec, state in checked:
             refusals = state.refusals(spec, tokens, now)
             if refusals is not None:
                 reason = reason or refusals[0][0]
                 retry_after = max(retry_after, *(wait for _, wait in refusals))
         if reason is None:
             return None
-        requests = [s.requests.usage(spec.rpm) for spec, s, _ in checked if spec.rpm is not None]
-        tokens_used = [s.tokens.usage(spec.tpm) for spec, s, _ in checked if spec.tpm is not None]
+        requests = [s.requests.usage(spec.rpm) for spec, s in checked if spec.rpm is not None]
+        tokens_used = [s.tokens.usage(spec.tpm) for spec, s in checked if spec.tpm is not None]
         return build_admission(False, reason, retry_after, requests, tokens_used, now, None)
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         self.settle_now(ticket, actual_tokens)
 
     def settle_now(self, ticket: Ticket, actual_tokens: int) -> None:
-        """``settle`` without a coroutine."""
-        if not ticket.claim():
+        """``settle`` without a coroutine (flat, like ``acquire_now``)."""
+        if ticket.settled:
             return
-        delta = max(actual_tokens, 0) - ticket.tokens
-        if delta and ticket.second >= first_live_second(self._clock()):
-            for name in ticket.token_scopes:
-                state = self._scopes.get(name)
-                if state is not None:
-                    state.tokens.adjust(ticket.second, delta)
+        ticket.settled = True
+        if ticket.noop:
+            return
+        states = self._scopes
+        delta = (actual_tokens if actual_tokens > 0 else 0) - ticket.tokens
+        if delta and ticket.token_scopes:
+            second = ticket.second
+            if second >= int(self._clock()) - _KEPT_SECONDS:  # a gone bucket stays gone
+                for name in ticket.token_scopes:
+                    state = states.get(name)
+                    if state is not None and second in state.tokens.buckets:
+                        state.tokens.buckets[second] += delta
+                        state.tokens.total += delta
         for name in ticket.lease_scopes:
-            state = self._scopes.get(name)
+            state = states.get(name)
             if state is not None:
                 state.leases.pop(ticket.request_id, None)
 
