@@ -73,6 +73,20 @@ async def test_a_batch_larger_than_one_statement_is_stored_and_charged_once(
     assert await store.insert_many(batch) == 0
 
 
+async def test_a_batch_refused_for_another_reason_raises_and_stores_nothing(
+    db: Database,
+) -> None:
+    await add_key(db)
+    store = UsageStore(db)
+    assert await store.insert_many([rec("r0")]) == 1
+    # A stored id sends the insert to the look-up; a NULL model then fails it again.
+    bad = [rec("r0"), rec("r1"), rec("r2", model=None)]
+    with pytest.raises(Exception, match=r"NOT NULL|null value"):
+        await store.insert_many(bad)
+    assert await store.count() == 1
+    assert await spend(db) == pytest.approx(1.0)
+
+
 async def test_duplicates_inside_one_batch_count_once(db: Database) -> None:
     await add_key(db)
     store = UsageStore(db)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import sqlite3
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,15 +133,18 @@ WITH batch ({_COLUMNS}) AS (
 SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-# SQLite: writers hold the database lock from BEGIN IMMEDIATE (see Database), so the ids
-# already stored cannot change between this look-up and the insert: the rows not found
-# are exactly the new ones, and a plain INSERT adds them. Should that ever not hold, the
-# INSERT fails (and the recorder retries) rather than charging twice. The look-up takes the
-# ids as one JSON array (json_each, built into SQLite 3.38+); the insert is one multi-row
-# INSERT ... VALUES per up to 1,024 rows (12,288 parameters; SQLite allows 32,766). Each is
-# one sqlite3_step, and Python's sqlite3 releases the GIL around every step: executemany's
-# step per row made the writer thread and the event loop trade the GIL (two context
-# switches) for every record, and cost 6-9 us of CPU a record against 4 us for this.
+# SQLite: the batch goes in as multi-row INSERT ... VALUES statements of up to 1,024 rows
+# (12,288 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
+# releases the GIL around every step: executemany's step per row made the writer thread and
+# the event loop trade the GIL (two context switches) for every record, and cost 6-9 us of
+# CPU a record against 4 us for this. The insert is optimistic: a batch rarely holds ids
+# that are stored already (only a replay does), so the ids are not looked up first (~5k
+# instructions a record). A statement that meets a stored id fails as a whole (SQLite backs
+# out that statement only; the transaction goes on), and then the rest of the batch is
+# looked up once, as one JSON array of ids (json_each, built into SQLite 3.38+), and only
+# the ids not found are inserted. Writers hold the database lock from BEGIN IMMEDIATE (see
+# Database), so the ids stored cannot change in between; should that ever not hold, the
+# INSERT fails again and the recorder retries the batch, rather than charging twice.
 _SQLITE_EXISTING = (
     "SELECT request_id FROM usage_records WHERE request_id IN (SELECT value FROM json_each(?))"
 )
@@ -204,23 +208,32 @@ async def _insert_sqlite(
     # statement, where SQLAlchemy's adapter takes three or four (cursor, execute, fetch, close).
     sqlite = (await conn.get_raw_connection()).driver_connection
     assert sqlite is not None  # an aiosqlite.Connection
-    found = await sqlite.execute_fetchall(_SQLITE_EXISTING, (orjson.dumps(list(unique)).decode(),))
-    new = dict(unique)
-    for (request_id,) in found:
-        del new[request_id]
-    inserted = list(new.values())
+    records = list(unique.values())
     seconds: dict[tuple[int, ...], str] = {}
+    looked_up = False
     i = 0
-    while i < len(inserted):
-        size = _sqlite_chunk(len(inserted) - i)
+    while i < len(records):
+        size = _sqlite_chunk(len(records) - i)
         params = list(
             itertools.chain.from_iterable(
-                _values(r, _sqlite_datetime(r.created_at, seconds)) for r in inserted[i : i + size]
+                _values(r, _sqlite_datetime(r.created_at, seconds)) for r in records[i : i + size]
             )
         )
-        await sqlite.execute(_sqlite_insert(size), params)
+        try:
+            await sqlite.execute(_sqlite_insert(size), params)
+        except sqlite3.IntegrityError:
+            if looked_up:
+                raise
+            looked_up = True
+            rest = records[i:]
+            found = await sqlite.execute_fetchall(
+                _SQLITE_EXISTING, (orjson.dumps([r.request_id for r in rest]).decode(),)
+            )
+            stored = {request_id for (request_id,) in found}
+            records[i:] = [r for r in rest if r.request_id not in stored]
+            continue
         i += size
-    return inserted
+    return records
 
 
 def _sqlite_datetime(value: datetime, seconds: dict[tuple[int, ...], str]) -> str:
