@@ -108,3 +108,48 @@ def test_the_master_key_and_unknown_keys_never_enter_the_header_cache() -> None:
     with pytest.raises(AuthenticationError):
         asyncio.run(auth.authenticate(bearer(unknown)))
     assert auth.recognise(bearer(unknown)) is None
+
+
+class SlowKeys(FakeKeys):
+    """A store whose reads answer what was stored when they began, once ``release`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.reading = asyncio.Event()
+
+    async def get_by_hash(self, key_hash: str) -> KeyRecord | None:
+        self.lookups += 1
+        found = self.records.get(key_hash)
+        self.reading.set()
+        await self.release.wait()
+        return found
+
+
+async def test_concurrent_misses_of_one_key_share_one_store_read() -> None:
+    keys = SlowKeys()
+    auth = Authenticator(keys, MASTER, cache_ttl=5.0)  # type: ignore[arg-type]
+    secret, record = keys.add()
+    callers = [asyncio.create_task(auth.authenticate(bearer(secret))) for _ in range(32)]
+    await asyncio.sleep(0)
+    callers[0].cancel()  # a caller that leaves does not cancel the others' read
+    keys.release.set()
+    results = await asyncio.gather(*callers[1:])
+    assert all(p.key is record for p in results)
+    assert keys.lookups == 1
+    assert auth.recognise(bearer(secret)) is not None
+
+
+async def test_a_read_in_flight_when_the_key_is_invalidated_is_not_cached() -> None:
+    keys = SlowKeys()
+    auth = Authenticator(keys, MASTER, cache_ttl=5.0)  # type: ignore[arg-type]
+    secret, record = keys.add()
+    caller = asyncio.create_task(auth.authenticate(bearer(secret)))
+    await keys.reading.wait()
+    keys.records[record.key_hash] = replace(record, revoked_at=datetime.now(UTC))
+    auth.invalidate(record.key_hash)  # the revocation lands while the read is in flight
+    keys.release.set()
+    assert (await caller).key is record  # that request began before the revocation
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await auth.authenticate(bearer(secret))  # the next one reads the store again
+    assert keys.lookups == 2

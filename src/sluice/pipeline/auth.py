@@ -10,6 +10,7 @@ hash (the secret is never stored or logged) through a short-lived memory cache, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -104,6 +105,12 @@ class Authenticator:
         # SHA-256 of the credential header as sent -> (deadline, a virtual key's principal):
         # `recognise` answers a key seen within the TTL without parsing the header.
         self._by_header: dict[bytes, tuple[float, Principal]] = {}
+        # key hash -> the store read in flight: concurrent misses of one key (every request
+        # of a busy key, each time its entry expires) share one read instead of each
+        # opening its own. ``_generation`` changes on invalidation, so a read that began
+        # before a revocation does not put its (stale) answer in the cache.
+        self._reads: dict[str, asyncio.Task[Principal | None]] = {}
+        self._generation = 0
 
     def recognise(self, headers: list[tuple[bytes, bytes]]) -> Principal | None:
         """The principal of a virtual key authenticated within the cache TTL, from the same
@@ -176,27 +183,47 @@ class Authenticator:
 
     def invalidate(self, key_hash: str | None = None) -> None:
         """Forget one cached key (or all): the next request reads the store again."""
+        self._generation += 1
         if key_hash is None:
             self._cache.clear()
+            self._reads.clear()
         else:
             self._cache.pop(key_hash, None)
+            self._reads.pop(key_hash, None)
         self._by_header.clear()  # keyed by what clients send, not by key: all of it
 
     async def _lookup(self, key_hash: str) -> Principal | None:
         """The key's principal (None: unknown), through the cache; 401 for a revoked key."""
-        now = self._clock()
         cached = self._cache.get(key_hash)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > self._clock():
             principal = cached[1]
         else:
-            record = await self._keys.get_by_hash(key_hash)
-            principal = None if record is None else Principal(record)
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.clear()
-            self._cache[key_hash] = (now + self._ttl, principal)
+            read = self._reads.get(key_hash)
+            if read is None:
+                read = asyncio.ensure_future(self._read(key_hash, self._generation))
+                self._reads[key_hash] = read
+                read.add_done_callback(lambda done: self._read_done(key_hash, done))
+            # Shielded: a caller that goes away does not cancel the others' read.
+            principal = await asyncio.shield(read)
         record = None if principal is None else principal.key
         if record is not None and record.revoked_at is not None:
             raise AuthenticationError(
                 f"The API key {record.display} has been revoked.", code="key_revoked"
             )
         return principal
+
+    async def _read(self, key_hash: str, generation: int) -> Principal | None:
+        """Read one key from the store and cache the answer, unless invalidated meanwhile."""
+        record = await self._keys.get_by_hash(key_hash)
+        principal = None if record is None else Principal(record)
+        if generation == self._generation:
+            if len(self._cache) >= _MAX_CACHED:
+                self._cache.clear()
+            self._cache[key_hash] = (self._clock() + self._ttl, principal)
+        return principal
+
+    def _read_done(self, key_hash: str, read: asyncio.Task[Principal | None]) -> None:
+        if self._reads.get(key_hash) is read:
+            del self._reads[key_hash]
+        if not read.cancelled():
+            read.exception()  # retrieved: every waiter got it (a caller may have left)
