@@ -37,8 +37,10 @@ class Accounting:
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
         if self._recorder is not None:
+            price = self._prices.get(ctx.model or "")
             # Positional, in UsageRecord's field order: a dataclass __init__ called with
-            # twelve keywords costs twice as much, once per request.
+            # twelve keywords costs twice as much, once per request. latency_ms is not
+            # rounded (round() alone cost ~2.5k instructions a request).
             self._recorder.record(
                 UsageRecord(
                     ctx.request_id,
@@ -47,8 +49,8 @@ class Accounting:
                     ctx.deployment,
                     prompt,
                     completion,
-                    self.cost(ctx.model, prompt, completion),
-                    round(latency_s * 1000, 3),
+                    0.0 if price is None else price.cost(prompt, completion),
+                    latency_s * 1000.0,
                     status,
                     False,  # cache_hit
                     ctx.stream,
@@ -60,12 +62,3 @@ class Accounting:
                 self._settle_now(ctx.ticket, prompt + completion)
             else:
                 await self._limiter.settle(ctx.ticket, prompt + completion)
-
-    def cost(self, model: str | None, prompt_tokens: int, completion_tokens: int) -> float:
-        price = self._prices.get(model or "")
-        if price is None:
-            return 0.0
-        return (
-            prompt_tokens * price.prompt_per_million
-            + completion_tokens * price.completion_per_million
-        ) / 1_000_000
