@@ -17,11 +17,11 @@ from sluice.pipeline.limits.window import (
     Usage,
     build_admission,
     first_live_second,
+    new_tuple,
     seconds_until_freed,
 )
 
 _KEPT_SECONDS = WINDOW_BUCKETS - 1  # first_live_second(now) == int(now) - _KEPT_SECONDS
-_new_tuple = tuple.__new__  # Admission(...) is a Python-level call; this is not
 
 
 class _Window:
@@ -198,7 +198,7 @@ class MemoryLimiter:
                 state.leases[request_id] = now + lease_seconds
                 lease_scopes += (name,)
         ticket = Ticket(request_id, tokens, second, token_scopes, lease_scopes)
-        return _new_tuple(
+        return new_tuple(
             Admission,
             (
                 True,

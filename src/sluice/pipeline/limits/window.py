@@ -21,6 +21,10 @@ from sluice.pipeline.limits.base import Admission, Reason, Ticket
 WINDOW_BUCKETS = 61
 """Seconds a bucket stays counted after it opened."""
 
+new_tuple = tuple.__new__
+"""``new_tuple(Admission, values)``: an admission without the named tuple's Python-level
+constructor call."""
+
 NEVER_RETRY_AFTER = 60.0
 """retry_after when the request alone exceeds a limit (it can never pass)."""
 
@@ -88,18 +92,23 @@ def build_admission(
     ticket: Ticket | None,
 ) -> Admission:
     """The admission for a decision at ``now``; header fields from the tightest usages."""
-    # Runs once per request: positional arguments, the named tuple built positionally.
+    # Runs once per request (the Redis limiter's every admission, any refusal): positional
+    # arguments, and the named tuple made by tuple.__new__, as its own constructor is a
+    # Python-level call (3.6k against 1.6k instructions).
     limit_requests, remaining_requests, reset_requests = _header_values(_tightest(requests), now)
     limit_tokens, remaining_tokens, reset_tokens = _header_values(_tightest(tokens), now)
-    return Admission(
-        allowed,
-        reason,
-        0.0 if allowed else retry_after,
-        limit_requests,
-        remaining_requests,
-        reset_requests,
-        limit_tokens,
-        remaining_tokens,
-        reset_tokens,
-        ticket if allowed else None,
+    return new_tuple(
+        Admission,
+        (
+            allowed,
+            reason,
+            0.0 if allowed else retry_after,
+            limit_requests,
+            remaining_requests,
+            reset_requests,
+            limit_tokens,
+            remaining_tokens,
+            reset_tokens,
+            ticket if allowed else None,
+        ),
     )
