@@ -138,7 +138,7 @@ _MICROSECOND = timedelta(microseconds=1)
 # releases the GIL around every step: executemany's step per row made the writer thread and
 # the event loop trade the GIL (two context switches) for every record, and cost 6-9 us of
 # CPU a record against 4 us for this. The insert is optimistic: a batch rarely holds ids
-# that are stored already (only a replay does), so the ids are not looked up first (~5k
+# that are stored already (only a replay does), so the ids are not looked up first (3-5k
 # instructions a record). A statement that meets a stored id fails as a whole (SQLite backs
 # out that statement only; the transaction goes on), and then the rest of the batch is
 # looked up once, as one JSON array of ids (json_each, built into SQLite 3.38+), and only
