@@ -146,7 +146,9 @@ class MemoryLimiter:
                 return refused
 
         # Admit into every scope; the headers report the scope with the least remaining
-        # (then the smallest limit) for requests and for tokens.
+        # (then the smallest limit) for requests and for tokens. This is window.py's
+        # build_admission rule written inline (keep the two in step): collecting usages and
+        # calling it measured +6.6k to +9.3k instructions a request.
         token_scopes: tuple[str, ...] = ()
         lease_scopes: tuple[str, ...] = ()
         rpm_limit = rpm_left = tpm_limit = tpm_left = None
