@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import yaml
 from starlette.applications import Starlette
 
 from sluice.app import build_app
+from sluice.http_protocol import SluiceHttpProtocol
 from sluice.settings import Settings
 
 
@@ -48,34 +50,40 @@ def config_for(upstream_url: str, **deployment: Any) -> dict[str, Any]:
 
 @contextmanager
 def running_gateway(
-    config: dict[str, Any], prepare: Callable[[Starlette], None] | None = None
+    config: dict[str, Any],
+    prepare: Callable[[Starlette], None] | None = None,
+    http: type[asyncio.Protocol] | str = SluiceHttpProtocol,
 ) -> Iterator[str]:
-    """Serve ``config`` with uvicorn in a background thread; yield the base URL (…/v1)."""
+    """Serve ``config`` with uvicorn in a background thread; yield the base URL (…/v1).
+
+    ``http`` is uvicorn's HTTP protocol: Sluice's own (as ``sluice serve`` runs) unless
+    a test asks for uvicorn's ("httptools")."""
     os.environ.setdefault("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream-secret")
     app = build_app(Settings(**config))
     if prepare is not None:
         prepare(app)
+    with serving(app, http=http, timeout_graceful_shutdown=2) as port:
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def serving(app: Any, **options: Any) -> Iterator[int]:
+    """Serve an ASGI app with uvicorn (``options`` are uvicorn.Config's) in a background
+    thread on a free loopback port; yield the port."""
     port = free_port()
+    defaults: dict[str, Any] = {"lifespan": "on", "access_log": False, "log_config": None}
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            lifespan="on",
-            access_log=False,
-            log_config=None,
-            timeout_graceful_shutdown=2,
-        )
+        uvicorn.Config(app, host="127.0.0.1", port=port, **{**defaults, **options})
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
+            raise RuntimeError("the server did not start")
         time.sleep(0.01)
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield port
     finally:
         server.should_exit = True
         thread.join(10)

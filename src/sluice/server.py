@@ -16,6 +16,7 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from sluice.app import CONFIG_ENV, build_app
+from sluice.http_protocol import SluiceHttpProtocol
 from sluice.observability.logging import configure_logging
 from sluice.settings import Settings
 
@@ -26,7 +27,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
         "host": server.host,
         "port": server.port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": SluiceHttpProtocol,
         "lifespan": "on",
         "access_log": False,
         "server_header": False,

@@ -20,11 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.api.context import SCOPE_KEY, RequestContext
 from sluice.errors import ServiceUnavailableError
+from sluice.http_protocol import HEADER_BLOCK
 from sluice.lifecycle import Lifecycle
 from sluice.observability.logging import AccessLog
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.accounting import Accounting
-from sluice.pipeline.guard import ratelimit_headers
+from sluice.pipeline.guard import ratelimit_header_block, ratelimit_headers
 
 _API_ROUTES = {
     f"{prefix}/{route}": route
@@ -90,7 +91,12 @@ class ObserveRequests:
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
                 if ctx.admission is not None:
-                    ratelimit_headers(ctx.admission, headers)
+                    # A server with Sluice's header-block extension takes the x-ratelimit-*
+                    # headers as ready-made lines (sluice.http_protocol), any other as headers.
+                    if HEADER_BLOCK in (scope.get("extensions") or ()):
+                        message[HEADER_BLOCK] = ratelimit_header_block(ctx.admission)
+                    else:
+                        ratelimit_headers(ctx.admission, headers)
                 message["headers"] = headers
             await send(message)
 

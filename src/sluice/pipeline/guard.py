@@ -149,3 +149,40 @@ def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> N
             (b"x-ratelimit-remaining-tokens", b"%d" % (admission.remaining_tokens or 0)),
             (b"x-ratelimit-reset-tokens", b"%.3fs" % (admission.reset_tokens or 0)),
         )
+
+
+_REQUEST_LINES = (
+    b"x-ratelimit-limit-requests: %d\r\n"
+    b"x-ratelimit-remaining-requests: %d\r\n"
+    b"x-ratelimit-reset-requests: %.3fs\r\n"
+)
+_TOKEN_LINES = (
+    b"x-ratelimit-limit-tokens: %d\r\n"
+    b"x-ratelimit-remaining-tokens: %d\r\n"
+    b"x-ratelimit-reset-tokens: %.3fs\r\n"
+)
+_BOTH_LINES = _REQUEST_LINES + _TOKEN_LINES
+
+
+def ratelimit_header_block(admission: Admission) -> bytes:
+    """The headers of `ratelimit_headers` as HTTP header lines, for servers with the
+    ``sluice.header_block`` extension (`sluice.http_protocol`): one formatting operation."""
+    a = admission
+    if a.limit_requests is not None:
+        if a.limit_tokens is not None:
+            return _BOTH_LINES % (
+                a.limit_requests,
+                a.remaining_requests or 0,
+                a.reset_requests or 0,
+                a.limit_tokens,
+                a.remaining_tokens or 0,
+                a.reset_tokens or 0,
+            )
+        return _REQUEST_LINES % (
+            a.limit_requests,
+            a.remaining_requests or 0,
+            a.reset_requests or 0,
+        )
+    if a.limit_tokens is not None:
+        return _TOKEN_LINES % (a.limit_tokens, a.remaining_tokens or 0, a.reset_tokens or 0)
+    return b""

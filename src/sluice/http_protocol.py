@@ -1,0 +1,224 @@
+"""Sluice's HTTP/1.1 protocol for uvicorn: httptools' own, plus one ASGI server extension.
+
+The extension, ``sluice.header_block`` (advertised in ``scope["extensions"]``), lets the
+app hand the server ready-made header lines in the ``http.response.start`` message, under
+the same key, as bytes (``b"name: value\\r\\n"`` per header). The server writes them as
+they are after the ordinary headers. Sluice's request middleware uses it for the
+``x-ratelimit-*`` headers of a limited key: six names of its own and numbers it formats
+itself, so nothing in them needs checking, where uvicorn checks every ordinary header
+with two regular expressions and lower-cases its name (about 2.5k instructions a header,
+15k a response for those six; see docs/benchmarks.md). Only Sluice's own code may put a
+block in a message: the server does not check it.
+
+Without the extension (another server, an in-process ASGI client) the middleware sends
+ordinary headers; ``scope["extensions"]`` tells it which. Everything else is uvicorn's
+httptools protocol, unchanged: ``on_headers_complete`` and ``_Cycle.send`` are uvicorn
+0.54's, the first making a ``_Cycle``, the second writing the block in, and
+``tests/api/test_http_protocol.py`` checks that both write the same bytes for the same
+messages (run it after upgrading uvicorn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from types import MappingProxyType
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.flow_control import service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+HEADER_BLOCK = "sluice.header_block"
+"""The extension's name: in ``scope["extensions"]`` and as the start message's key."""
+
+_EXTENSIONS: MappingProxyType[str, MappingProxyType[str, object]] = MappingProxyType(
+    {HEADER_BLOCK: MappingProxyType({})}
+)
+
+
+class SluiceHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol whose requests support ``sluice.header_block``
+    (pass the class as ``uvicorn.Config(http=...)``)."""
+
+    def on_headers_complete(self) -> None:
+        # uvicorn's, but for the extension in the scope (read-only, shared by every
+        # request) and a _Cycle instead of a RequestResponseCycle. (Switching the class of
+        # uvicorn's own cycle afterwards cost more than the extension saves: the instance's
+        # attributes then missed the interpreter's specialised look-ups.)
+        http_version = self.parser.get_http_version()
+        method = self.parser.get_method()
+        self.scope["method"] = method.decode("ascii")
+        if http_version != "1.1":
+            self.scope["http_version"] = http_version
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        parsed_url = httptools.parse_url(self.url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        full_path = self.root_path + path
+        full_raw_path = self.root_path.encode("ascii") + raw_path
+        self.scope["path"] = full_path
+        self.scope["raw_path"] = full_raw_path
+        self.scope["query_string"] = parsed_url.query or b""
+        self.scope["extensions"] = _EXTENSIONS  # type: ignore[typeddict-item]
+
+        # Handle 503 responses when 'limit_concurrency' is exceeded.
+        if self.limit_concurrency is not None and (
+            len(self.connections) >= self.limit_concurrency
+            or len(self.tasks) >= self.limit_concurrency
+        ):
+            app = service_unavailable
+            message = "Exceeded concurrency limit."
+            self.logger.warning(message)
+        else:
+            app = self.app
+
+        existing_cycle = self.cycle
+        self.cycle = _Cycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and self.parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing_cycle is None or existing_cycle.response_complete:
+            # Standard case - start processing the request.
+            self._start_asgi_task(self.cycle, app)
+        else:
+            # Pipelined HTTP requests need to be queued up.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
+
+
+class _Cycle(RequestResponseCycle):
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+
+        if self.disconnected:
+            return
+
+        if not self.response_started:
+            # Sending response status line and headers
+            if message["type"] != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
+                )
+
+            self.response_started = True
+            self.waiting_for_100_continue = False
+
+            status_code = message["status"]
+            headers = self.default_headers + list(message.get("headers", []))
+
+            if self.access_log:
+                self.access_logger.info(
+                    '%s - "%s %s HTTP/%s" %d',
+                    get_client_addr(self.scope),
+                    self.scope["method"],
+                    get_path_with_query_string(self.scope),
+                    self.scope["http_version"],
+                    status_code,
+                )
+
+            # Write response status line and headers
+            content = [STATUS_LINE[status_code]]
+            has_connection_close = False
+
+            for name, value in headers:
+                if HEADER_RE.search(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    connection = [token.lower().strip() for token in value.split(b",")]
+                    if b"close" in connection:
+                        self.keep_alive = False
+                        has_connection_close = True
+                content.extend([name, b": ", value, b"\r\n"])
+
+            block = message.get(HEADER_BLOCK)
+            if block:  # Sluice's own header lines, written as they are
+                content.append(block)
+
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+
+            if (
+                self.chunked_encoding is None
+                and self.scope["method"] != "HEAD"
+                and status_code not in (204, 304)
+            ):
+                # Neither content-length nor transfer-encoding specified
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+
+            content.append(b"\r\n")
+            self.transport.write(b"".join(content))
+
+        elif not self.response_complete:
+            # Sending response body
+            if message["type"] != "http.response.body":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
+                )
+
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+
+            # Write response body
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+            elif self.chunked_encoding:
+                chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+                if not more_body:
+                    chunk.append(b"0\r\n\r\n")
+                self.transport.write(b"".join(chunk))
+            else:
+                num_bytes = len(body)
+                if num_bytes > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                else:
+                    self.expected_content_length -= num_bytes
+                self.transport.write(body)
+
+            # Handle response completion
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+
+        else:
+            # Response already sent
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent, "
+                "after response already completed."
+            )
