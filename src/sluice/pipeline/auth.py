@@ -11,12 +11,12 @@ hash (the secret is never stored or logged) through a short-lived memory cache, 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from hashlib import blake2b
 from urllib.parse import parse_qsl
 
 from sluice.errors import AuthenticationError, PermissionDeniedError
@@ -80,8 +80,12 @@ def _credential_header(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes
 
 
 def _header_id(name: bytes, value: bytes) -> bytes:
-    """What the header cache is keyed by: the SHA-256 of a credential header as sent."""
-    return hashlib.sha256(name + b"\0" + value).digest()
+    """What the header cache is keyed by: the BLAKE2b of a credential header as sent, the
+    header's name as the personalisation (names are at most 16 bytes). The cache is in
+    memory only and needs no particular hash: BLAKE2b is CPython's own, without OpenSSL's
+    per-call set-up, and costs 5.6k instructions against SHA-256's 8.9k. `recognise` has
+    this expression inline (a Python call costs ~1k): keep the two the same."""
+    return blake2b(value, digest_size=32, person=name).digest()
 
 
 def _expired(record: KeyRecord) -> bool:
@@ -102,7 +106,7 @@ class Authenticator:
         self._clock = clock
         # key hash -> (deadline, principal; None for an unknown key)
         self._cache: dict[str, tuple[float, Principal | None]] = {}
-        # SHA-256 of the credential header as sent -> (deadline, a virtual key's principal):
+        # BLAKE2b of the credential header as sent -> (deadline, a virtual key's principal):
         # `recognise` answers a key seen within the TTL without parsing the header.
         self._by_header: dict[bytes, tuple[float, Principal]] = {}
         # key hash -> the store read in flight: concurrent misses of one key (every request
@@ -118,7 +122,7 @@ class Authenticator:
         `authenticate` (which also raises every error)."""
         for name, value in headers:
             if name == b"authorization" or name == b"api-key":
-                entry = self._by_header.get(_header_id(name, value))
+                entry = self._by_header.get(blake2b(value, digest_size=32, person=name).digest())
                 break
         else:
             return None
