@@ -12,7 +12,7 @@ import pytest
 from sluice.store.database import Database
 from sluice.store.keys import KeyRecord, KeyStore
 from sluice.store.recorder import UsageRecorder
-from sluice.store.usage import UsageRecord, UsageStore
+from sluice.store.usage import UsageRecord, UsageStore, micros
 
 NOW = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
 
@@ -37,7 +37,7 @@ class FlakyStore:
 def records(n: int, prefix: str = "r", cost: float = 0.01) -> list[UsageRecord]:
     return [
         UsageRecord(request_id=f"{prefix}{i}", model="m", key_id="key_a", cost_usd=cost,
-                    created_at=NOW)
+                    created_us=micros(NOW))
         for i in range(n)
     ]  # fmt: skip
 
@@ -264,3 +264,19 @@ async def test_records_spilled_while_the_start_up_replay_fails_are_kept(
     await wait_until(lambda: recorder.pending == 0 and not spool.exists() and not replay.exists())
     assert await UsageStore(db).count() == 405
     await recorder.close()
+
+
+def test_spool_lines_keep_their_format() -> None:
+    # A line as spools were written before records carried created_us, and the same line
+    # written now: both read back as the same record, to the microsecond.
+    line = (
+        '{"request_id":"r1","model":"m","key_id":"key_a","deployment":null,'
+        '"prompt_tokens":3,"completion_tokens":4,"cost_usd":0.5,"latency_ms":1.25,'
+        '"status":200,"cache_hit":false,"stream":true,'
+        '"created_at":"2025-03-05T10:00:00.000007+00:00"}'
+    )
+    record = UsageRecord.from_json(json.loads(line))
+    assert record.created_us == micros(NOW) + 7
+    assert record.created_at == NOW.replace(microsecond=7)
+    assert json.dumps(record.to_json(), separators=(",", ":")) == line
+    assert UsageRecord.from_json(record.to_json()) == record

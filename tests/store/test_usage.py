@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sluice.store.database import Database
 from sluice.store.keys import KeyRecord, KeyStore
 from sluice.store.schema import usage_records
-from sluice.store.usage import UsageRecord, UsageStore
+from sluice.store.usage import UsageRecord, UsageStore, micros
 
 DAY1 = datetime(2025, 3, 5, 10, 0, tzinfo=UTC)
 DAY2 = datetime(2025, 3, 6, 0, 0, 1, tzinfo=UTC)
@@ -26,6 +26,7 @@ def rec(request_id: str, **fields: object) -> UsageRecord:
         "created_at": DAY1,
     }
     values.update(fields)
+    values["created_us"] = micros(values.pop("created_at"))  # type: ignore[arg-type]
     return UsageRecord(**values)  # type: ignore[arg-type]
 
 
@@ -231,7 +232,13 @@ async def test_concurrent_batches_charge_exactly(db: Database) -> None:
 async def stored_rows(db: Database) -> dict[str, UsageRecord]:
     async with db.engine.connect() as conn:
         rows = (await conn.execute(select(usage_records))).mappings().all()
-    return {r["request_id"]: UsageRecord(**r) for r in rows}
+    return {
+        r["request_id"]: UsageRecord(
+            **{name: value for name, value in r.items() if name != "created_at"},
+            created_us=micros(r["created_at"]),
+        )
+        for r in rows
+    }
 
 
 async def test_every_column_round_trips(db: Database) -> None:
@@ -242,12 +249,14 @@ async def test_every_column_round_trips(db: Database) -> None:
         UsageRecord(
             request_id="r1", model="m1", key_id="key_a", deployment="d1", prompt_tokens=11,
             completion_tokens=7, cost_usd=0.000123456789, latency_ms=12.5, status=200,
-            cache_hit=True, stream=False, created_at=datetime(2025, 3, 5, 10, 0, 0, 123456, UTC),
+            cache_hit=True, stream=False,
+            created_us=micros(datetime(2025, 3, 5, 10, 0, 0, 123456, UTC)),
         ),
         UsageRecord(
             request_id="r2", model="m2", key_id=None, deployment=None, prompt_tokens=0,
             completion_tokens=2**31 - 1, cost_usd=0.0, latency_ms=0.25, status=429,
-            cache_hit=False, stream=True, created_at=datetime(2025, 3, 5, 12, 30, tzinfo=plus2),
+            cache_hit=False, stream=True,
+            created_us=micros(datetime(2025, 3, 5, 12, 30, tzinfo=plus2)),
         ),
         rec("r3", created_at=datetime(1999, 12, 31, 23, 59, 59, 999999, UTC), cost_usd=1e-12),
         rec("r4", model="ünïcode ✓", created_at=datetime(2025, 1, 1, tzinfo=UTC)),

@@ -8,7 +8,7 @@ the number of content events relayed.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
 
 from sluice.api.context import RequestContext
 from sluice.pipeline.limits import Limiter, MemoryLimiter
@@ -54,7 +54,7 @@ class Accounting:
                     status,
                     False,  # cache_hit
                     ctx.stream,
-                    datetime.now(UTC),
+                    time.time_ns() // 1000,  # created_us
                 )
             )
         if ctx.ticket is not None and self._limiter is not None:
