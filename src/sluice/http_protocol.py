@@ -15,7 +15,7 @@ ordinary headers; ``scope["extensions"]`` tells it which. Everything else is uvi
 httptools protocol, unchanged: ``on_headers_complete`` and ``_Cycle.send`` are uvicorn
 0.54's, the first making a ``_Cycle``, the second writing the block in, and
 ``tests/api/test_http_protocol.py`` checks that both write the same bytes for the same
-messages (run it after upgrading uvicorn).
+messages (run it after upgrading uvicorn; pyproject.toml keeps uvicorn below 0.60).
 """
 
 from __future__ import annotations
