@@ -134,23 +134,6 @@ def _refusal(admission: Admission) -> RateLimitError:
     )
 
 
-def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> None:
-    """Append OpenAI's x-ratelimit-* headers for ``admission`` to ``out``."""
-    # Straight-line code: it runs for every response of a limited key.
-    if admission.limit_requests is not None:
-        out += (
-            (b"x-ratelimit-limit-requests", b"%d" % admission.limit_requests),
-            (b"x-ratelimit-remaining-requests", b"%d" % (admission.remaining_requests or 0)),
-            (b"x-ratelimit-reset-requests", b"%.3fs" % (admission.reset_requests or 0)),
-        )
-    if admission.limit_tokens is not None:
-        out += (
-            (b"x-ratelimit-limit-tokens", b"%d" % admission.limit_tokens),
-            (b"x-ratelimit-remaining-tokens", b"%d" % (admission.remaining_tokens or 0)),
-            (b"x-ratelimit-reset-tokens", b"%.3fs" % (admission.reset_tokens or 0)),
-        )
-
-
 _REQUEST_LINES = (
     b"x-ratelimit-limit-requests: %d\r\n"
     b"x-ratelimit-remaining-requests: %d\r\n"
@@ -165,8 +148,9 @@ _BOTH_LINES = _REQUEST_LINES + _TOKEN_LINES
 
 
 def ratelimit_header_block(admission: Admission) -> bytes:
-    """The headers of `ratelimit_headers` as HTTP header lines, for servers with the
-    ``sluice.header_block`` extension (`sluice.http_protocol`): one formatting operation."""
+    """OpenAI's x-ratelimit-* headers for ``admission`` as HTTP header lines, for servers
+    with the ``sluice.header_block`` extension (`sluice.http_protocol`): one formatting
+    operation, as it runs for every response of a limited key."""
     a = admission
     if a.limit_requests is not None:
         if a.limit_tokens is not None:
@@ -186,3 +170,12 @@ def ratelimit_header_block(admission: Admission) -> bytes:
     if a.limit_tokens is not None:
         return _TOKEN_LINES % (a.limit_tokens, a.remaining_tokens or 0, a.reset_tokens or 0)
     return b""
+
+
+def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> None:
+    """Append the headers of `ratelimit_header_block` to ``out`` as ASGI header pairs, for
+    servers without the extension (their one source is the block's format)."""
+    for line in ratelimit_header_block(admission).split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
