@@ -54,7 +54,7 @@ class Accounting:
                     status,
                     False,  # cache_hit
                     ctx.stream,
-                    time.time_ns() // 1000,  # created_us
+                    time.time_ns() // 1000,  # created_us: store.usage.now_micros, inline
                 )
             )
         if ctx.ticket is not None and self._limiter is not None:
