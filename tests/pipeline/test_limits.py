@@ -186,6 +186,16 @@ async def test_headers_come_from_the_most_constrained_scope(limiter: MemoryLimit
     assert admission.reset_requests == pytest.approx(1061 - 1000.25)
 
 
+async def test_settle_nowait_takes_effect_at_once(limiter: MemoryLimiter) -> None:
+    key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=1))
+    first = await take(limiter, key, tokens=600)
+    limiter.settle_nowait(ticket_of(first), 100)  # refund 500 and free the slot, no await
+    second = await take(limiter, key, tokens=600)
+    assert (second.allowed, second.remaining_tokens) == (True, 300)
+    limiter.settle_nowait(ticket_of(first), 100)  # idempotent: second's slot stays taken
+    assert (await take(limiter, key)).reason == "parallel"
+
+
 async def test_settle_is_idempotent(limiter: MemoryLimiter) -> None:
     key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=1))
     first = ticket_of(await take(limiter, key, tokens=600))

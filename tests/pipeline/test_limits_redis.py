@@ -299,6 +299,24 @@ def _closed_port() -> int:
     return port
 
 
+async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, prefix: str) -> None:
+    """The request path's settle: queued without a coroutine, sent with its loop turn's
+    other settles; close() sends what is still queued."""
+    limiter = RedisLimiter(redis, prefix=prefix)
+    key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=2))
+    first, second = await take(limiter, key, tokens=600), await take(limiter, key, tokens=300)
+    assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
+    limiter.settle_nowait(ticket_of(first), 100)  # refund 500, free a slot
+    assert await redis.hget(prefix + "key:a:t", "s") == b"900"  # not sent yet
+    await limiter.settle(ticket_of(first), 100)  # already claimed: waits for the batch only
+    assert await redis.hget(prefix + "key:a:t", "s") == b"400"
+    assert await redis.zcard(prefix + "key:a:p") == 1
+
+    limiter.settle_nowait(ticket_of(second), 300)  # frees the last slot, no token change
+    await limiter.close()
+    assert await redis.zcard(prefix + "key:a:p") == 0
+
+
 async def _silent_server() -> asyncio.Server:
     """Accepts connections and never answers: every command times out."""
 

@@ -117,7 +117,7 @@ class ObserveRequests:
             elapsed = time.perf_counter() - ctx.started
             self._record(ctx, path, status, elapsed)
             if self.accounting is not None:
-                await self.accounting.finish(ctx, status, elapsed)
+                self.accounting.finish(ctx, status, elapsed)
 
     def _record(self, ctx: RequestContext, path: str, status: int, elapsed: float) -> None:
         model = ctx.model or "-"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from sluice.api.context import RequestContext
-from sluice.pipeline.limits import Limiter, MemoryLimiter
+from sluice.pipeline.limits import Limiter
 from sluice.settings import PricingSettings
 from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageRecord
@@ -26,10 +26,11 @@ class Accounting:
     ) -> None:
         self._recorder = recorder
         self._limiter = limiter
-        self._settle_now = limiter.settle_now if isinstance(limiter, MemoryLimiter) else None
         self._prices = prices
 
-    async def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
+    def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
+        """Record the request's usage and settle its reservation; never waits (the record
+        is written and a remote limiter's settle sent in the background)."""
         if not ctx.accepted:
             return
         prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
@@ -58,7 +59,4 @@ class Accounting:
                 )
             )
         if ctx.ticket is not None and self._limiter is not None:
-            if self._settle_now is not None:
-                self._settle_now(ctx.ticket, prompt + completion)
-            else:
-                await self._limiter.settle(ctx.ticket, prompt + completion)
+            self._limiter.settle_nowait(ctx.ticket, prompt + completion)

@@ -126,7 +126,14 @@ class Limiter(Protocol):
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         """Refund or charge ``actual_tokens - reserved`` in the reservation's bucket and free
-        the parallel slots. Idempotent per ticket; never raises for backend failures."""
+        the parallel slots. Idempotent per ticket; never raises for backend failures.
+        Returns once the settle has taken effect."""
+        ...
+
+    def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
+        """``settle`` without waiting for it (no coroutine, for the end of every request):
+        done at once where no I/O is needed, else queued and sent in the background
+        (``close`` sends what is still queued)."""
         ...
 
     async def close(self) -> None: ...

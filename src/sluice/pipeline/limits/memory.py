@@ -27,7 +27,7 @@ _KEPT_SECONDS = WINDOW_BUCKETS - 1  # first_live_second(now) == int(now) - _KEPT
 class _Window:
     """Per-second buckets in ascending order (dicts keep insertion order), their sum and
     the oldest bucket's second (None when empty). ``MemoryLimiter.acquire_now`` adds to
-    them and ``settle_now`` adjusts them in place (no method call per request)."""
+    them and ``settle_nowait`` adjusts them in place (no method call per request)."""
 
     __slots__ = ("buckets", "oldest", "total")
 
@@ -233,10 +233,10 @@ class MemoryLimiter:
         return build_admission(False, reason, retry_after, requests, tokens_used, now, None)
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
-        self.settle_now(ticket, actual_tokens)
+        self.settle_nowait(ticket, actual_tokens)
 
-    def settle_now(self, ticket: Ticket, actual_tokens: int) -> None:
-        """``settle`` without a coroutine (flat, like ``acquire_now``)."""
+    def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
+        """``settle``, done at once (flat, like ``acquire_now``)."""
         if ticket.settled:
             return
         ticket.settled = True

@@ -74,7 +74,8 @@ class RedisLimiter:
         self._acquire = redis.register_script(ACQUIRE)
         self._settle = redis.register_script(SETTLE)
         self._acquiring: _AcquireBatch | None = None
-        self._settling: _SettleBatch | None = None
+        self._settling: _SettleBatch | None = None  # open: settles of this loop turn
+        self._last_settles: _SettleBatch | None = None  # the newest batch, open or sent
         self._plans: dict[int, _Plan] = {}
         self._lease_seconds = -1.0  # the lease of the last acquire, and it in milliseconds
         self._lease_ms = 1
@@ -172,6 +173,13 @@ class RedisLimiter:
         return plan
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
+        self.settle_nowait(ticket, actual_tokens)
+        batch = self._last_settles  # the batch this settle went into, or a later one
+        if batch is not None and not batch.done.done():
+            # Shielded: a caller cancelled while it waits must not cancel the batch's future.
+            await asyncio.shield(batch.done)
+
+    def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
         if not ticket.claim():
             return
         delta = (actual_tokens if actual_tokens > 0 else 0) - ticket.tokens
@@ -180,8 +188,9 @@ class RedisLimiter:
             return
         batch = self._settling
         if batch is None:
-            batch = self._settling = _SettleBatch(asyncio.get_running_loop().create_future())
-            asyncio.get_running_loop().call_soon(self._send_settles)
+            loop = asyncio.get_running_loop()
+            batch = self._settling = self._last_settles = _SettleBatch(loop.create_future())
+            loop.call_soon(self._send_settles)
         prefix, keys = self._prefix, batch.keys
         for name in token_scopes:
             keys.append(prefix + name + ":t")
@@ -193,8 +202,6 @@ class RedisLimiter:
         batch.count += 1
         if batch.count >= _BATCH_MAX:
             self._send_settles()
-        # Shielded: a caller cancelled while it waits must not cancel the batch's future.
-        await asyncio.shield(batch.done)
 
     def _send_settles(self) -> None:
         """Send the open batch of settles as one script call (a task the batch awaits)."""

@@ -57,31 +57,6 @@ Usage = tuple[int, int, int | None]
 limited scope and request, and a named tuple's constructor is a Python call."""
 
 
-def _tightest(usages: Sequence[Usage]) -> Usage | None:
-    """The usage with the least remaining (then the smallest limit)."""
-    if len(usages) == 1:
-        return usages[0]
-    best: Usage | None = None
-    for usage in usages:
-        if best is None or (usage[0] - usage[1], usage[0]) < (best[0] - best[1], best[0]):
-            best = usage
-    return best
-
-
-_NO_LIMIT: tuple[None, None, None] = (None, None, None)
-
-
-def _header_values(
-    usage: Usage | None, now: float
-) -> tuple[int, int, float] | tuple[None, None, None]:
-    """Limit, remaining and seconds to reset of one usage, for the x-ratelimit headers."""
-    if usage is None:
-        return _NO_LIMIT
-    limit, used, oldest = usage
-    reset = 0.0 if oldest is None else max(oldest + WINDOW_BUCKETS - now, 0.0)
-    return limit, max(limit - used, 0), reset
-
-
 def build_admission(
     allowed: bool,
     reason: Reason | None,
@@ -91,24 +66,49 @@ def build_admission(
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    """The admission for a decision at ``now``; header fields from the tightest usages."""
-    # Runs once per request (the Redis limiter's every admission, any refusal): positional
-    # arguments, and the named tuple made by tuple.__new__, as its own constructor is a
-    # Python-level call (3.6k against 1.6k instructions).
-    limit_requests, remaining_requests, reset_requests = _header_values(_tightest(requests), now)
-    limit_tokens, remaining_tokens, reset_tokens = _header_values(_tightest(tokens), now)
+    """The admission for a decision at ``now``. The header fields come from the tightest
+    usage of each list: the least remaining, then the smallest limit (the first of equals);
+    remaining is at least 0, and reset is the time until that usage's oldest counted bucket
+    leaves the window (0.0 when nothing is counted)."""
+    # Runs for every admission of the Redis limiter (and any refusal): written flat, as a
+    # Python-level call, max() included, costs more than the arithmetic (helpers and max()
+    # here cost ~8k instructions a request), and the named tuple is made by tuple.__new__
+    # (its own constructor is a Python-level call: 3.6k against 1.6k instructions).
+    # MemoryLimiter.acquire_now has this rule inline; keep the two in step.
+    rpm_limit = rpm_left = rpm_reset = None
+    for limit, used, oldest in requests:
+        left = limit - used
+        if (
+            rpm_limit is None
+            or rpm_left is None
+            or left < rpm_left
+            or (left == rpm_left and limit < rpm_limit)
+        ):
+            rpm_limit, rpm_left = limit, left
+            rpm_reset = 0.0 if oldest is None else oldest + WINDOW_BUCKETS - now
+    tpm_limit = tpm_left = tpm_reset = None
+    for limit, used, oldest in tokens:
+        left = limit - used
+        if (
+            tpm_limit is None
+            or tpm_left is None
+            or left < tpm_left
+            or (left == tpm_left and limit < tpm_limit)
+        ):
+            tpm_limit, tpm_left = limit, left
+            tpm_reset = 0.0 if oldest is None else oldest + WINDOW_BUCKETS - now
     return new_tuple(
         Admission,
         (
             allowed,
             reason,
             0.0 if allowed else retry_after,
-            limit_requests,
-            remaining_requests,
-            reset_requests,
-            limit_tokens,
-            remaining_tokens,
-            reset_tokens,
+            rpm_limit,
+            None if rpm_left is None else rpm_left if rpm_left > 0 else 0,
+            None if rpm_reset is None else rpm_reset if rpm_reset > 0.0 else 0.0,
+            tpm_limit,
+            None if tpm_left is None else tpm_left if tpm_left > 0 else 0,
+            None if tpm_reset is None else tpm_reset if tpm_reset > 0.0 else 0.0,
             ticket if allowed else None,
         ),
     )
