@@ -15,16 +15,22 @@ from redis.typing import EncodableT, FieldT
 
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits import Admission, LimitSpec, RedisLimiter, Scope, Ticket
+from sluice.pipeline.limits.wire import PipelinedRedis
 
 pytestmark = pytest.mark.redis
 
 HOST, PORT = "127.0.0.1", 6379
 
 
+def _wire(port: int = PORT, timeout: float = 1.0) -> PipelinedRedis:
+    """The limiter's client, as the gateway builds it."""
+    return PipelinedRedis(f"redis://{HOST}:{port}/0", timeout=timeout)
+
+
 def _client(host: str = HOST, port: int = PORT, timeout: float = 1.0) -> aioredis.Redis:
-    """A client as the gateway should build one: a *blocking* pool (the default pool raises
-    MaxConnectionsError past 100 concurrent commands, which a fail-open limiter would turn
-    into admissions), short timeouts and no retries."""
+    """A redis-py client, to look at what the limiter wrote: a *blocking* pool (the default
+    pool raises MaxConnectionsError past 100 concurrent commands), short timeouts and no
+    retries."""
     pool = aioredis.BlockingConnectionPool(
         host=host,
         port=port,
@@ -60,8 +66,10 @@ async def prefix(redis: aioredis.Redis) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-def limiter(redis: aioredis.Redis, prefix: str) -> RedisLimiter:
-    return RedisLimiter(redis, prefix=prefix, failure_mode="closed")
+async def limiter(redis: aioredis.Redis, prefix: str) -> AsyncIterator[RedisLimiter]:
+    client = _wire()
+    yield RedisLimiter(client, prefix=prefix, failure_mode="closed")
+    await client.close()
 
 
 async def take(
@@ -214,15 +222,16 @@ async def test_settle_is_idempotent(limiter: RedisLimiter) -> None:
 
 
 def count_calls(limiter: RedisLimiter, script: str) -> list[None]:
-    """Wrap one of the limiter's script attributes; the list grows by one per call."""
+    """Wrap one of the limiter's scripts; the list grows by one per call."""
     calls: list[None] = []
     inner = getattr(limiter, script)
 
-    async def counting(**kwargs: object) -> object:
-        calls.append(None)
-        return await inner(**kwargs)
+    class Counting:
+        async def run_packed(self, keys: int, items: int, body: bytes) -> object:
+            calls.append(None)
+            return await inner.run_packed(keys, items, body)
 
-    setattr(limiter, script, counting)
+    setattr(limiter, script, Counting())
     return calls
 
 
@@ -274,7 +283,7 @@ async def test_keys_carry_ttls(redis: aioredis.Redis, limiter: RedisLimiter, pre
 
 
 async def test_three_replicas_admit_exactly_the_limit(prefix: str) -> None:
-    clients = [_client() for _ in range(3)]
+    clients = [_wire() for _ in range(3)]
     try:
         failures: list[Exception] = []
         replicas = [RedisLimiter(c, prefix=prefix, on_failure=failures.append) for c in clients]
@@ -284,7 +293,7 @@ async def test_three_replicas_admit_exactly_the_limit(prefix: str) -> None:
         )
     finally:
         for client in clients:
-            await client.aclose()
+            await client.close()
     assert failures == []
     allowed = [r for r in results if r.allowed]
     refused = [r for r in results if not r.allowed]
@@ -302,7 +311,8 @@ def _closed_port() -> int:
 async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, prefix: str) -> None:
     """The request path's settle: queued without a coroutine, sent with its loop turn's
     other settles; close() sends what is still queued."""
-    limiter = RedisLimiter(redis, prefix=prefix)
+    client = _wire()
+    limiter = RedisLimiter(client, prefix=prefix)
     key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=2))
     first, second = await take(limiter, key, tokens=600), await take(limiter, key, tokens=300)
     assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
@@ -314,6 +324,7 @@ async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, pr
 
     limiter.settle_nowait(ticket_of(second), 300)  # frees the last slot, no token change
     await limiter.close()
+    await client.close()
     assert await redis.zcard(prefix + "key:a:p") == 0
 
 
@@ -329,7 +340,7 @@ async def _silent_server() -> asyncio.Server:
 
 async def test_fails_open_when_redis_is_unreachable() -> None:
     failures: list[Exception] = []
-    client = _client(port=_closed_port(), timeout=0.2)
+    client = _wire(port=_closed_port(), timeout=0.2)
     limiter = RedisLimiter(client, on_failure=failures.append)
     try:
         admission = await take(limiter, Scope("key:a", LimitSpec(rpm=1)), tokens=10)
@@ -338,27 +349,27 @@ async def test_fails_open_when_redis_is_unreachable() -> None:
         await limiter.settle(ticket_of(admission), 50)  # a no-op, no second failure
         assert len(failures) == 1
     finally:
-        await client.aclose()
+        await client.close()
 
 
 async def test_fails_open_when_redis_times_out() -> None:
     server = await _silent_server()
     port = server.sockets[0].getsockname()[1]
     failures: list[Exception] = []
-    client = _client(port=port, timeout=0.1)
+    client = _wire(port=port, timeout=0.1)
     try:
         limiter = RedisLimiter(client, on_failure=failures.append)
         assert (await take(limiter, Scope("key:a", LimitSpec(rpm=1)))).allowed
         assert len(failures) == 1
     finally:
-        await client.aclose()
+        await client.close()
         server.close()
         await server.wait_closed()
 
 
 async def test_fails_closed_when_redis_is_unreachable() -> None:
     failures: list[Exception] = []
-    client = _client(port=_closed_port(), timeout=0.2)
+    client = _wire(port=_closed_port(), timeout=0.2)
     limiter = RedisLimiter(client, failure_mode="closed", on_failure=failures.append)
     try:
         with pytest.raises(ServiceUnavailableError) as raised:
@@ -369,4 +380,4 @@ async def test_fails_closed_when_redis_is_unreachable() -> None:
         # No scope limits anything: no round trip, so no failure either.
         assert (await take(limiter, Scope("key:a", LimitSpec()))).allowed
     finally:
-        await client.aclose()
+        await client.close()

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-from sluice.pipeline.limits.wire import PipelinedRedis
+from sluice.pipeline.limits.wire import PipelinedRedis, bulk, bulks
 from tests.gateway import free_port
 from tests.services import require_redis
 
@@ -40,6 +40,30 @@ async def test_error_replies_raise_response_error_for_that_call_only() -> None:
         assert isinstance(results[1], ResponseError)
         assert results[2] == b"PONG"
     finally:
+        await client.close()
+
+
+def test_bulk_strings_are_resp() -> None:
+    assert bulk(b"") == b"$0\r\n\r\n"
+    assert bulks("k\u00e9y", -12, b"x\r\ny") == b"$4\r\nk\xc3\xa9y\r\n$3\r\n-12\r\n$4\r\nx\r\ny\r\n"
+
+
+async def test_packed_script_calls_match_plain_ones_and_survive_a_script_flush() -> None:
+    url = require_redis()
+    client = PipelinedRedis(url)
+    script = client.register_script(
+        f"return {{KEYS[1], KEYS[2], ARGV[1], ARGV[2], #ARGV, '{secrets.token_hex(4)}'}}"
+    )
+    admin = aioredis.Redis.from_url(url)
+    try:
+        body = bulks("k1", "k\u00e9") + bulk(b"7") + bulks("a b", 3)
+        first = await script.run_packed(2, 5, body)
+        assert first == await script(keys=["k1", "k\u00e9"], args=[7, "a b", 3])
+        assert first[:5] == [b"k1", "k\u00e9".encode(), b"7", b"a b", 3]
+        await admin.script_flush()
+        assert await script.run_packed(2, 5, body) == first  # NOSCRIPT -> EVAL
+    finally:
+        await admin.aclose()
         await client.close()
 
 

@@ -11,11 +11,12 @@ requests, not two per request. When Redis fails (unreachable, timeout, script er
 ``ServiceUnavailableError`` (``"closed"``); ``settle`` only reports (the leases expire on
 their own) and never retries, since a timed-out script may have run.
 
-Build the client for this: a ``BlockingConnectionPool`` (the default pool raises
-``MaxConnectionsError`` past ``max_connections`` concurrent commands, which fail-open turns
-into admissions under exactly the load a limiter exists for), a short ``socket_timeout``
-and ``retry=Retry(NoBackoff(), 0)`` or close to it (redis-py's default retries with backoff
-hold each request for seconds before the failure mode applies).
+The client is a `sluice.pipeline.limits.wire.PipelinedRedis` (one pipelined connection, a
+short timeout, no retries: a retry with backoff would hold each request for seconds before
+the failure mode applies). The limiter sends its calls already encoded as RESP
+(``Script.run_packed``): each key's keys and limits are encoded once, and a request adds only
+its token estimate and id (hiredis's packing formatted every argument of every call again:
+a ``sprintf`` each, ~11k instructions a request).
 
 A request cancelled while its ``acquire`` is in flight may have been admitted without
 getting its ticket: its request and tokens stay counted, and its parallel slot is held
@@ -38,22 +39,32 @@ from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits.base import Admission, Scope, Ticket
 from sluice.pipeline.limits.lua import ACQUIRE, REASON_CODES, SETTLE
 from sluice.pipeline.limits.window import Usage, build_admission
+from sluice.pipeline.limits.wire import bulk, bulks
 
 FailureMode = Literal["open", "closed"]
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 _BATCH_MAX = 256  # requests per script call: bounds one call's run time in Redis
 _MAX_PLANS = 10_000
+# A request's variable arguments, as RESP bulk strings: acquire (tokens, request id) and
+# settle (second, delta, request id).
+_ACQUIRE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
+_SETTLE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+_SETTLE_ARGS = 5  # per settle: token scopes, lease scopes, second, delta, request id
 
 
 def _limit_arg(value: int | None) -> int:
     return -1 if value is None else value
 
 
-class ScriptHost(Protocol):
-    """What the limiter needs of a Redis client: redis-py's ``Redis`` or `PipelinedRedis`."""
+class PackedScript(Protocol):
+    async def run_packed(self, keys: int, items: int, body: bytes) -> Any: ...
 
-    def register_script(self, script: str) -> Any: ...
+
+class ScriptHost(Protocol):
+    """What the limiter needs of a Redis client: `PipelinedRedis`."""
+
+    def register_script(self, script: str) -> PackedScript: ...
 
 
 class RedisLimiter:
@@ -77,8 +88,11 @@ class RedisLimiter:
         self._settling: _SettleBatch | None = None  # open: settles of this loop turn
         self._last_settles: _SettleBatch | None = None  # the newest batch, open or sent
         self._plans: dict[int, _Plan] = {}
-        self._lease_seconds = -1.0  # the lease of the last acquire, and it in milliseconds
-        self._lease_ms = 1
+        # ticket's (token scopes, lease scopes) -> its settle's keys and scope counts in RESP
+        self._settle_keys: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, int, bytes]]
+        self._settle_keys = {}
+        self._lease_seconds = -1.0  # the lease of the last acquire, and it in RESP (ms)
+        self._lease = bulk(b"1")
         self._tasks: set[asyncio.Future[None]] = set()
 
     async def acquire(
@@ -99,12 +113,15 @@ class RedisLimiter:
             loop.call_soon(self._send_acquires)
         answer: asyncio.Future[list[int]] = loop.create_future()
         batch.answers.append((answer, plan))
-        batch.keys += plan.keys
+        batch.keys.append(plan.keys)
+        batch.n_keys += plan.n_keys
         if lease_seconds != self._lease_seconds:  # the guard's lease: constant in practice
             self._lease_seconds = lease_seconds
-            self._lease_ms = max(round(lease_seconds * 1000), 1)
-        batch.args += (plan.n_scopes, tokens, request_id, self._lease_ms)
-        batch.args += plan.limit_args
+            self._lease = bulk(b"%d" % max(round(lease_seconds * 1000), 1))
+        encoded_tokens, rid = b"%d" % tokens, request_id.encode()
+        values = _ACQUIRE_VALUES % (len(encoded_tokens), encoded_tokens, len(rid), rid)
+        batch.args += (plan.head, values, self._lease, plan.limits)
+        batch.n_args += plan.n_args
         if len(batch.answers) >= _BATCH_MAX:
             self._send_acquires()
         try:
@@ -139,8 +156,10 @@ class RedisLimiter:
 
     async def _run_acquires(self, batch: _AcquireBatch) -> None:
         try:
-            reply: list[int] = await self._acquire(
-                keys=batch.keys, args=[len(batch.answers), *batch.args]
+            count = bulk(b"%d" % len(batch.answers))
+            body = b"".join(batch.keys) + count + b"".join(batch.args)
+            reply: list[int] = await self._acquire.run_packed(
+                batch.n_keys, batch.n_keys + 1 + batch.n_args, body
             )
         except Exception as exc:  # every waiting request gets it (and applies its mode)
             for answer, _ in batch.answers:
@@ -191,17 +210,35 @@ class RedisLimiter:
             loop = asyncio.get_running_loop()
             batch = self._settling = self._last_settles = _SettleBatch(loop.create_future())
             loop.call_soon(self._send_settles)
-        prefix, keys = self._prefix, batch.keys
-        for name in token_scopes:
-            keys.append(prefix + name + ":t")
-        for name in ticket.lease_scopes:
-            keys.append(prefix + name + ":p")
-        batch.args += (
-            len(token_scopes), len(ticket.lease_scopes), ticket.second, delta, ticket.request_id
+        scopes = (token_scopes, ticket.lease_scopes)
+        encoded = self._settle_keys.get(scopes)
+        if encoded is None:
+            encoded = self._encode_settle_keys(scopes)
+        keys, n_keys, counts = encoded
+        batch.keys.append(keys)
+        batch.n_keys += n_keys
+        second, encoded_delta = b"%d" % ticket.second, b"%d" % delta
+        rid = ticket.request_id.encode()
+        values = _SETTLE_VALUES % (
+            len(second), second, len(encoded_delta), encoded_delta, len(rid), rid
         )  # fmt: skip
+        batch.args += (counts, values)
         batch.count += 1
         if batch.count >= _BATCH_MAX:
             self._send_settles()
+
+    def _encode_settle_keys(
+        self, scopes: tuple[tuple[str, ...], tuple[str, ...]]
+    ) -> tuple[bytes, int, bytes]:
+        """A settle's keys and its two scope counts in RESP, made once per scope tuple."""
+        token_scopes, lease_scopes = scopes
+        names = [self._prefix + name + ":t" for name in token_scopes]
+        names += [self._prefix + name + ":p" for name in lease_scopes]
+        if len(self._settle_keys) >= _MAX_PLANS:
+            self._settle_keys.clear()
+        encoded = (bulks(*names), len(names), bulks(len(token_scopes), len(lease_scopes)))
+        self._settle_keys[scopes] = encoded
+        return encoded
 
     def _send_settles(self) -> None:
         """Send the open batch of settles as one script call (a task the batch awaits)."""
@@ -211,7 +248,10 @@ class RedisLimiter:
 
     async def _run_settles(self, batch: _SettleBatch) -> None:
         try:
-            await self._settle(keys=batch.keys, args=[batch.count, *batch.args])
+            count = bulk(b"%d" % batch.count)
+            body = b"".join(batch.keys) + count + b"".join(batch.args)
+            items = batch.n_keys + 1 + _SETTLE_ARGS * batch.count
+            await self._settle.run_packed(batch.n_keys, items, body)
         except _FAILURES as exc:
             self._report(exc)
         finally:
@@ -244,10 +284,12 @@ class _Plan:
     Holding ``scopes`` keeps its id from being reused while the plan is cached."""
 
     __slots__ = (
+        "head",
         "keys",
         "lease_scopes",
-        "limit_args",
-        "n_scopes",
+        "limits",
+        "n_args",
+        "n_keys",
         "reply_size",
         "rpm_at",
         "scopes",
@@ -258,47 +300,56 @@ class _Plan:
     def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
         self.scopes = scopes
         limited = [scope for scope in scopes if not scope.spec.unlimited]
-        self.n_scopes = len(limited)
         self.reply_size = 4 + 4 * len(limited)  # verdict, then 4 numbers per scope
-        self.keys: list[str] = []
-        self.limit_args: list[int] = []
+        keys: list[str] = []
+        limits: list[int] = []
         self.rpm_at: list[tuple[int, int]] = []  # (reply index of the count, limit)
         self.tpm_at: list[tuple[int, int]] = []
         for i, scope in enumerate(limited):
             base = prefix + scope.name
-            self.keys += (base + ":r", base + ":t", base + ":p")
+            keys += (base + ":r", base + ":t", base + ":p")
             spec = scope.spec
-            self.limit_args += (
-                _limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel)
-            )  # fmt: skip
+            limits += (_limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel))
             if spec.rpm is not None:
                 self.rpm_at.append((4 + 4 * i, spec.rpm))
             if spec.tpm is not None:
                 self.tpm_at.append((6 + 4 * i, spec.tpm))
         self.token_scopes = tuple(s.name for s in limited if s.spec.tpm is not None)
         self.lease_scopes = tuple(s.name for s in limited if s.spec.max_parallel is not None)
+        # In RESP: the keys; the scope count (the request's first argument); the limits (its
+        # last). Between them go the token estimate, the request id and the lease.
+        self.keys = bulks(*keys)
+        self.n_keys = len(keys)
+        self.head = bulks(len(limited))
+        self.limits = bulks(*limits)
+        self.n_args = 4 + len(limits)
 
 
 class _AcquireBatch:
-    """The acquires requested during one event-loop turn: one script call for all."""
+    """The acquires requested during one event-loop turn: one script call for all. Keys
+    and arguments are RESP bulk strings, ``n_keys`` and ``n_args`` of them."""
 
-    __slots__ = ("answers", "args", "keys")
+    __slots__ = ("answers", "args", "keys", "n_args", "n_keys")
 
     def __init__(self) -> None:
         self.answers: list[tuple[asyncio.Future[list[int]], _Plan]] = []
-        self.keys: list[str] = []
-        self.args: list[int | str] = []
+        self.keys: list[bytes] = []
+        self.args: list[bytes] = []
+        self.n_keys = 0
+        self.n_args = 0
 
 
 class _SettleBatch:
-    """The settles requested during one event-loop turn: one script call for all."""
+    """The settles requested during one event-loop turn: one script call for all (keys
+    and arguments in RESP, as in `_AcquireBatch`)."""
 
-    __slots__ = ("args", "count", "done", "keys")
+    __slots__ = ("args", "count", "done", "keys", "n_keys")
 
     def __init__(self, done: asyncio.Future[None]) -> None:
         self.done = done
-        self.keys: list[str] = []
-        self.args: list[int | str] = []
+        self.keys: list[bytes] = []
+        self.args: list[bytes] = []
+        self.n_keys = 0
         self.count = 0
 
 
