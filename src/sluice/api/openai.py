@@ -102,8 +102,11 @@ class OpenAIService:
 
     async def _proxy(self, request: Request, route: Route) -> Response:
         ctx: RequestContext = request.scope[SCOPE_KEY]
-        if self._guard is not None:
-            await self._guard.identify(ctx, request.scope["headers"], request.scope["query_string"])
+        guard = self._guard
+        if guard is not None:
+            scope = request.scope
+            if not guard.recognise(ctx, scope["headers"], scope["query_string"]):
+                await guard.identify(ctx, scope["headers"], scope["query_string"])
         raw = await self._read_body(request)
         body = parse_json_object(raw)
         model = validate(route, body)
@@ -111,8 +114,8 @@ class OpenAIService:
         ctx.model = model
         ctx.deployment = deployment.id
         ctx.prompt_estimate = max(1, len(raw) // 4)
-        if self._guard is not None:
-            await self._guard.admit(ctx, model, body, len(raw))
+        if guard is not None:
+            await guard.admit(ctx, model, body, len(raw))
         ctx.accepted = True
 
         forward: bytes | None = raw

@@ -1,9 +1,10 @@
 """Admission for one request: who is calling, may they use this model, within budget and limits.
 
-`identify` runs before the body is read (401 costs nothing); `admit` runs once the model is
-known: 403 for a model the key may not use, 429 ``budget_exceeded`` (``x-should-retry:
-false``) once spend reaches the budget, then one limiter call over the key's scopes that
-reserves an estimate of the tokens (prompt size + ``max_tokens``). The reservation is
+`identify` runs before the body is read (401 costs nothing; its first step, `recognise`,
+answers a cached key without a coroutine); `admit` runs once the model is known: 403 for a
+model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``) once spend
+reaches the budget, then one limiter call over the key's scopes that reserves an estimate
+of the tokens (prompt size + ``max_tokens``). The reservation is
 reconciled with the real usage by `sluice.pipeline.accounting` when the request ends.
 """
 
@@ -39,13 +40,23 @@ class Guard:
         self._lease = lease_seconds
         self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[Scope]]] = {}
 
+    def recognise(
+        self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
+    ) -> bool:
+        """Set ``ctx.principal`` from the auth cache, without a coroutine: True for a virtual
+        key authenticated within the cache TTL; False sends the caller to `identify`."""
+        principal = None if query_string else self._auth.recognise(headers)
+        if principal is None:
+            return False
+        ctx.principal = principal
+        return True
+
     async def identify(
         self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
     ) -> None:
-        principal = None if query_string else self._auth.recognise(headers)
-        if principal is None:
-            principal = await self._auth.authenticate(headers, query_string)
-        ctx.principal = principal
+        """Set ``ctx.principal``, through the cache when it can answer; raises the 401."""
+        if not self.recognise(ctx, headers, query_string):
+            ctx.principal = await self._auth.authenticate(headers, query_string)
 
     async def admit(self, ctx: RequestContext, model: str, body: dict[str, Any], size: int) -> None:
         principal: Principal | None = ctx.principal
