@@ -142,17 +142,11 @@ Deployment = Annotated[
 
 
 class PricingSettings(_Strict):
-    """USD per million tokens, for usage records and budgets."""
+    """USD per million tokens, for usage records and budgets (the cost of a request is
+    worked out by `sluice.pipeline.accounting`)."""
 
     prompt_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
     completion_per_million: float = Field(0.0, ge=0, allow_inf_nan=False)
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for a request's tokens."""
-        return (
-            prompt_tokens * self.prompt_per_million
-            + completion_tokens * self.completion_per_million
-        ) / 1_000_000
 
 
 class ModelSettings(_Strict):

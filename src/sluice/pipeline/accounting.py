@@ -26,7 +26,12 @@ class Accounting:
     ) -> None:
         self._recorder = recorder
         self._limiter = limiter
-        self._prices = prices
+        # Per model: USD per million prompt and completion tokens, as plain floats (the cost
+        # is worked out inline: a method call per request costs more than the arithmetic).
+        self._rates = {
+            model: (price.prompt_per_million, price.completion_per_million)
+            for model, price in prices.items()
+        }
 
     def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
         """Record the request's usage and settle its reservation; never waits (the record
@@ -38,7 +43,7 @@ class Accounting:
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
         if self._recorder is not None:
-            price = self._prices.get(ctx.model or "")
+            rates = self._rates.get(ctx.model or "")
             # Positional, in UsageRecord's field order: a dataclass __init__ called with
             # twelve keywords costs twice as much, once per request. latency_ms is not
             # rounded (round() alone cost ~2.5k instructions a request).
@@ -50,7 +55,9 @@ class Accounting:
                     ctx.deployment,
                     prompt,
                     completion,
-                    0.0 if price is None else price.cost(prompt, completion),
+                    0.0
+                    if rates is None
+                    else (prompt * rates[0] + completion * rates[1]) / 1_000_000,  # cost_usd
                     latency_s * 1000.0,
                     status,
                     False,  # cache_hit
