@@ -154,6 +154,8 @@ def main():
         ).stdout.strip()
         argv = [a for a in sys.argv[1:] if a != "--write-docs"]
         command = "python bench/accounting_instructions.py " + " ".join(argv)
+        if any(variant.startswith("redis") for variant in args.variants):
+            command = f"BENCH_DATABASE_URL=<a fresh PostgreSQL database> {command}"
         if any("@" in variant for variant in args.variants):
             command = f"BENCH_BASE_SRC={os.environ['BENCH_BASE_SRC']} {command}"
         when = time.strftime("%Y-%m-%d %H:%M")
@@ -174,7 +176,9 @@ def main():
                 " User-space instructions only: the kernel, cache misses and mispredictions"
                 " are not in it. Variants: plain = no auth, usage off; lim = virtual key with"
                 " RPM/TPM/parallel limits, usage off; full = lim + usage records in SQLite (the"
-                " memory/SQLite variant of the section above)" + base_note(args.variants) + ".",
+                " memory/SQLite variant of the section above); redis = full with limits in"
+                " Redis and keys and usage in PostgreSQL (the Redis/PostgreSQL variant;"
+                " variants sharing a database add to its tables)" + base_note(args.variants) + ".",
                 f"```sh\n{command}\n```",
                 table,
             ]
