@@ -29,6 +29,14 @@ import httptools
 from sluice.errors import UpstreamConnectError, UpstreamTimeoutError
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+_NO_HEAD = "upstream: no response within the first-byte timeout"
+_NO_DATA = "upstream: no data within the first-byte timeout"
+
+
+def _expire(waiter: asyncio.Future[None], message: str) -> None:
+    """A read timer ran out: fail the read it guards (called by the event loop)."""
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeoutError(message, code="upstream_read_timeout"))
 
 
 class _Reused(Exception):
@@ -77,13 +85,14 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
 
     async def response_head(self, within: float) -> None:
+        # Reads are timed by a timer on the loop that fails the awaited future, not by
+        # asyncio.timeout(): on Python 3.11 that makes three get_running_loop() calls per
+        # read, each a getpid() system call (six per request), plus a Python object.
+        timer = self._loop.call_later(within, _expire, self._headers_done, _NO_HEAD)
         try:
-            async with asyncio.timeout(within):
-                await self._headers_done
-        except TimeoutError:
-            raise UpstreamTimeoutError(
-                "upstream: no response within the first-byte timeout", code="upstream_read_timeout"
-            ) from None
+            await self._headers_done
+        finally:
+            timer.cancel()
 
     async def next_chunk(self, within: float) -> bytes | None:
         """The next body bytes, or None once the body is complete."""
@@ -92,16 +101,12 @@ class _Connection(asyncio.Protocol):
                 return None
             if self.error is not None:
                 raise self.error
-            self._waiter = self._loop.create_future()
+            waiter = self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(within, _expire, waiter, _NO_DATA)
             try:
-                async with asyncio.timeout(within):
-                    await self._waiter
-            except TimeoutError:
-                raise UpstreamTimeoutError(
-                    "upstream: no data within the first-byte timeout",
-                    code="upstream_read_timeout",
-                ) from None
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
