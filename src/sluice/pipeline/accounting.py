@@ -12,11 +12,10 @@ import time
 
 from sluice.api.context import RequestContext
 from sluice.pipeline.limits import Limiter
+from sluice.pipeline.limits.window import new_tuple
 from sluice.settings import PricingSettings
 from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageRecord
-
-_new_record = tuple.__new__
 
 
 class Accounting:
@@ -49,7 +48,7 @@ class Accounting:
             # In UsageRecord's field order, by tuple.__new__ (no Python-level constructor
             # call). latency_ms is not rounded (round() alone cost ~2.5k instructions).
             self._recorder.record(
-                _new_record(
+                new_tuple(
                     UsageRecord,
                     (
                         ctx.request_id,

@@ -218,12 +218,7 @@ class Script:
     async def __call__(
         self, keys: Sequence[str] = (), args: Sequence[bytes | str | int] = ()
     ) -> Any:
-        try:
-            return await self._client.execute("EVALSHA", self._sha, len(keys), *keys, *args)
-        except ResponseError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-        return await self._client.execute("EVAL", self._source, len(keys), *keys, *args)
+        return await self.run_packed(len(keys), len(keys) + len(args), bulks(*keys, *args))
 
     async def run_packed(self, keys: int, items: int, body: bytes) -> Any:
         """Run the script over arguments already in RESP: ``body`` is ``items`` bulk strings
