@@ -312,20 +312,26 @@ async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, pr
     """The request path's settle: queued without a coroutine, sent with its loop turn's
     other settles; close() sends what is still queued."""
     client = _wire()
-    limiter = RedisLimiter(client, prefix=prefix)
-    key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=2))
-    first, second = await take(limiter, key, tokens=600), await take(limiter, key, tokens=300)
-    assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
-    limiter.settle_nowait(ticket_of(first), 100)  # refund 500, free a slot
-    assert await redis.hget(prefix + "key:a:t", "s") == b"900"  # not sent yet
-    await limiter.settle(ticket_of(first), 100)  # already claimed: waits for the batch only
-    assert await redis.hget(prefix + "key:a:t", "s") == b"400"
-    assert await redis.zcard(prefix + "key:a:p") == 1
+    try:
+        limiter = RedisLimiter(client, prefix=prefix)
+        key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=2))
+        first = await take(limiter, key, tokens=600)
+        second = await take(limiter, key, tokens=300)
+        assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
+        calls = count_calls(limiter, "_settle")
+        limiter.settle_nowait(ticket_of(first), 100)  # refund 500, free a slot
+        assert calls == []  # queued: nothing is sent before the loop runs again
+        await limiter.settle(ticket_of(first), 100)  # already claimed: waits for the batch
+        assert len(calls) == 1
+        assert await redis.hget(prefix + "key:a:t", "s") == b"400"
+        assert await redis.zcard(prefix + "key:a:p") == 1
 
-    limiter.settle_nowait(ticket_of(second), 300)  # frees the last slot, no token change
-    await limiter.close()
-    await client.close()
-    assert await redis.zcard(prefix + "key:a:p") == 0
+        limiter.settle_nowait(ticket_of(second), 300)  # frees the last slot, no token change
+        await limiter.close()
+        assert len(calls) == 2
+        assert await redis.zcard(prefix + "key:a:p") == 0
+    finally:
+        await client.close()
 
 
 async def _silent_server() -> asyncio.Server:
