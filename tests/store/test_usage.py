@@ -59,6 +59,24 @@ async def test_replaying_a_batch_stores_and_charges_it_once(db: Database) -> Non
     assert await spend(db) == pytest.approx(1.5)
 
 
+async def test_a_failed_batch_changes_nothing_and_the_next_one_is_written(
+    db: Database,
+) -> None:
+    """A batch the database refuses (here a NOT NULL column) is rolled back whole, rows and
+    spend, and leaves the connection usable for the next batch (on SQLite the transaction
+    is the writer's own, on aiosqlite's thread)."""
+    await add_key(db, created_at=DAY1)
+    store = UsageStore(db)
+    with pytest.raises(Exception, match=r"(?i)null"):
+        await store.insert_many([rec("ok1", cost_usd=0.5), rec("bad", model=None)])
+    assert await store.count() == 0
+    assert await spend(db) == 0.0
+
+    assert await store.insert_many([rec("ok1", cost_usd=0.5), rec("ok2", cost_usd=0.25)]) == 2
+    assert await store.count() == 2
+    assert await spend(db) == pytest.approx(0.75)
+
+
 async def test_a_batch_larger_than_one_statement_is_stored_and_charged_once(
     db: Database,
 ) -> None:
