@@ -12,6 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 import orjson
 from sqlalchemy import ColumnElement, Float, bindparam, case, func, or_, select, update
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -109,16 +110,18 @@ _SPEND = (
         period_started_at=case((_rolls, _P), else_=_started),
     )
 )
-_KEY_PERIODS = (
-    select(api_keys.c.id, api_keys.c.budget_period)
-    .where(api_keys.c.id.in_(bindparam("b_keys", expanding=True)))
-    .order_by(api_keys.c.id)
-    .with_for_update()  # PostgreSQL: hold the rows until commit; SQLite: ignored
-)
-# The same two statements as SQLite text, for the writer on aiosqlite's thread
-# (`_write_sqlite`): the spend update compiled from _SPEND (named parameters), the key
-# periods read with the ids as one JSON array (json_each, as in _SQLITE_EXISTING).
+# The statements as the writers send them straight to their drivers (`_write_postgres`,
+# `_write_sqlite`; SQLAlchemy only lends the connection): the spend update compiled from
+# _SPEND for each, and the stored keys' budget periods, read with the batch's key ids as
+# one array (PostgreSQL, holding the key rows until commit) or one JSON array (SQLite,
+# json_each as in _SQLITE_EXISTING; writers hold the database lock from BEGIN IMMEDIATE).
 _SQLITE_SPEND = str(_SPEND.compile(dialect=sqlite_dialect(paramstyle="named")))
+_PG_SPEND_COMPILED = _SPEND.compile(dialect=asyncpg_dialect())  # type: ignore[no-untyped-call]
+assert _PG_SPEND_COMPILED.positiontup == ["b_period_start", "b_cost", "b_key"]  # $1, $2, $3
+_PG_SPEND = str(_PG_SPEND_COMPILED)
+_PG_KEY_PERIODS = (
+    "SELECT id, budget_period FROM api_keys WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+)
 _SQLITE_KEY_PERIODS = (
     "SELECT id, budget_period FROM api_keys WHERE id IN (SELECT value FROM json_each(?))"
 )
@@ -221,22 +224,37 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
     return params
 
 
-async def _insert_postgres(
-    conn: AsyncConnection, unique: dict[str, UsageRecord]
-) -> list[UsageRecord]:
-    """Insert ``unique``'s records that are not stored yet; returns those records."""
+async def _write_postgres(conn: AsyncConnection, unique: dict[str, UsageRecord]) -> int:
+    """Insert ``unique``'s records that are not stored yet and charge their cost, in one
+    transaction on the asyncpg connection itself; returns how many were new.
+
+    SQLAlchemy only lends the connection (nothing is executed through it, so it begins no
+    transaction of its own): through its adapter the batch's BEGIN, key periods, spend
+    update and COMMIT cost ~1.3 ms of the gateway's CPU a batch in SQLAlchemy's layers."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None  # an asyncpg.Connection
     # Chunks go in in request_id order, like the rows within each, keeping concurrent
     # batches deadlock-free.
     ordered = [unique[request_id] for request_id in sorted(unique)]
     new = dict(unique)
-    for i in range(0, len(ordered), _ROWS_PER_STATEMENT):
-        rows = ordered[i : i + _ROWS_PER_STATEMENT]
-        # Costs and latencies are finite (prices refuse inf/NaN); orjson writes NaN as null.
-        encoded = orjson.dumps(rows, default=tuple).decode()
-        result = await conn.exec_driver_sql(_PG_INSERT, (encoded,))
-        for request_id in result.scalars():
-            del new[request_id]
-    return list(new.values())
+    async with driver.transaction():
+        for i in range(0, len(ordered), _ROWS_PER_STATEMENT):
+            rows = ordered[i : i + _ROWS_PER_STATEMENT]
+            # Costs and latencies are finite (prices refuse inf/NaN); orjson writes NaN as null.
+            encoded = orjson.dumps(rows, default=tuple).decode()
+            for (request_id,) in await driver.fetch(_PG_INSERT, encoded):
+                del new[request_id]
+        charged = [r for r in new.values() if r.key_id and r.cost_usd]
+        if charged:
+            key_ids = sorted({r.key_id for r in charged if r.key_id})
+            found = await driver.fetch(_PG_KEY_PERIODS, key_ids)
+            periods = {key_id: period for key_id, period in found}
+            spends = _spends(charged, periods)
+            if spends:
+                await driver.executemany(
+                    _PG_SPEND, [(start, cost, key_id) for key_id, start, cost in spends]
+                )
+    return len(new)
 
 
 async def _write_sqlite(conn: AsyncConnection, unique: dict[str, UsageRecord]) -> int:
@@ -332,15 +350,10 @@ class UsageStore:
             unique.setdefault(record.request_id, record)  # the first of duplicates wins
         if not unique:
             return 0
-        if self._db.engine.dialect.name != "postgresql":
-            async with self._db.engine.connect() as conn:  # the transaction is _write_sqlite's
-                return await _write_sqlite(conn, unique)
-        async with self._db.writer.begin() as conn:
-            inserted = await _insert_postgres(conn, unique)
-            charged = [r for r in inserted if r.key_id and r.cost_usd]
-            if charged:
-                await _charge(conn, charged)
-        return len(inserted)
+        async with self._db.engine.connect() as conn:  # the transaction is the writer's
+            if self._db.engine.dialect.name == "postgresql":
+                return await _write_postgres(conn, unique)
+            return await _write_sqlite(conn, unique)
 
     async def query(
         self,
@@ -396,17 +409,6 @@ def _row(row: Any) -> dict[str, Any]:
         values[name] = int(values[name])
     values["cost_usd"] = float(values["cost_usd"])
     return values
-
-
-async def _charge(conn: AsyncConnection, records: Sequence[UsageRecord]) -> None:
-    """Add ``records``' cost to their keys' spend, applying budget period roll-over."""
-    key_ids = sorted({record.key_id for record in records if record.key_id})
-    rows = await conn.execute(_KEY_PERIODS, {"b_keys": key_ids})
-    spends = _spends(records, {key_id: period for key_id, period in rows.all()})
-    if spends:
-        await conn.execute(
-            _SPEND, [{"b_key": k, "b_period_start": p, "b_cost": c} for k, p, c in spends]
-        )
 
 
 def _spends(
