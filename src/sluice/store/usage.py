@@ -6,7 +6,7 @@ import functools
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
@@ -245,9 +245,8 @@ async def _write_postgres(conn: AsyncConnection, unique: dict[str, UsageRecord])
             encoded = orjson.dumps(rows, default=tuple).decode()
             for (request_id,) in await driver.fetch(_PG_INSERT, encoded):
                 del new[request_id]
-        charged = [r for r in new.values() if r.key_id and r.cost_usd]
+        charged, key_ids = _to_charge(new.values())
         if charged:
-            key_ids = sorted({r.key_id for r in charged if r.key_id})
             found = await driver.fetch(_PG_KEY_PERIODS, key_ids)
             periods = {key_id: period for key_id, period in found}
             spends = _spends(charged, periods)
@@ -313,10 +312,9 @@ def _insert_and_charge_sqlite(sqlite: sqlite3.Connection, records: list[UsageRec
             records[i:] = [r for r in rest if r.request_id not in stored]
             continue
         i += size
-    charged = [r for r in records if r.key_id and r.cost_usd]
+    charged, key_ids = _to_charge(records)
     if not charged:
         return len(records)
-    key_ids = sorted({r.key_id for r in charged if r.key_id})
     rows = sqlite.execute(_SQLITE_KEY_PERIODS, (orjson.dumps(key_ids).decode(),)).fetchall()
     spends = _spends(charged, dict(rows))
     if spends:
@@ -410,6 +408,13 @@ def _row(row: Any) -> dict[str, Any]:
         values[name] = int(values[name])
     values["cost_usd"] = float(values["cost_usd"])
     return values
+
+
+def _to_charge(records: Iterable[UsageRecord]) -> tuple[list[UsageRecord], list[str]]:
+    """The records with a cost to charge to a key, and those keys' ids (sorted: both
+    writers lock or look up key rows in id order)."""
+    charged = [r for r in records if r.key_id and r.cost_usd]
+    return charged, sorted({r.key_id for r in charged if r.key_id})
 
 
 def _spends(
