@@ -12,6 +12,7 @@ on core 1, as in bench/gateway_bench.py; wrk -c32 against /v1/chat/completions):
     usage   no auth, usage records in SQLite          -> the usage path alone
     redis   limits in Redis, keys and usage in PostgreSQL (needs BENCH_DATABASE_URL, a
             database the caller created) -> bench/sluice-accounting-redis.yaml
+    rlim    redis's limits alone (usage off)     pgusage  redis's usage records alone (no auth)
 
 Every variant's server is up at once; rounds run each variant for DURATION seconds in a
 rotating order, and the result is the median of per-round ratios to the first variant,
@@ -114,6 +115,9 @@ VARIANTS = {  # name: (key mode, settings added to the server/logging/models of 
     "full": ("limits", _AUTH + "usage: {enabled: true}\n"),
     "usage": ("none", "usage: {enabled: true}\n"),
     "redis": ("limits", _AUTH + "usage: {enabled: true}\n" + _DB),
+    # the two halves of redis: its limiter alone, and its PostgreSQL usage records alone
+    "rlim": ("limits", _AUTH + "usage: {enabled: false}\n" + _DB),
+    "pgusage": ("none", "usage: {enabled: true}\n" + _DB),
 }
 
 

@@ -115,7 +115,9 @@ class OpenAIService:
         ctx.deployment = deployment.id
         ctx.prompt_estimate = max(1, len(raw) // 4)
         if guard is not None:
-            await guard.admit(ctx, model, body, len(raw))
+            waiting = guard.admit(ctx, model, body, len(raw))
+            if waiting is not None:
+                await waiting
         ctx.accepted = True
 
         forward: bytes | None = raw

@@ -1,7 +1,8 @@
 """Admission for one request: who is calling, may they use this model, within budget and limits.
 
 `identify` runs before the body is read (401 costs nothing; its first step, `recognise`,
-answers a cached key without a coroutine); `admit` runs once the model is known: 403 for a
+answers a cached key without a coroutine); `admit` runs once the model is known (without a
+coroutine unless the limiter has to wait for Redis): 403 for a
 model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``) once spend
 reaches the budget, then one limiter call over the key's scopes that reserves an estimate
 of the tokens (prompt size + ``max_tokens``). The reservation is
@@ -11,6 +12,7 @@ reconciled with the real usage by `sluice.pipeline.accounting` when the request 
 from __future__ import annotations
 
 import math
+from collections.abc import Coroutine
 from typing import Any
 
 from sluice.api.context import RequestContext
@@ -58,10 +60,15 @@ class Guard:
         if not self.recognise(ctx, headers, query_string):
             ctx.principal = await self._auth.authenticate(headers, query_string)
 
-    async def admit(self, ctx: RequestContext, model: str, body: dict[str, Any], size: int) -> None:
+    def admit(
+        self, ctx: RequestContext, model: str, body: dict[str, Any], size: int
+    ) -> Coroutine[Any, Any, None] | None:
+        """Admit the request or raise its 403/429. None when decided at once (the master
+        key, a key without limits, the memory limiter: no coroutine per request); otherwise
+        a coroutine the caller awaits, which asks the limiter (Redis) and then decides."""
         principal: Principal | None = ctx.principal
         if principal is None or principal.key is None:
-            return  # the master key is not limited
+            return None  # the master key is not limited
         key = principal.key
         if key.models is not None and model not in key.models:
             principal.authorize(model)  # raises the 403
@@ -76,7 +83,7 @@ class Guard:
                 self._scopes.clear()
             self._scopes[(key.id, model)] = (key, scopes)
         if not scopes:
-            return
+            return None
         # The estimate, inline (it runs for every limited request): the body's size in
         # tokens, plus the completion's ceiling unless this is an embedding.
         tokens = size // _BYTES_PER_TOKEN or 1
@@ -86,15 +93,24 @@ class Guard:
                 completion = self._default_max_tokens
             n = body.get("n")
             tokens += completion * n if isinstance(n, int) and n > 0 else completion
-        if self._acquire_now is not None:
-            admission = self._acquire_now(scopes, tokens, ctx.request_id, self._lease)
-        else:
-            admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
-        ctx.admission = admission
-        if not admission.allowed:
-            raise _refusal(admission)
-        ctx.ticket = admission.ticket
-        ctx.reserved_tokens = tokens
+        if self._acquire_now is None:
+            return self._admit_after(ctx, scopes, tokens)
+        _admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease), tokens)
+        return None
+
+    async def _admit_after(self, ctx: RequestContext, scopes: list[Scope], tokens: int) -> None:
+        """`admit`'s end for a limiter that waits for its answer."""
+        admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
+        _admitted(ctx, admission, tokens)
+
+
+def _admitted(ctx: RequestContext, admission: Admission, tokens: int) -> None:
+    """Keep the limiter's answer on the request (its headers, its ticket); raise the 429."""
+    ctx.admission = admission
+    if not admission.allowed:
+        raise _refusal(admission)
+    ctx.ticket = admission.ticket
+    ctx.reserved_tokens = tokens
 
 
 _PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}
