@@ -156,7 +156,8 @@ class MemoryLimiter:
         token_scopes: tuple[str, ...] = ()
         lease_scopes: tuple[str, ...] = ()
         rpm_limit = rpm_left = tpm_limit = tpm_left = None
-        rpm_reset = tpm_reset = 0.0
+        rpm_reset: float | None = None
+        tpm_reset: float | None = None
         for scope in scopes:
             spec, state, name = scope.spec, states[scope.name], scope.name
             limit = spec.rpm
@@ -203,6 +204,9 @@ class MemoryLimiter:
             if spec.max_parallel is not None:
                 state.leases[request_id] = now + lease_seconds
                 lease_scopes += (name,)
+        # No clamping (build_admission's "at least 0"): an admitted request fits every
+        # limit, so nothing remaining is negative, and every counted bucket opened at most
+        # 60 s before the current second, so every reset is positive.
         ticket = Ticket(request_id, tokens, second, token_scopes, lease_scopes)
         return new_tuple(
             Admission,
@@ -211,11 +215,11 @@ class MemoryLimiter:
                 None,
                 0.0,
                 rpm_limit,
-                None if rpm_left is None else rpm_left if rpm_left > 0 else 0,
-                None if rpm_limit is None else rpm_reset if rpm_reset > 0.0 else 0.0,
+                rpm_left,
+                rpm_reset,
                 tpm_limit,
-                None if tpm_left is None else tpm_left if tpm_left > 0 else 0,
-                None if tpm_limit is None else tpm_reset if tpm_reset > 0.0 else 0.0,
+                tpm_left,
+                tpm_reset,
                 ticket,
             ),
         )
