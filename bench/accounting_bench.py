@@ -15,7 +15,9 @@ bench/gateway_bench.py (whose functions it imports, unchanged):
 Sluice runs with 1 worker on core 0, JSON access log and metrics on; nginx and wrk
 share core 1. For the two accounting variants the script creates a virtual key through
 `POST /admin/keys` (limits so high they are checked and counted but never refuse) and
-wrk sends it as `Authorization: Bearer` (bench/post.lua, BENCH_AUTH).
+wrk sends it as `Authorization: Bearer` (bench/post.lua, BENCH_AUTH). plain is sent the
+same requests with a stand-in key of the same length (gateway_bench.PLAIN_CLIENT_KEY),
+which it ignores: an OpenAI client always sends one, and the ratio compares the same load.
 
 Per Sluice variant: p50/p99 at c=1 (overhead vs direct), req/s at c=32 and c=64 and the
 ratio to plain. After every measured run the script reads the requests Sluice answered
@@ -599,7 +601,7 @@ def measure_variant(
     try:
         res.ready_s = gb.wait_ready(proc, f"http://{HOST}:{port}/readyz", args.ready_timeout)
         url = f"http://{HOST}:{port}/v1/chat/completions"
-        key = None
+        key: str | None = gb.PLAIN_CLIENT_KEY  # the same requests, ignored without auth
         key_id = None
         if v.accounting:
             key_id, key = create_key(port)
@@ -727,7 +729,7 @@ def measure_interleaved(
                 continue
             port = ports[v.name]
             gb.wait_ready(procs[v.name], f"http://{HOST}:{port}/readyz", args.ready_timeout)
-            keys[v.name] = create_key(port)[1] if v.accounting else None
+            keys[v.name] = create_key(port)[1] if v.accounting else gb.PLAIN_CLIENT_KEY
             run_wrk(f"http://{HOST}:{port}/v1/chat/completions", 8, args.warmup, keys[v.name])
         for r in range(args.rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
@@ -1009,7 +1011,7 @@ def render_section(
         + " --write-docs"
     )
     wrk_c = (
-        f"BENCH_BODY='<request JSON>' BENCH_AUTH=<virtual key, accounting variants only> "
+        f"BENCH_BODY='<request JSON>' BENCH_AUTH=<virtual key; plain: an unchecked stand-in> "
         f"{shlex.join(gb.pin(gb.AUX_CORE))} wrk -t1 -c{{1,32,64}} -d{args.duration}s "
         f"--timeout 10s -s bench/post.lua --latency URL"
     )
@@ -1040,7 +1042,9 @@ def render_section(
         "table and not counted as disturbance).",
         "- Variants, one after the other in one run, each a fresh `sluice serve`:",
         "  - **plain**: `bench/sluice-bench.yaml` as it is (no auth, `usage.enabled: false`) — "
-        "the baseline;",
+        "the baseline; it is sent the same requests, `Authorization: Bearer` with a stand-in "
+        "key of a virtual key's length included (OpenAI's SDKs always send one; without auth "
+        "Sluice ignores it; until 2026-12-02 plain's requests carried no such header);",
         "  - **memory/SQLite**: `bench/sluice-accounting-memory.yaml`: `auth.master_key` from "
         "`BENCH_MASTER_KEY`, `usage: {enabled: true}` (defaults: batches of 500, flushed every "
         "0.5 s) in SQLite under a fresh `data_dir` (bench/.work/accounting/sqlite), no "

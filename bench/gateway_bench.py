@@ -107,6 +107,11 @@ STREAM_MODEL = "gpt-4o-mini-stream"
 REPLY_WORDS = ["Hello", "!", " This", " is", " a", " fixed", " benchmark", " reply", "."]
 REPLY_TEXT = "".join(REPLY_WORDS)
 
+# What the accounting benchmarks' variants without auth are sent as their key: every variant
+# gets the same requests, an Authorization header included (OpenAI's SDKs always send one),
+# which a gateway without auth ignores. As long as a virtual key; never stored or checked.
+PLAIN_CLIENT_KEY = "sk-sluice-" + "x" * 38
+
 REQUEST_BODY = json.dumps(
     {
         "model": MODEL,
