@@ -218,6 +218,25 @@ async def test_settle_after_the_window_changes_nothing(
     assert (await take(limiter, key, tokens=1000)).allowed
 
 
+async def test_the_second_follows_the_clock_both_ways(
+    limiter: MemoryLimiter, clock: FakeClock
+) -> None:
+    # The limiter keeps the current second between calls: it must follow every new second,
+    # and a clock set back (an injected one) too.
+    key = Scope("key:a", LimitSpec(rpm=3))
+    clock.now = 1000.9
+    assert (await take(limiter, key)).reset_requests == pytest.approx(61 - 0.9)
+    clock.now = 1001.0
+    assert (await take(limiter, key)).reset_requests == pytest.approx(60.0)  # oldest: 1000
+    clock.now = 1061.0  # bucket 1000 has left; 1001 leaves at 1062
+    admission = await take(limiter, key)
+    assert admission.remaining_requests == 1
+    assert admission.reset_requests == pytest.approx(1.0)
+    clock.now = 1030.5  # back: bucket 1030 opens before 1061's, nothing is lost
+    assert (await take(limiter, key)).remaining_requests == 0
+    assert not (await take(limiter, key)).allowed
+
+
 async def test_unlimited_scopes_and_no_scopes(limiter: MemoryLimiter) -> None:
     admission = await take(limiter, Scope("key:a", LimitSpec()), tokens=10**9)
     assert admission.allowed

@@ -290,14 +290,21 @@ async def test_sqlite_stores_timestamps_as_sqlalchemy_does(db: Database) -> None
         pytest.skip("SQLite's text storage only")
     await UsageStore(db).insert_many(
         [rec("r1", created_at=datetime(2025, 3, 5, 10, 0, tzinfo=UTC)),
-         rec("r2", created_at=datetime(2025, 3, 5, 10, 0, 1, 5, UTC))]
+         rec("r2", created_at=datetime(2025, 3, 5, 10, 0, 1, 5, UTC)),
+         rec("r3", created_at=datetime(2025, 3, 5, 10, 0, 1, 45_678, UTC)),
+         rec("r4", created_at=datetime(2025, 3, 5, 23, 59, 59, 999_999, UTC))]
     )  # fmt: skip
     async with db.engine.connect() as conn:
         raw = (await conn.exec_driver_sql("SELECT created_at FROM usage_records")).scalars()
-        assert sorted(raw) == ["2025-03-05 10:00:00.000000", "2025-03-05 10:00:01.000005"]
+        assert sorted(raw) == [
+            "2025-03-05 10:00:00.000000",
+            "2025-03-05 10:00:01.000005",
+            "2025-03-05 10:00:01.045678",
+            "2025-03-05 23:59:59.999999",
+        ]
         # ...which is what SQLAlchemy (and so the rest of the store) writes and compares with.
         since = select(func.count()).where(usage_records.c.created_at >= DAY1)
-        assert await conn.scalar(since) == 2
+        assert await conn.scalar(since) == 4
 
 
 async def test_large_batch_partly_replayed(db: Database) -> None:
