@@ -2,11 +2,11 @@
 
 `identify` runs before the body is read (401 costs nothing; its first step, `recognise`,
 answers a cached key without a coroutine); `admit` runs once the model is known (without a
-coroutine unless the limiter has to wait for Redis): 403 for a
-model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``) once spend
-reaches the budget, then one limiter call over the key's scopes that reserves an estimate
-of the tokens (prompt size + ``max_tokens``). The reservation is
-reconciled with the real usage by `sluice.pipeline.accounting` when the request ends.
+coroutine unless the limiter has to wait for Redis): 403 for a model the key may not use,
+429 ``budget_exceeded`` (``x-should-retry: false``) once spend reaches the budget, then
+one limiter call over the key's scopes that reserves an estimate of the tokens (prompt
+size + ``max_tokens``). The reservation is reconciled with the real usage by
+`sluice.pipeline.accounting` when the request ends.
 """
 
 from __future__ import annotations
