@@ -14,8 +14,15 @@ from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
 from sluice.errors import ServiceUnavailableError
-from sluice.pipeline.limits import Admission, LimitSpec, RedisLimiter, Scope, Ticket
-from sluice.pipeline.limits.wire import PipelinedRedis
+from sluice.pipeline.limits import (
+    Admission,
+    LimitSpec,
+    MemoryLimiter,
+    RedisLimiter,
+    Scope,
+    Ticket,
+)
+from sluice.pipeline.limits.wire import PipelinedRedis, Sink
 
 pytestmark = pytest.mark.redis
 
@@ -111,6 +118,32 @@ async def test_rpm_is_exact(limiter: RedisLimiter) -> None:
     assert refused.remaining_requests == 0
     assert 59.0 < refused.retry_after <= 61.0
     assert refused.reset_requests == pytest.approx(refused.retry_after, abs=0.01)
+
+
+async def test_headers_come_from_the_tightest_scope_as_in_the_memory_limiter(
+    limiter: RedisLimiter,
+) -> None:
+    """The script picks each header's scope (least remaining, then the smaller limit, then
+    the first); window.build_admission, which the memory limiter follows, has the same rule."""
+    memory = MemoryLimiter()
+    key = Scope("key:a", LimitSpec(rpm=10, tpm=1_000))
+    model = Scope("key:a:model:m", LimitSpec(rpm=6, tpm=5_000))
+    tie = Scope("key:b", LimitSpec(rpm=9, tpm=900))  # 4th request: 7 left, as key:a
+    fields = ("allowed", "reason", "limit_requests", "remaining_requests",
+              "limit_tokens", "remaining_tokens")  # fmt: skip
+    steps = [((key, model), 100), ((model, key), 300), ((tie,), 0), ((key, tie), 50),
+             ((key, model), 700)]  # fmt: skip
+    answers = []
+    for scopes, tokens in steps:
+        got = await take(limiter, *scopes, tokens=tokens)
+        want = memory.acquire_now(scopes, tokens, uuid.uuid4().hex, 30.0)
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+        if got.allowed:
+            assert got.reset_requests == pytest.approx(want.reset_requests, abs=1.1)
+            assert got.reset_tokens == pytest.approx(want.reset_tokens, abs=1.1)
+        answers.append(got)
+    assert answers[3].limit_requests == 9  # the tie: the smaller limit
+    assert (answers[4].allowed, answers[4].reason) == (False, "tpm")
 
 
 async def test_window_rolls(redis: aioredis.Redis, limiter: RedisLimiter, prefix: str) -> None:
@@ -227,9 +260,11 @@ def count_calls(limiter: RedisLimiter, script: str) -> list[None]:
     inner = getattr(limiter, script)
 
     class Counting:
-        async def run_packed(self, keys: int, items: int, body: bytes) -> object:
-            calls.append(None)
-            return await inner.run_packed(keys, items, body)
+        def send(self, keys: int, items: int, body: bytes, sink: Sink) -> bool:
+            sent = bool(inner.send(keys, items, body, sink))
+            if sent:  # (not sent: no connection yet; sent again once it is open)
+                calls.append(None)
+            return sent
 
     setattr(limiter, script, Counting())
     return calls

@@ -32,6 +32,5 @@ class RequestContext:
     principal: Principal | None = None
     admission: Admission | None = None
     ticket: Ticket | None = None
-    reserved_tokens: int = 0
     accepted: bool = False
     """Passed authentication and admission and went to a backend: gets a usage record."""

@@ -25,7 +25,7 @@ from sluice.api.usage import read_body_usage
 from sluice.backends.base import Route, UpstreamCall
 from sluice.errors import PayloadTooLargeError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
-from sluice.pipeline.guard import Guard
+from sluice.pipeline.guard import Guard, admitted
 from sluice.protocol import parse_json_object, validate, wants_usage
 from sluice.routing.router import Deployment, Router
 
@@ -117,7 +117,7 @@ class OpenAIService:
         if guard is not None:
             waiting = guard.admit(ctx, model, body, len(raw))
             if waiting is not None:
-                await waiting
+                admitted(ctx, await waiting)
         ctx.accepted = True
 
         forward: bytes | None = raw

@@ -1,18 +1,18 @@
 """Admission for one request: who is calling, may they use this model, within budget and limits.
 
 `identify` runs before the body is read (401 costs nothing; its first step, `recognise`,
-answers a cached key without a coroutine); `admit` runs once the model is known (without a
-coroutine unless the limiter has to wait for Redis): 403 for a model the key may not use,
-429 ``budget_exceeded`` (``x-should-retry: false``) once spend reaches the budget, then
-one limiter call over the key's scopes that reserves an estimate of the tokens (prompt
-size + ``max_tokens``). The reservation is reconciled with the real usage by
-`sluice.pipeline.accounting` when the request ends.
+answers a cached key without a coroutine); `admit` runs once the model is known, without a
+coroutine (with Redis the caller awaits the limiter's answer and hands it to `admitted`):
+403 for a model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``)
+once spend reaches the budget, then one limiter call over the key's scopes that reserves
+an estimate of the tokens (prompt size + ``max_tokens``). The reservation is reconciled
+with the real usage by `sluice.pipeline.accounting` when the request ends.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from typing import Any
 
 from sluice.api.context import RequestContext
@@ -62,10 +62,11 @@ class Guard:
 
     def admit(
         self, ctx: RequestContext, model: str, body: dict[str, Any], size: int
-    ) -> Coroutine[Any, Any, None] | None:
+    ) -> Awaitable[Admission] | None:
         """Admit the request or raise its 403/429. None when decided at once (the master
         key, a key without limits, the memory limiter: no coroutine per request); otherwise
-        a coroutine the caller awaits, which asks the limiter (Redis) and then decides."""
+        the limiter's pending answer (Redis), which the caller awaits and hands to
+        `admitted` (no coroutine of the guard's in between)."""
         principal: Principal | None = ctx.principal
         if principal is None or principal.key is None:
             return None  # the master key is not limited
@@ -94,23 +95,17 @@ class Guard:
             n = body.get("n")
             tokens += completion * n if isinstance(n, int) and n > 0 else completion
         if self._acquire_now is None:
-            return self._admit_after(ctx, scopes, tokens)
-        _admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease), tokens)
+            return self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
+        admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease))
         return None
 
-    async def _admit_after(self, ctx: RequestContext, scopes: list[Scope], tokens: int) -> None:
-        """`admit`'s end for a limiter that waits for its answer."""
-        admission = await self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
-        _admitted(ctx, admission, tokens)
 
-
-def _admitted(ctx: RequestContext, admission: Admission, tokens: int) -> None:
+def admitted(ctx: RequestContext, admission: Admission) -> None:
     """Keep the limiter's answer on the request (its headers, its ticket); raise the 429."""
     ctx.admission = admission
     if not admission.allowed:
         raise _refusal(admission)
     ctx.ticket = admission.ticket
-    ctx.reserved_tokens = tokens
 
 
 _PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}

@@ -8,7 +8,7 @@ the token estimate with the real usage and frees the parallel slot (``settle``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol
 
@@ -115,13 +115,13 @@ class Admission(NamedTuple):
 
 
 class Limiter(Protocol):
-    async def acquire(
+    def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
-    ) -> Admission:
+    ) -> Awaitable[Admission]:
         """All or nothing over ``scopes``: count the request, reserve ``tokens`` and take a
         parallel slot (a lease expiring after ``lease_seconds``) in each, or change nothing.
         Scope names must be distinct; ``request_id`` must be unique among in-flight requests.
-        """
+        An awaitable (a coroutine, or the future a batched reply resolves)."""
         ...
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:

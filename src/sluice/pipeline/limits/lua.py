@@ -26,9 +26,11 @@ REASON_CODES: dict[int, Reason] = {1: "rpm", 2: "tpm", 3: "parallel"}
 # KEYS: per request, per scope i: (requests hash, tokens hash, leases zset)
 # ARGV: number of requests, then per request: number of scopes, tokens, request id,
 #       lease ms, then per scope: rpm, tpm, max_parallel (-1 = none)
-# Returns, per request: allowed (0/1), reason code (0 = none), retry ms, now ms, then per
-#          scope: requests, oldest request second, tokens, oldest token second (-1 when
-#          nothing is counted).
+# Returns, per request, 10 numbers: allowed (0/1), reason code (0 = none), retry ms, now ms,
+#          then for the x-ratelimit headers the requests limit, remaining and reset ms, and
+#          the tokens limit, remaining and reset ms, each of the scope with the least
+#          remaining (then the smallest limit, then the first) among those with that limit
+#          (limit -1 when none has it). window.build_admission has the same rule.
 _ACQUIRE = """
 local WINDOW = __WINDOW__
 local TTL = __TTL__
@@ -126,6 +128,27 @@ local function add(w, amount)
   w.total = w.total + amount
 end
 
+-- The headers' numbers of one kind (which = 1: requests, 2: tokens): limit, remaining and
+-- ms until the oldest counted bucket leaves, of the scope with the least remaining, then
+-- the smallest limit, then the first; -1, 0, 0 when no scope has that limit.
+local function tightest(windows, lims, which, out)
+  local limit, left, reset = -1, 0, 0
+  for i = 1, #windows do
+    local l = lims[i][which]
+    if l >= 0 then
+      local w = windows[i]
+      local l_left = l - w.total
+      if limit < 0 or l_left < left or (l_left == left and l < limit) then
+        limit, left = l, l_left
+        if w.oldest < 0 then reset = 0 else reset = (w.oldest + WINDOW) * 1000 - now_ms end
+      end
+    end
+  end
+  out[#out + 1] = limit
+  out[#out + 1] = math.max(left, 0)
+  out[#out + 1] = math.max(reset, 0)
+end
+
 -- One request: its keys start after KEYS[k0], its arguments after ARGV[a0]; appends its
 -- answer to out.
 local function acquire(k0, a0, n, out)
@@ -183,12 +206,8 @@ local function acquire(k0, a0, n, out)
   out[#out + 1] = reason
   out[#out + 1] = retry
   out[#out + 1] = now_ms
-  for i = 1, n do
-    out[#out + 1] = reqs[i].total
-    out[#out + 1] = reqs[i].oldest
-    out[#out + 1] = toks[i].total
-    out[#out + 1] = toks[i].oldest
-  end
+  tightest(reqs, lims, 1, out)
+  tightest(toks, lims, 2, out)
 end
 
 local out = {}

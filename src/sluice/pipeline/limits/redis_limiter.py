@@ -5,9 +5,13 @@ clock. The acquires made during one turn of the event loop go to Redis together,
 call of the script that admits each request in order, all-or-nothing over its own scopes
 (up to 256 requests a call); the ``settle`` calls of one turn are likewise one call of the
 settle script. A busy replica thereby pays one round trip and one script dispatch for many
-requests, not two per request. When Redis fails (unreachable, timeout, script error),
-``acquire`` either admits the request with a no-op ticket and reports the error to
-``on_failure`` (``failure_mode="open"``) or reports it and raises
+requests, not two per request. The script answers each request with its verdict and the
+numbers of its ``x-ratelimit-*`` headers, already chosen among its scopes, so a reply is
+turned into an admission without a loop over scopes. ``acquire`` is not a coroutine: it
+returns the future the batch's reply resolves (the reply arrives in a protocol callback,
+`wire.Script.send`: no task or coroutine per call). When Redis fails (unreachable,
+timeout, script error), the admission either admits the request with a no-op ticket and
+reports the error to ``on_failure`` (``failure_mode="open"``) or reports it and raises
 ``ServiceUnavailableError`` (``"closed"``); ``settle`` only reports (the leases expire on
 their own) and never retries, since a timed-out script may have run.
 
@@ -31,15 +35,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Literal, Protocol
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits.base import Admission, Scope, Ticket
 from sluice.pipeline.limits.lua import ACQUIRE, REASON_CODES, SETTLE
-from sluice.pipeline.limits.window import Usage, build_admission
-from sluice.pipeline.limits.wire import bulk, bulks
+from sluice.pipeline.limits.window import build_admission, new_tuple
+from sluice.pipeline.limits.wire import Sink, bulk, bulks
 
 FailureMode = Literal["open", "closed"]
 
@@ -51,6 +57,7 @@ _MAX_PLANS = 10_000
 _ACQUIRE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _SETTLE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _SETTLE_ARGS = 5  # per settle: token scopes, lease scopes, second, delta, request id
+_ANSWER_SIZE = 10  # numbers per request in the acquire script's reply (lua.py)
 
 
 def _limit_arg(value: int | None) -> int:
@@ -58,13 +65,15 @@ def _limit_arg(value: int | None) -> int:
 
 
 class PackedScript(Protocol):
-    async def run_packed(self, keys: int, items: int, body: bytes) -> Any: ...
+    def send(self, keys: int, items: int, body: bytes, sink: Sink) -> bool: ...
 
 
 class ScriptHost(Protocol):
     """What the limiter needs of a Redis client: `PipelinedRedis`."""
 
     def register_script(self, script: str) -> PackedScript: ...
+
+    async def connect(self) -> None: ...
 
 
 class RedisLimiter:
@@ -95,24 +104,25 @@ class RedisLimiter:
         self._lease = bulk(b"1")
         self._tasks: set[asyncio.Future[None]] = set()
 
-    async def acquire(
+    def acquire(
         self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
-    ) -> Admission:
+    ) -> asyncio.Future[Admission]:
         # Runs for every request: no builtin calls where a comparison does (max() and
         # round() cost ~1.6-2k instructions each), no list comprehensions (a function call
         # each in Python 3.11).
         if tokens < 0:
             tokens = 0
         plan = self._plan(scopes)
-        if not plan.keys:
-            return _unlimited(request_id, tokens)
         loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Admission] = loop.create_future()
+        if not plan.keys:
+            answer.set_result(_unlimited(request_id, tokens))
+            return answer
         batch = self._acquiring
         if batch is None:
             batch = self._acquiring = _AcquireBatch()
             loop.call_soon(self._send_acquires)
-        answer: asyncio.Future[list[int]] = loop.create_future()
-        batch.answers.append((answer, plan))
+        batch.answers.append((answer, plan, request_id, tokens))
         batch.keys.append(plan.keys)
         batch.n_keys += plan.n_keys
         if lease_seconds != self._lease_seconds:  # the guard's lease: constant in practice
@@ -124,57 +134,84 @@ class RedisLimiter:
         batch.n_args += plan.n_args
         if len(batch.answers) >= _BATCH_MAX:
             self._send_acquires()
-        try:
-            reply = await answer
-        except _FAILURES as exc:
-            return self._fail(exc, request_id, tokens)
-
-        allowed, code, retry_ms, now_ms = reply[0], reply[1], reply[2], reply[3]
-        requests: list[Usage] = []
-        for i, limit in plan.rpm_at:  # oldest bucket -1: nothing counted
-            oldest = reply[i + 1]
-            requests.append((limit, reply[i], None if oldest < 0 else oldest))
-        used_tokens: list[Usage] = []
-        for i, limit in plan.tpm_at:
-            oldest = reply[i + 1]
-            used_tokens.append((limit, reply[i], None if oldest < 0 else oldest))
-        ticket = None
-        if allowed:
-            ticket = Ticket(
-                request_id, tokens, now_ms // 1000, plan.token_scopes, plan.lease_scopes
-            )
-        reason = None if allowed else REASON_CODES[code]
-        return build_admission(
-            allowed != 0, reason, retry_ms / 1000, requests, used_tokens, now_ms / 1000, ticket
-        )
+        return answer
 
     def _send_acquires(self) -> None:
         """Send the open batch of acquires as one script call."""
         batch, self._acquiring = self._acquiring, None
         if batch is not None:
-            self._track(self._run_acquires(batch))
-
-    async def _run_acquires(self, batch: _AcquireBatch) -> None:
-        try:
             count = bulk(b"%d" % len(batch.answers))
             body = b"".join(batch.keys) + count + b"".join(batch.args)
-            reply: list[int] = await self._acquire.run_packed(
-                batch.n_keys, batch.n_keys + 1 + batch.n_args, body
-            )
-        except Exception as exc:  # every waiting request gets it (and applies its mode)
-            for answer, _ in batch.answers:
-                if not answer.done():
-                    answer.set_exception(exc)
+            items = batch.n_keys + 1 + batch.n_args
+            self._send(self._acquire, batch.n_keys, items, body, partial(self._admit, batch))
+
+    def _admit(self, batch: _AcquireBatch, reply: Any) -> None:
+        """The sink of an acquire call: each waiting request's admission from its ten
+        numbers (lua.py), or the failure mode applied to each."""
+        if isinstance(reply, BaseException):
+            self._fail_batch(batch, reply)
             return
-        except BaseException:  # cancelled (shutdown): so are the requests waiting
-            for answer, _ in batch.answers:
-                answer.cancel()
-            raise
         at = 0
-        for answer, plan in batch.answers:
+        for answer, plan, request_id, tokens in batch.answers:
             if not answer.done():  # a request cancelled while it waited is skipped
-                answer.set_result(reply[at : at + plan.reply_size])
-            at += plan.reply_size
+                allowed, code, retry_ms, now_ms = reply[at : at + 4]
+                rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = reply[at + 4 : at + 10]
+                ticket = None
+                if allowed:
+                    second = now_ms // 1000
+                    ticket = Ticket(
+                        request_id, tokens, second, plan.token_scopes, plan.lease_scopes
+                    )
+                # In Admission's field order, by tuple.__new__ (window.new_tuple); a limit
+                # of -1: no scope has that limit.
+                answer.set_result(
+                    new_tuple(
+                        Admission,
+                        (
+                            allowed == 1,
+                            None if allowed else REASON_CODES[code],
+                            0.0 if allowed else retry_ms / 1000,
+                            None if rpm < 0 else rpm,
+                            None if rpm < 0 else rpm_left,
+                            None if rpm < 0 else rpm_reset / 1000,
+                            None if tpm < 0 else tpm,
+                            None if tpm < 0 else tpm_left,
+                            None if tpm < 0 else tpm_reset / 1000,
+                            ticket,
+                        ),
+                    )
+                )
+            at += _ANSWER_SIZE
+
+    def _fail_batch(self, batch: _AcquireBatch, error: BaseException) -> None:
+        for answer, _, request_id, tokens in batch.answers:
+            if answer.done():
+                continue
+            if not isinstance(error, _FAILURES):  # not Redis's failure: the request's error
+                answer.set_exception(error)
+                continue
+            try:
+                answer.set_result(self._fail(error, request_id, tokens))
+            except ServiceUnavailableError as refusal:
+                answer.set_exception(refusal)
+
+    def _send(self, script: PackedScript, keys: int, items: int, body: bytes, sink: Sink) -> None:
+        """One script call; when no connection is open, a task opens one first."""
+        if not script.send(keys, items, body, sink):
+            self._track(self._send_when_connected(script, keys, items, body, sink))
+
+    async def _send_when_connected(
+        self, script: PackedScript, keys: int, items: int, body: bytes, sink: Sink
+    ) -> None:
+        try:
+            await self._redis.connect()
+            if not script.send(keys, items, body, sink):
+                raise RedisConnectionError("Redis connection lost as it opened")
+        except Exception as exc:  # the call's sink gets it (and applies the failure mode)
+            sink(exc)
+        except BaseException:  # cancelled (shutdown): so is the call
+            sink(RedisConnectionError("the limiter's Redis call was cancelled"))
+            raise
 
     def _track(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -241,29 +278,31 @@ class RedisLimiter:
         return encoded
 
     def _send_settles(self) -> None:
-        """Send the open batch of settles as one script call (a task the batch awaits)."""
+        """Send the open batch of settles as one script call."""
         batch, self._settling = self._settling, None
         if batch is not None:
-            self._track(self._run_settles(batch))
-
-    async def _run_settles(self, batch: _SettleBatch) -> None:
-        try:
             count = bulk(b"%d" % batch.count)
             body = b"".join(batch.keys) + count + b"".join(batch.args)
             items = batch.n_keys + 1 + _SETTLE_ARGS * batch.count
-            await self._settle.run_packed(batch.n_keys, items, body)
-        except _FAILURES as exc:
-            self._report(exc)
-        finally:
-            if not batch.done.done():
-                batch.done.set_result(None)
+            self._send(self._settle, batch.n_keys, items, body, partial(self._settled, batch))
+
+    def _settled(self, batch: _SettleBatch, reply: Any) -> None:
+        """The sink of a settle call: failures are only reported (see the module)."""
+        if isinstance(reply, Exception):
+            self._report(reply)
+        if not batch.done.done():
+            batch.done.set_result(None)
 
     async def close(self) -> None:
-        """Send the calls still waiting; the Redis client belongs to the caller."""
+        """Send the calls still waiting and wait for the settles' replies (bounded by the
+        client's timeout); the Redis client belongs to the caller."""
         self._send_acquires()
         self._send_settles()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        last = self._last_settles  # replies are ordered: the last one answered means all
+        if last is not None and not last.done.done():
+            await last.done
 
     def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
         self._report(exc)
@@ -279,41 +318,23 @@ class RedisLimiter:
 
 
 class _Plan:
-    """The constant part of an acquire over one list of scopes: the keys, the limit
-    arguments, where each scope's usage sits in the reply, and the ticket's scope names.
-    Holding ``scopes`` keeps its id from being reused while the plan is cached."""
+    """The constant part of an acquire over one list of scopes: the keys and the limit
+    arguments in RESP, and the ticket's scope names. Holding ``scopes`` keeps its id from
+    being reused while the plan is cached."""
 
-    __slots__ = (
-        "head",
-        "keys",
-        "lease_scopes",
-        "limits",
-        "n_args",
-        "n_keys",
-        "reply_size",
-        "rpm_at",
-        "scopes",
-        "token_scopes",
-        "tpm_at",
-    )
+    __slots__ = ("head", "keys", "lease_scopes", "limits", "n_args", "n_keys", "scopes",
+                 "token_scopes")  # fmt: skip
 
     def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
         self.scopes = scopes
         limited = [scope for scope in scopes if not scope.spec.unlimited]
-        self.reply_size = 4 + 4 * len(limited)  # verdict, then 4 numbers per scope
         keys: list[str] = []
         limits: list[int] = []
-        self.rpm_at: list[tuple[int, int]] = []  # (reply index of the count, limit)
-        self.tpm_at: list[tuple[int, int]] = []
-        for i, scope in enumerate(limited):
+        for scope in limited:
             base = prefix + scope.name
             keys += (base + ":r", base + ":t", base + ":p")
             spec = scope.spec
             limits += (_limit_arg(spec.rpm), _limit_arg(spec.tpm), _limit_arg(spec.max_parallel))
-            if spec.rpm is not None:
-                self.rpm_at.append((4 + 4 * i, spec.rpm))
-            if spec.tpm is not None:
-                self.tpm_at.append((6 + 4 * i, spec.tpm))
         self.token_scopes = tuple(s.name for s in limited if s.spec.tpm is not None)
         self.lease_scopes = tuple(s.name for s in limited if s.spec.max_parallel is not None)
         # In RESP: the keys; the scope count (the request's first argument); the limits (its
@@ -332,7 +353,8 @@ class _AcquireBatch:
     __slots__ = ("answers", "args", "keys", "n_args", "n_keys")
 
     def __init__(self) -> None:
-        self.answers: list[tuple[asyncio.Future[list[int]], _Plan]] = []
+        # per request: its answer, its plan, request id and token estimate
+        self.answers: list[tuple[asyncio.Future[Admission], _Plan, str, int]] = []
         self.keys: list[bytes] = []
         self.args: list[bytes] = []
         self.n_keys = 0
