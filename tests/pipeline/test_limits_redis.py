@@ -271,7 +271,7 @@ def count_calls(limiter: RedisLimiter, script: str) -> list[None]:
 
 
 async def test_acquires_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
-    calls = count_calls(limiter, "_acquire")
+    calls = count_calls(limiter, "_script")
     key = Scope("key:a", LimitSpec(rpm=30, tpm=10_000))
     other = Scope("key:b", LimitSpec(rpm=100))
     model = Scope("key:a:model:m", LimitSpec(rpm=20))
@@ -298,7 +298,7 @@ async def test_settles_of_one_loop_turn_share_one_call(limiter: RedisLimiter) ->
     tickets = [ticket_of(await take(limiter, key, model, tokens=1000)) for _ in range(40)]
     assert not (await take(limiter, key)).allowed  # every slot is taken
 
-    calls = count_calls(limiter, "_settle")
+    calls = count_calls(limiter, "_script")
     # 40 requests end together: 20 used fewer tokens than reserved, 20 exactly as many.
     await asyncio.gather(
         *(limiter.settle(t, 400 if i % 2 else 1000) for i, t in enumerate(tickets))
@@ -353,7 +353,7 @@ async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, pr
         first = await take(limiter, key, tokens=600)
         second = await take(limiter, key, tokens=300)
         assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
-        calls = count_calls(limiter, "_settle")
+        calls = count_calls(limiter, "_script")
         limiter.settle_nowait(ticket_of(first), 100)  # refund 500, free a slot
         assert calls == []  # queued: nothing is sent before the loop runs again
         await limiter.settle(ticket_of(first), 100)  # already claimed: waits for the batch

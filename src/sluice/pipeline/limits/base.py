@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 Reason = Literal["rpm", "tpm", "parallel"]
 
@@ -41,7 +41,9 @@ class Ticket:
 
     ``token_scopes`` are the scopes that reserved tokens, ``lease_scopes`` those that took a
     parallel slot; ``second`` is the bucket (limiter clock, whole seconds) the reservation
-    went into. A ``noop`` ticket (fail-open admission) settles as nothing.
+    went into; ``wire`` is what the limiter that made it keeps for its settle (the Redis
+    limiter: the settle's keys, encoded once per key). A ``noop`` ticket (fail-open
+    admission) settles as nothing.
     """
 
     __slots__ = (
@@ -52,6 +54,7 @@ class Ticket:
         "settled",
         "token_scopes",
         "tokens",
+        "wire",
     )
 
     def __init__(
@@ -61,6 +64,7 @@ class Ticket:
         second: int,
         token_scopes: tuple[str, ...] = (),
         lease_scopes: tuple[str, ...] = (),
+        wire: Any = None,
         *,
         noop: bool = False,
     ) -> None:
@@ -69,6 +73,7 @@ class Ticket:
         self.second = second
         self.token_scopes = token_scopes
         self.lease_scopes = lease_scopes
+        self.wire = wire
         self.noop = noop
         self.settled = False
 

@@ -21,17 +21,23 @@ KEY_TTL_SECONDS = 120
 
 REASON_CODES: dict[int, Reason] = {1: "rpm", 2: "tpm", 3: "parallel"}
 
-# Admits several requests in one call (the acquires of one event-loop turn, batched), each
-# all-or-nothing over its own scopes, in order, on one reading of Redis's clock.
-# KEYS: per request, per scope i: (requests hash, tokens hash, leases zset)
-# ARGV: number of requests, then per request: number of scopes, tokens, request id,
-#       lease ms, then per scope: rpm, tpm, max_parallel (-1 = none)
+# The limiter's one script: one call per event-loop turn carries that turn's settles and
+# acquires. It first settles several tickets (their token deltas into their reservation's
+# bucket, their leases released), then admits several requests, each all-or-nothing over
+# its own scopes, in order, on one reading of Redis's clock.
+# KEYS: per ticket, the token hashes of its reserving scopes (none when its delta is 0),
+#       then its lease sets to release; then per request, per scope i: (requests hash,
+#       tokens hash, leases zset)
+# ARGV: number of tickets, then per ticket: number of token hashes, number of lease sets,
+#       reservation second, token delta, request id; then number of requests, then per
+#       request: number of scopes, tokens, request id, lease ms, then per scope: rpm, tpm,
+#       max_parallel (-1 = none)
 # Returns, per request, 10 numbers: allowed (0/1), reason code (0 = none), retry ms, now ms,
 #          then for the x-ratelimit headers the requests limit, remaining and reset ms, and
 #          the tokens limit, remaining and reset ms, each of the scope with the least
 #          remaining (then the smallest limit, then the first) among those with that limit
 #          (limit -1 when none has it). window.build_admission has the same rule.
-_ACQUIRE = """
+_SCRIPT = """
 local WINDOW = __WINDOW__
 local TTL = __TTL__
 local NEVER_MS = __NEVER_MS__
@@ -210,44 +216,39 @@ local function acquire(k0, a0, n, out)
   tightest(toks, lims, 2, out)
 end
 
+-- The tickets: returns the index of the last key and the last argument they used.
+local function settle_all()
+  local k, a = 1, 2
+  for _ = 1, tonumber(ARGV[1]) do
+    local ntok, nlease = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    local second, delta, rid = ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
+    a = a + 5
+    if delta ~= 0 and tonumber(second) >= first_live then
+      for i = k, k + ntok - 1 do
+        if redis.call('HEXISTS', KEYS[i], second) == 1 then
+          redis.call('HINCRBY', KEYS[i], second, delta)
+          redis.call('HINCRBY', KEYS[i], 's', delta)
+        end
+      end
+    end
+    k = k + ntok
+    for i = k, k + nlease - 1 do
+      redis.call('ZREM', KEYS[i], rid)
+    end
+    k = k + nlease
+  end
+  return k - 1, a - 1
+end
+
 local out = {}
-local k0, a0 = 0, 1
-for _ = 1, tonumber(ARGV[1]) do
-  local n = tonumber(ARGV[a0 + 1])
-  acquire(k0, a0 + 1, n, out)
+local k0, a0 = settle_all()
+for _ = 1, tonumber(ARGV[a0 + 1]) do
+  local n = tonumber(ARGV[a0 + 2])
+  acquire(k0, a0 + 2, n, out)
   k0 = k0 + 3 * n
   a0 = a0 + 4 + 3 * n
 end
 return out
-"""
-
-# Settles several tickets in one call (the settles of one event-loop turn, batched).
-# KEYS: per ticket, the token hashes of its reserving scopes (none when its delta is 0),
-#       then its lease sets to release
-# ARGV: number of tickets, then per ticket: number of token hashes, number of lease sets,
-#       reservation second, token delta, request id
-_SETTLE = """
-local first_live = tonumber(redis.call('TIME')[1]) - __WINDOW__ + 1
-local k, a = 1, 2
-for _ = 1, tonumber(ARGV[1]) do
-  local ntok, nlease = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local second, delta, rid = ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
-  a = a + 5
-  if delta ~= 0 and tonumber(second) >= first_live then
-    for i = k, k + ntok - 1 do
-      if redis.call('HEXISTS', KEYS[i], second) == 1 then
-        redis.call('HINCRBY', KEYS[i], second, delta)
-        redis.call('HINCRBY', KEYS[i], 's', delta)
-      end
-    end
-  end
-  k = k + ntok
-  for i = k, k + nlease - 1 do
-    redis.call('ZREM', KEYS[i], rid)
-  end
-  k = k + nlease
-end
-return 1
 """
 
 
@@ -260,5 +261,4 @@ def _fill(script: str) -> str:
     )
 
 
-ACQUIRE = _fill(_ACQUIRE)
-SETTLE = _fill(_SETTLE)
+SCRIPT = _fill(_SCRIPT)

@@ -1,11 +1,11 @@
 """Rate limiter shared by every replica through one Redis: one round trip per request.
 
 ``acquire`` is one Lua script (EVALSHA) over all of a request's scopes, atomic, on Redis's
-clock. The acquires made during one turn of the event loop go to Redis together, as one
-call of the script that admits each request in order, all-or-nothing over its own scopes
-(up to 256 requests a call); the ``settle`` calls of one turn are likewise one call of the
-settle script. A busy replica thereby pays one round trip and one script dispatch for many
-requests, not two per request. The script answers each request with its verdict and the
+clock. The acquires and settles made during one turn of the event loop go to Redis
+together, as one call of the script, which first settles each ticket and then admits each
+request in order, all-or-nothing over its own scopes (up to 256 of each a call). A busy
+replica thereby pays one round trip and one script dispatch for many requests, not two per
+request. The script answers each request with its verdict and the
 numbers of its ``x-ratelimit-*`` headers, already chosen among its scopes, so a reply is
 turned into an admission without a loop over scopes. ``acquire`` is not a coroutine: it
 returns the future the batch's reply resolves (the reply arrives in a protocol callback,
@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits.base import Admission, Scope, Ticket
-from sluice.pipeline.limits.lua import ACQUIRE, REASON_CODES, SETTLE
+from sluice.pipeline.limits.lua import REASON_CODES, SCRIPT
 from sluice.pipeline.limits.window import build_admission, new_tuple
 from sluice.pipeline.limits.wire import Sink, bulk, bulks
 
@@ -57,7 +57,7 @@ _MAX_PLANS = 10_000
 _ACQUIRE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _SETTLE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
 _SETTLE_ARGS = 5  # per settle: token scopes, lease scopes, second, delta, request id
-_ANSWER_SIZE = 10  # numbers per request in the acquire script's reply (lua.py)
+_ANSWER_SIZE = 10  # numbers per request in the script's reply (lua.py)
 
 
 def _limit_arg(value: int | None) -> int:
@@ -91,15 +91,10 @@ class RedisLimiter:
         self._prefix = prefix
         self._failure_mode = failure_mode
         self._on_failure = on_failure
-        self._acquire = redis.register_script(ACQUIRE)
-        self._settle = redis.register_script(SETTLE)
-        self._acquiring: _AcquireBatch | None = None
-        self._settling: _SettleBatch | None = None  # open: settles of this loop turn
-        self._last_settles: _SettleBatch | None = None  # the newest batch, open or sent
+        self._script = redis.register_script(SCRIPT)
+        self._open: _Batch | None = None  # the calls of this loop turn
+        self._last: _Batch | None = None  # the newest batch, open or sent
         self._plans: dict[int, _Plan] = {}
-        # ticket's (token scopes, lease scopes) -> its settle's keys and scope counts in RESP
-        self._settle_keys: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[bytes, int, bytes]]
-        self._settle_keys = {}
         self._lease_seconds = -1.0  # the lease of the last acquire, and it in RESP (ms)
         self._lease = bulk(b"1")
         self._tasks: set[asyncio.Future[None]] = set()
@@ -118,10 +113,10 @@ class RedisLimiter:
         if not plan.keys:
             answer.set_result(_unlimited(request_id, tokens))
             return answer
-        batch = self._acquiring
+        batch = self._open
         if batch is None:
-            batch = self._acquiring = _AcquireBatch()
-            loop.call_soon(self._send_acquires)
+            batch = self._open = self._last = _Batch()
+            loop.call_soon(self._send)
         batch.answers.append((answer, plan, request_id, tokens))
         batch.keys.append(plan.keys)
         batch.n_keys += plan.n_keys
@@ -133,23 +128,49 @@ class RedisLimiter:
         batch.args += (plan.head, values, self._lease, plan.limits)
         batch.n_args += plan.n_args
         if len(batch.answers) >= _BATCH_MAX:
-            self._send_acquires()
+            self._send()
         return answer
 
-    def _send_acquires(self) -> None:
-        """Send the open batch of acquires as one script call."""
-        batch, self._acquiring = self._acquiring, None
-        if batch is not None:
-            count = bulk(b"%d" % len(batch.answers))
-            body = b"".join(batch.keys) + count + b"".join(batch.args)
-            items = batch.n_keys + 1 + batch.n_args
-            self._send(self._acquire, batch.n_keys, items, body, partial(self._admit, batch))
+    def _send(self) -> None:
+        """Send the open batch as one script call: its settles' keys, then its acquires';
+        its settles' arguments, then its acquires' (lua.py). When no connection is open, a
+        task opens one first."""
+        batch, self._open = self._open, None
+        if batch is None:
+            return
+        body = b"".join(
+            (*batch.settle_keys, *batch.keys, bulk(b"%d" % batch.settles), *batch.settle_args,
+             bulk(b"%d" % len(batch.answers)), *batch.args)
+        )  # fmt: skip
+        keys = batch.n_settle_keys + batch.n_keys
+        items = keys + 2 + _SETTLE_ARGS * batch.settles + batch.n_args
+        sink = partial(self._answered, batch)
+        if not self._script.send(keys, items, body, sink):
+            self._track(self._send_when_connected(keys, items, body, sink))
 
-    def _admit(self, batch: _AcquireBatch, reply: Any) -> None:
-        """The sink of an acquire call: each waiting request's admission from its ten
-        numbers (lua.py), or the failure mode applied to each."""
+    async def _send_when_connected(self, keys: int, items: int, body: bytes, sink: Sink) -> None:
+        try:
+            await self._redis.connect()
+            if not self._script.send(keys, items, body, sink):
+                raise RedisConnectionError("Redis connection lost as it opened")
+        except Exception as exc:  # the call's sink gets it (and applies the failure mode)
+            sink(exc)
+        except BaseException:  # cancelled (shutdown): so is the call
+            sink(RedisConnectionError("the limiter's Redis call was cancelled"))
+            raise
+
+    def _answered(self, batch: _Batch, reply: Any) -> None:
+        """The sink of a script call: each waiting request's admission from its ten numbers
+        (lua.py), or the failure mode applied to each; a failure of the settles is only
+        reported (see the module)."""
+        batch.over = True
+        if batch.done is not None and not batch.done.done():
+            batch.done.set_result(None)
         if isinstance(reply, BaseException):
-            self._fail_batch(batch, reply)
+            if batch.answers:
+                self._fail_batch(batch, reply)
+            elif isinstance(reply, Exception):
+                self._report(reply)
             return
         at = 0
         for answer, plan, request_id, tokens in batch.answers:
@@ -160,8 +181,9 @@ class RedisLimiter:
                 if allowed:
                     second = now_ms // 1000
                     ticket = Ticket(
-                        request_id, tokens, second, plan.token_scopes, plan.lease_scopes
-                    )
+                        request_id, tokens, second, plan.token_scopes, plan.lease_scopes,
+                        plan.settle_wire,
+                    )  # fmt: skip
                 # In Admission's field order, by tuple.__new__ (window.new_tuple); a limit
                 # of -1: no scope has that limit.
                 answer.set_result(
@@ -183,7 +205,7 @@ class RedisLimiter:
                 )
             at += _ANSWER_SIZE
 
-    def _fail_batch(self, batch: _AcquireBatch, error: BaseException) -> None:
+    def _fail_batch(self, batch: _Batch, error: BaseException) -> None:
         for answer, _, request_id, tokens in batch.answers:
             if answer.done():
                 continue
@@ -194,24 +216,6 @@ class RedisLimiter:
                 answer.set_result(self._fail(error, request_id, tokens))
             except ServiceUnavailableError as refusal:
                 answer.set_exception(refusal)
-
-    def _send(self, script: PackedScript, keys: int, items: int, body: bytes, sink: Sink) -> None:
-        """One script call; when no connection is open, a task opens one first."""
-        if not script.send(keys, items, body, sink):
-            self._track(self._send_when_connected(script, keys, items, body, sink))
-
-    async def _send_when_connected(
-        self, script: PackedScript, keys: int, items: int, body: bytes, sink: Sink
-    ) -> None:
-        try:
-            await self._redis.connect()
-            if not script.send(keys, items, body, sink):
-                raise RedisConnectionError("Redis connection lost as it opened")
-        except Exception as exc:  # the call's sink gets it (and applies the failure mode)
-            sink(exc)
-        except BaseException:  # cancelled (shutdown): so is the call
-            sink(RedisConnectionError("the limiter's Redis call was cancelled"))
-            raise
 
     def _track(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -230,79 +234,44 @@ class RedisLimiter:
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
         self.settle_nowait(ticket, actual_tokens)
-        batch = self._last_settles  # the batch this settle went into, or a later one
-        if batch is not None and not batch.done.done():
+        batch = self._last  # the batch this settle went into, or a later one
+        if batch is not None:
             # Shielded: a caller cancelled while it waits must not cancel the batch's future.
-            await asyncio.shield(batch.done)
+            await asyncio.shield(batch.replied())
 
     def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
         if not ticket.claim():
             return
         delta = (actual_tokens if actual_tokens > 0 else 0) - ticket.tokens
-        token_scopes = ticket.token_scopes if delta else ()
-        if not token_scopes and not ticket.lease_scopes:
+        # The ticket's keys and scope counts in RESP, made by its plan: with the token
+        # scopes (a delta to book) or without (leases only).
+        keys, n_keys, counts = ticket.wire[0 if delta else 1]
+        if not n_keys:
             return
-        batch = self._settling
+        batch = self._open
         if batch is None:
-            loop = asyncio.get_running_loop()
-            batch = self._settling = self._last_settles = _SettleBatch(loop.create_future())
-            loop.call_soon(self._send_settles)
-        scopes = (token_scopes, ticket.lease_scopes)
-        encoded = self._settle_keys.get(scopes)
-        if encoded is None:
-            encoded = self._encode_settle_keys(scopes)
-        keys, n_keys, counts = encoded
-        batch.keys.append(keys)
-        batch.n_keys += n_keys
+            batch = self._open = self._last = _Batch()
+            asyncio.get_running_loop().call_soon(self._send)
+        batch.settle_keys.append(keys)
+        batch.n_settle_keys += n_keys
         second, encoded_delta = b"%d" % ticket.second, b"%d" % delta
         rid = ticket.request_id.encode()
         values = _SETTLE_VALUES % (
             len(second), second, len(encoded_delta), encoded_delta, len(rid), rid
         )  # fmt: skip
-        batch.args += (counts, values)
-        batch.count += 1
-        if batch.count >= _BATCH_MAX:
-            self._send_settles()
-
-    def _encode_settle_keys(
-        self, scopes: tuple[tuple[str, ...], tuple[str, ...]]
-    ) -> tuple[bytes, int, bytes]:
-        """A settle's keys and its two scope counts in RESP, made once per scope tuple."""
-        token_scopes, lease_scopes = scopes
-        names = [self._prefix + name + ":t" for name in token_scopes]
-        names += [self._prefix + name + ":p" for name in lease_scopes]
-        if len(self._settle_keys) >= _MAX_PLANS:
-            self._settle_keys.clear()
-        encoded = (bulks(*names), len(names), bulks(len(token_scopes), len(lease_scopes)))
-        self._settle_keys[scopes] = encoded
-        return encoded
-
-    def _send_settles(self) -> None:
-        """Send the open batch of settles as one script call."""
-        batch, self._settling = self._settling, None
-        if batch is not None:
-            count = bulk(b"%d" % batch.count)
-            body = b"".join(batch.keys) + count + b"".join(batch.args)
-            items = batch.n_keys + 1 + _SETTLE_ARGS * batch.count
-            self._send(self._settle, batch.n_keys, items, body, partial(self._settled, batch))
-
-    def _settled(self, batch: _SettleBatch, reply: Any) -> None:
-        """The sink of a settle call: failures are only reported (see the module)."""
-        if isinstance(reply, Exception):
-            self._report(reply)
-        if not batch.done.done():
-            batch.done.set_result(None)
+        batch.settle_args += (counts, values)
+        batch.settles += 1
+        if batch.settles >= _BATCH_MAX:
+            self._send()
 
     async def close(self) -> None:
-        """Send the calls still waiting and wait for the settles' replies (bounded by the
-        client's timeout); the Redis client belongs to the caller."""
-        self._send_acquires()
-        self._send_settles()
+        """Send the calls still waiting and wait for their replies (bounded by the client's
+        timeout); the Redis client belongs to the caller."""
+        self._send()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        last = self._last_settles  # replies are ordered: the last one answered means all
-        if last is not None and not last.done.done():
-            await last.done
+        if self._last is not None:  # replies are ordered: the last one answered means all
+            await self._last.replied()
 
     def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
         self._report(exc)
@@ -323,7 +292,7 @@ class _Plan:
     being reused while the plan is cached."""
 
     __slots__ = ("head", "keys", "lease_scopes", "limits", "n_args", "n_keys", "scopes",
-                 "token_scopes")  # fmt: skip
+                 "settle_wire", "token_scopes")  # fmt: skip
 
     def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
         self.scopes = scopes
@@ -344,13 +313,25 @@ class _Plan:
         self.head = bulks(len(limited))
         self.limits = bulks(*limits)
         self.n_args = 4 + len(limits)
+        # A ticket's settle in RESP, (keys, their number, the two scope counts): with a
+        # delta to book (token hashes, then lease sets) and without (lease sets only).
+        token_keys = [prefix + name + ":t" for name in self.token_scopes]
+        lease_keys = [prefix + name + ":p" for name in self.lease_scopes]
+        self.settle_wire = (
+            (bulks(*token_keys, *lease_keys), len(token_keys) + len(lease_keys),
+             bulks(len(token_keys), len(lease_keys))),
+            (bulks(*lease_keys), len(lease_keys), bulks(0, len(lease_keys))),
+        )  # fmt: skip
 
 
-class _AcquireBatch:
-    """The acquires requested during one event-loop turn: one script call for all. Keys
-    and arguments are RESP bulk strings, ``n_keys`` and ``n_args`` of them."""
+class _Batch:
+    """The calls of one event-loop turn: one script call for all. Keys and arguments are
+    RESP bulk strings: the acquires' ``n_keys`` keys and ``n_args`` arguments, the
+    ``settles`` tickets' ``n_settle_keys`` keys and arguments. ``done`` is made only for
+    a caller that waits for the reply (`replied`)."""
 
-    __slots__ = ("answers", "args", "keys", "n_args", "n_keys")
+    __slots__ = ("answers", "args", "done", "keys", "n_args", "n_keys", "n_settle_keys", "over",
+                 "settle_args", "settle_keys", "settles")  # fmt: skip
 
     def __init__(self) -> None:
         # per request: its answer, its plan, request id and token estimate
@@ -359,20 +340,21 @@ class _AcquireBatch:
         self.args: list[bytes] = []
         self.n_keys = 0
         self.n_args = 0
+        self.settle_keys: list[bytes] = []
+        self.settle_args: list[bytes] = []
+        self.n_settle_keys = 0
+        self.settles = 0
+        self.done: asyncio.Future[None] | None = None
+        self.over = False  # the reply (or its failure) has arrived
 
-
-class _SettleBatch:
-    """The settles requested during one event-loop turn: one script call for all (keys
-    and arguments in RESP, as in `_AcquireBatch`)."""
-
-    __slots__ = ("args", "count", "done", "keys", "n_keys")
-
-    def __init__(self, done: asyncio.Future[None]) -> None:
-        self.done = done
-        self.keys: list[bytes] = []
-        self.args: list[bytes] = []
-        self.n_keys = 0
-        self.count = 0
+    def replied(self) -> asyncio.Future[None]:
+        """Resolved once the call's reply (or its failure) has arrived (made on demand: a
+        future per call costs, and most calls have nobody waiting for their reply)."""
+        if self.done is None:
+            self.done = asyncio.get_running_loop().create_future()
+            if self.over:
+                self.done.set_result(None)
+        return self.done
 
 
 def _unlimited(request_id: str, tokens: int, *, noop: bool = False) -> Admission:

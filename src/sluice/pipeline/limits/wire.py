@@ -1,16 +1,15 @@
-"""A lean, pipelined Redis client for the rate limiter's two scripts.
+"""A lean, pipelined Redis client for the rate limiter's script.
 
 Why not redis-py here: with redis-py's asyncio client each limiter call cost about 85 us of
 CPU (connection-pool checkout, command packing, retry wrappers, response callbacks), which
 made Redis-backed limits cut the gateway's throughput several-fold. The limiter needs only
 EVALSHA on one server, so this client keeps ONE connection per process and pipelines every
-call on it: a call queues its command with a *sink*, the callable its reply (or error) is
-handed to; the commands queued during one turn of the event loop leave in one write, and
-replies, parsed by hiredis, arrive in order and go to their sinks in order. Concurrent
-requests thereby share round trips and system calls. ``execute`` is the awaitable form (its
-sink resolves a future); the rate limiter uses ``Script.send``, which needs no task,
-coroutine or future of its own per call (~25k instructions less per script call than the
-awaitable path: a task, three coroutines and two futures).
+call on it: a call writes its command at once and leaves a *sink*, the callable its reply
+(or error) is handed to; replies, parsed by hiredis, arrive in order and go to their sinks
+in order. (The limiter batches its calls itself: one script call per event-loop turn.)
+``execute`` is the awaitable form (its sink resolves a future); the rate limiter uses
+``Script.send``, which needs no task, coroutine or future of its own per call (a task,
+three coroutines and two futures less per script call than the awaitable path).
 
 Errors are redis-py's exception classes (``ConnectionError``, ``TimeoutError``,
 ``ResponseError``), so callers handle both clients alike; a sink is handed the exception
@@ -78,20 +77,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(replyError=ResponseError)
         self.waiting: deque[tuple[Sink, float]] = deque()  # (sink, deadline), in send order
-        self.outbox: list[bytes] = []  # commands written during this loop iteration
         self.lost = False
-
-    def send(self, command: bytes) -> None:
-        """Queue ``command``; every command queued in one loop iteration goes out in one
-        write (one system call) when the loop next runs its callbacks."""
-        if not self.outbox:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self.outbox.append(command)
-
-    def flush(self) -> None:
-        out, self.outbox = self.outbox, []
-        if out and self.transport is not None and not self.lost:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -107,7 +93,6 @@ class _Protocol(asyncio.Protocol):
 
     def fail_all(self, error: Exception) -> None:
         self.lost = True
-        self.outbox.clear()
         while self.waiting:
             self.waiting.popleft()[0](error)
         if self.transport is not None:
@@ -158,7 +143,8 @@ class PipelinedRedis:
         if protocol is None or protocol.lost:
             return False
         protocol.waiting.append((sink, asyncio.get_running_loop().time() + self._timeout))
-        protocol.send(command)
+        assert protocol.transport is not None  # set when the connection was made
+        protocol.transport.write(command)
         return True
 
     async def connect(self) -> None:
