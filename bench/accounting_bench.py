@@ -129,6 +129,45 @@ def _foreign_cpu(
     return _orig_foreign_cpu(before, rest, ours, elapsed)
 
 
+def _service_threads() -> list[int]:
+    """Thread ids of every redis-server and postgres process on the machine."""
+    tids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() not in SERVICE_COMMS:
+                continue
+            tids += [int(t.name) for t in (proc / "task").iterdir()]
+        except OSError:  # it exited meanwhile
+            continue
+    return tids
+
+
+@contextlib.contextmanager
+def services_on_core(core: int | None) -> Any:
+    """Pin the machine's Redis and PostgreSQL to ``core`` for the run (every thread; the
+    postmaster too, so the backends it forks for Sluice's connections start there), and
+    give them back every core afterwards. In production they run on other hosts: on two
+    cores, left free to run on the gateway's core, their CPU would be charged to the
+    gateway. Yields a note for the docs."""
+    if core is None:
+        yield "Redis and PostgreSQL not pinned (they may run on either core)"
+        return
+    every = set(os.sched_getaffinity(0)) | {int(gb.GATEWAY_CORE), int(gb.AUX_CORE)}
+    pinned = 0
+    for tid in _service_threads():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, {core})
+            pinned += 1
+    try:
+        yield f"Redis and PostgreSQL pinned to core {core} ({pinned} threads)"
+    finally:
+        for tid in _service_threads():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, every)
+
+
 # gateway_bench's run_wrk / wait_quiet / wait_for_idle look this name up at call time.
 gb.foreign_cpu = _foreign_cpu
 
@@ -1037,9 +1076,11 @@ def render_section(
         "- Mock upstream, pinning and load as in the core gateway section: nginx (fixed "
         f"`chat.completion` body) on 127.0.0.1:{gb.NGINX_PORT} and wrk (1 thread) share core "
         f"{gb.AUX_CORE}; Sluice (1 worker, JSON access log to a file, metrics on) has core "
-        f"{gb.GATEWAY_CORE}. Redis and PostgreSQL are the machine's own services, not pinned: "
-        "in the Redis variant they compete for the same two cores (their CPU is shown in the "
-        "table and not counted as disturbance).",
+        f"{gb.GATEWAY_CORE}. Redis and PostgreSQL are the machine's own services: "
+        f"{getattr(args, 'services_note', 'not pinned')} — in production they run on other "
+        "hosts, and left free to run on the gateway's core their CPU is charged to the gateway "
+        "(until 2026-12-02 they were not pinned; their CPU is shown in the table and not "
+        "counted as disturbance).",
         "- Variants, one after the other in one run, each a fresh `sluice serve`:",
         "  - **plain**: `bench/sluice-bench.yaml` as it is (no auth, `usage.enabled: false`) — "
         "the baseline; it is sent the same requests, `Authorization: Bearer` with a stand-in "
@@ -1214,6 +1255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds", type=int, default=7, help="interleaved c=32 rounds (0: skip; default 7)"
     )
     ap.add_argument(
+        "--services-core",
+        type=int,
+        default=int(gb.AUX_CORE),
+        help=f"pin Redis and PostgreSQL to this core for the run (default {gb.AUX_CORE}, the "
+        "load generator's; -1: leave them unpinned)",
+    )
+    ap.add_argument(
         "--round-duration", type=int, default=5, help="seconds per interleaved run (default 5)"
     )
     args = ap.parse_args(argv)
@@ -1276,7 +1324,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             gb.find_py_spy()  # install before measuring
         args.machine_notes += wait_for_other_benchmarks(args)
-        with tempfile.TemporaryDirectory(prefix="sluice-acct-") as tmp:
+        services_core = None if args.services_core < 0 else args.services_core
+        with (
+            services_on_core(services_core) as services_note,
+            tempfile.TemporaryDirectory(prefix="sluice-acct-") as tmp,
+        ):
+            args.services_note = services_note
             gb.start_nginx(pm, Path(tmp), commands)
             dres = Result("direct", "direct (nginx)")
             measure_series(

@@ -29,7 +29,7 @@ REASON_CODES: dict[int, Reason] = {1: "rpm", 2: "tpm", 3: "parallel"}
 #       then its lease sets to release; then per request, per scope i: (requests hash,
 #       tokens hash, leases zset)
 # ARGV: number of tickets, then per ticket: number of token hashes, number of lease sets,
-#       reservation second, token delta, request id; then number of requests, then per
+#       token delta, reservation second, request id; then number of requests, then per
 #       request: number of scopes, tokens, request id, lease ms, then per scope: rpm, tpm,
 #       max_parallel (-1 = none)
 # Returns, per request, 10 numbers: allowed (0/1), reason code (0 = none), retry ms, now ms,
@@ -221,7 +221,7 @@ local function settle_all()
   local k, a = 1, 2
   for _ = 1, tonumber(ARGV[1]) do
     local ntok, nlease = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-    local second, delta, rid = ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
+    local delta, second, rid = tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
     a = a + 5
     if delta ~= 0 and tonumber(second) >= first_live then
       for i = k, k + ntok - 1 do

@@ -52,11 +52,7 @@ FailureMode = Literal["open", "closed"]
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 _BATCH_MAX = 256  # requests per script call: bounds one call's run time in Redis
 _MAX_PLANS = 10_000
-# A request's variable arguments, as RESP bulk strings: acquire (tokens, request id) and
-# settle (second, delta, request id).
-_ACQUIRE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n"
-_SETTLE_VALUES = b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-_SETTLE_ARGS = 5  # per settle: token scopes, lease scopes, second, delta, request id
+_SETTLE_ARGS = 5  # per settle: token scopes, lease scopes, delta, second, request id
 _ANSWER_SIZE = 10  # numbers per request in the script's reply (lua.py)
 
 
@@ -107,7 +103,9 @@ class RedisLimiter:
         # each in Python 3.11).
         if tokens < 0:
             tokens = 0
-        plan = self._plan(scopes)
+        plan = self._plans.get(id(scopes))
+        if plan is None or plan.scopes is not scopes:
+            plan = self._plan(scopes)
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Admission] = loop.create_future()
         if not plan.keys:
@@ -117,14 +115,17 @@ class RedisLimiter:
         if batch is None:
             batch = self._open = self._last = _Batch()
             loop.call_soon(self._send)
-        batch.answers.append((answer, plan, request_id, tokens))
         batch.keys.append(plan.keys)
         batch.n_keys += plan.n_keys
         if lease_seconds != self._lease_seconds:  # the guard's lease: constant in practice
             self._lease_seconds = lease_seconds
             self._lease = bulk(b"%d" % max(round(lease_seconds * 1000), 1))
-        encoded_tokens, rid = b"%d" % tokens, request_id.encode()
-        values = _ACQUIRE_VALUES % (len(encoded_tokens), encoded_tokens, len(rid), rid)
+        # The token estimate and the request id in RESP; the id's bulk string is kept for
+        # the settle (see _answered).
+        encoded_tokens, encoded_rid = b"%d" % tokens, request_id.encode()
+        rid = b"$%d\r\n%b\r\n" % (len(encoded_rid), encoded_rid)
+        values = b"$%d\r\n%b\r\n%b" % (len(encoded_tokens), encoded_tokens, rid)
+        batch.answers.append((answer, plan, request_id, tokens, rid))
         batch.args += (plan.head, values, self._lease, plan.limits)
         batch.n_args += plan.n_args
         if len(batch.answers) >= _BATCH_MAX:
@@ -173,16 +174,30 @@ class RedisLimiter:
                 self._report(reply)
             return
         at = 0
-        for answer, plan, request_id, tokens in batch.answers:
+        second_bulk = b""  # the reservations' second in RESP: one clock reading a call
+        for answer, plan, request_id, tokens, rid in batch.answers:
             if not answer.done():  # a request cancelled while it waited is skipped
-                allowed, code, retry_ms, now_ms = reply[at : at + 4]
-                rpm, rpm_left, rpm_reset, tpm, tpm_left, tpm_reset = reply[at + 4 : at + 10]
+                (
+                    allowed,
+                    code,
+                    retry_ms,
+                    now_ms,
+                    rpm,
+                    rpm_left,
+                    rpm_reset,
+                    tpm,
+                    tpm_left,
+                    tpm_reset,
+                ) = reply[at : at + 10]
                 ticket = None
                 if allowed:
                     second = now_ms // 1000
+                    if not second_bulk:
+                        second_bulk = bulk(b"%d" % second)
+                    # For its settle: the keys (by its plan) and the second and id in RESP.
                     ticket = Ticket(
                         request_id, tokens, second, plan.token_scopes, plan.lease_scopes,
-                        plan.settle_wire,
+                        (plan.settle_wire, second_bulk + rid),
                     )  # fmt: skip
                 # In Admission's field order, by tuple.__new__ (window.new_tuple); a limit
                 # of -1: no scope has that limit.
@@ -206,7 +221,7 @@ class RedisLimiter:
             at += _ANSWER_SIZE
 
     def _fail_batch(self, batch: _Batch, error: BaseException) -> None:
-        for answer, _, request_id, tokens in batch.answers:
+        for answer, _, request_id, tokens, _ in batch.answers:
             if answer.done():
                 continue
             if not isinstance(error, _FAILURES):  # not Redis's failure: the request's error
@@ -223,13 +238,11 @@ class RedisLimiter:
         task.add_done_callback(self._tasks.discard)
 
     def _plan(self, scopes: Sequence[Scope]) -> _Plan:
-        """What a call over ``scopes`` sends and reads, built once per scopes object (the
-        guard keeps one per key and model)."""
-        plan = self._plans.get(id(scopes))
-        if plan is None or plan.scopes is not scopes:
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.clear()
-            plan = self._plans[id(scopes)] = _Plan(scopes, self._prefix)
+        """What a call over ``scopes`` sends, built once per scopes object (the guard keeps
+        one per key and model; `acquire` looks it up inline)."""
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        plan = self._plans[id(scopes)] = _Plan(scopes, self._prefix)
         return plan
 
     async def settle(self, ticket: Ticket, actual_tokens: int) -> None:
@@ -240,12 +253,18 @@ class RedisLimiter:
             await asyncio.shield(batch.replied())
 
     def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
-        if not ticket.claim():
+        # Ticket.claim, inline: settled once; a no-op ticket or one of no scope (no wire)
+        # holds nothing.
+        if ticket.settled:
+            return
+        ticket.settled = True
+        if ticket.noop or ticket.wire is None:
             return
         delta = (actual_tokens if actual_tokens > 0 else 0) - ticket.tokens
         # The ticket's keys and scope counts in RESP, made by its plan: with the token
-        # scopes (a delta to book) or without (leases only).
-        keys, n_keys, counts = ticket.wire[0 if delta else 1]
+        # scopes (a delta to book) or without (leases only); its second and id in RESP.
+        keys_by_delta, tail = ticket.wire
+        keys, n_keys, counts = keys_by_delta[0 if delta else 1]
         if not n_keys:
             return
         batch = self._open
@@ -254,12 +273,8 @@ class RedisLimiter:
             asyncio.get_running_loop().call_soon(self._send)
         batch.settle_keys.append(keys)
         batch.n_settle_keys += n_keys
-        second, encoded_delta = b"%d" % ticket.second, b"%d" % delta
-        rid = ticket.request_id.encode()
-        values = _SETTLE_VALUES % (
-            len(second), second, len(encoded_delta), encoded_delta, len(rid), rid
-        )  # fmt: skip
-        batch.settle_args += (counts, values)
+        encoded_delta = b"%d" % delta
+        batch.settle_args += (counts, b"$%d\r\n%b\r\n" % (len(encoded_delta), encoded_delta), tail)
         batch.settles += 1
         if batch.settles >= _BATCH_MAX:
             self._send()
@@ -335,7 +350,8 @@ class _Batch:
 
     def __init__(self) -> None:
         # per request: its answer, its plan, request id and token estimate
-        self.answers: list[tuple[asyncio.Future[Admission], _Plan, str, int]] = []
+        # and its id as a RESP bulk string
+        self.answers: list[tuple[asyncio.Future[Admission], _Plan, str, int, bytes]] = []
         self.keys: list[bytes] = []
         self.args: list[bytes] = []
         self.n_keys = 0
