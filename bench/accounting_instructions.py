@@ -180,7 +180,10 @@ def main():
                 " RPM/TPM/parallel limits, usage off; full = lim + usage records in SQLite (the"
                 " memory/SQLite variant of the section above); redis = full with limits in"
                 " Redis and keys and usage in PostgreSQL (the Redis/PostgreSQL variant;"
-                " variants sharing a database add to its tables)" + base_note(args.variants) + ".",
+                " variants sharing a database add to its tables); rlim = lim with the limits"
+                " in Redis; pgusage = usage records in PostgreSQL alone"
+                + base_note(args.variants)
+                + ".",
                 f"```sh\n{command}\n```",
                 table,
             ]
