@@ -146,6 +146,23 @@ async def test_headers_come_from_the_tightest_scope_as_in_the_memory_limiter(
     assert (answers[4].allowed, answers[4].reason) == (False, "tpm")
 
 
+async def test_a_request_cancelled_while_waiting_leaves_its_batch_answered(
+    limiter: RedisLimiter,
+) -> None:
+    key = Scope("key:a", LimitSpec(rpm=10))
+    waiting = [asyncio.ensure_future(take(limiter, key)) for _ in range(3)]
+    await asyncio.sleep(0)  # the three are queued in the turn's batch, not yet sent
+    waiting[1].cancel()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert [r.allowed for r in (results[0], results[2]) if isinstance(r, Admission)] == [
+        True,
+        True,
+    ]
+    # The cancelled request went out with its batch and stays counted (see the module).
+    assert (await take(limiter, key)).remaining_requests == 10 - 4
+
+
 async def test_window_rolls(redis: aioredis.Redis, limiter: RedisLimiter, prefix: str) -> None:
     """Seed buckets at known ages on Redis's clock and check what still counts."""
     now = await redis_now(redis)
