@@ -154,18 +154,20 @@ def services_on_core(core: int | None) -> Any:
     if core is None:
         yield "Redis and PostgreSQL not pinned (they may run on either core)"
         return
-    every = set(os.sched_getaffinity(0)) | {int(gb.GATEWAY_CORE), int(gb.AUX_CORE)}
-    pinned = 0
+    saved: dict[int, set[int]] = {}
     for tid in _service_threads():
         with contextlib.suppress(OSError):
+            saved[tid] = os.sched_getaffinity(tid)
             os.sched_setaffinity(tid, {core})
-            pinned += 1
+    # Threads started meanwhile (backends forked by the pinned postmaster) get the cores
+    # the services had.
+    before = set().union(*saved.values()) if saved else set(os.sched_getaffinity(0))
     try:
-        yield f"Redis and PostgreSQL pinned to core {core} ({pinned} threads)"
+        yield f"Redis and PostgreSQL pinned to core {core} ({len(saved)} threads)"
     finally:
         for tid in _service_threads():
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, every)
+                os.sched_setaffinity(tid, saved.get(tid, before))
 
 
 # gateway_bench's run_wrk / wait_quiet / wait_for_idle look this name up at call time.

@@ -42,8 +42,9 @@ class Ticket:
     ``token_scopes`` are the scopes that reserved tokens, ``lease_scopes`` those that took a
     parallel slot; ``second`` is the bucket (limiter clock, whole seconds) the reservation
     went into; ``wire`` is what the limiter that made it keeps for its settle (the Redis
-    limiter: the settle's keys, encoded once per key). A ``noop`` ticket (fail-open
-    admission) settles as nothing.
+    limiter: the settle's keys, encoded once per key, and its second and id in RESP). A
+    ``noop`` ticket (fail-open admission) settles as nothing. ``settled`` is set by the
+    first settle; each limiter's settle checks it first, which makes settling idempotent.
     """
 
     __slots__ = (
@@ -76,14 +77,6 @@ class Ticket:
         self.wire = wire
         self.noop = noop
         self.settled = False
-
-    def claim(self) -> bool:
-        """Mark settled; True when this caller must do the work: the first call on a ticket
-        that holds something (makes ``settle`` idempotent)."""
-        if self.settled:
-            return False
-        self.settled = True
-        return not self.noop and bool(self.token_scopes or self.lease_scopes)
 
     def __repr__(self) -> str:
         return (

@@ -188,7 +188,7 @@ class RedisLimiter:
                     tpm,
                     tpm_left,
                     tpm_reset,
-                ) = reply[at : at + 10]
+                ) = reply[at : at + _ANSWER_SIZE]
                 ticket = None
                 if allowed:
                     second = now_ms // 1000
@@ -253,8 +253,7 @@ class RedisLimiter:
             await asyncio.shield(batch.replied())
 
     def settle_nowait(self, ticket: Ticket, actual_tokens: int) -> None:
-        # Ticket.claim, inline: settled once; a no-op ticket or one of no scope (no wire)
-        # holds nothing.
+        # Settled once; a no-op ticket or one of no scope (no wire) holds nothing.
         if ticket.settled:
             return
         ticket.settled = True

@@ -79,6 +79,12 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[tuple[Sink, float]] = deque()  # (sink, deadline), in send order
         self.lost = False
 
+    def call(self, command: bytes, sink: Sink, timeout: float) -> None:
+        """Write ``command`` now; its reply goes to ``sink``, due within ``timeout``."""
+        self.waiting.append((sink, asyncio.get_running_loop().time() + timeout))
+        assert self.transport is not None  # set when the connection was made
+        self.transport.write(command)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
 
@@ -137,14 +143,12 @@ class PipelinedRedis:
         return await future
 
     def send(self, command: bytes, sink: Sink) -> bool:
-        """Queue one command already in RESP; its reply goes to ``sink``. False (and nothing
+        """Send one command already in RESP; its reply goes to ``sink``. False (and nothing
         sent) while no connection is open: `connect` first."""
         protocol = self._protocol
         if protocol is None or protocol.lost:
             return False
-        protocol.waiting.append((sink, asyncio.get_running_loop().time() + self._timeout))
-        assert protocol.transport is not None  # set when the connection was made
-        protocol.transport.write(command)
+        protocol.call(command, sink, self._timeout)
         return True
 
     async def connect(self) -> None:
@@ -215,11 +219,8 @@ class PipelinedRedis:
         return protocol
 
     async def _handshake(self, protocol: _Protocol, *parts: str | int) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        protocol.waiting.append((partial(_resolve, future), loop.time() + self._timeout))
-        assert protocol.transport is not None
-        protocol.transport.write(_command(*parts))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        protocol.call(_command(*parts), partial(_resolve, future), self._timeout)
         async with asyncio.timeout(self._timeout):
             await future
 
