@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,29 +146,38 @@ def _service_threads() -> list[int]:
 
 
 @contextlib.contextmanager
-def services_on_core(core: int | None) -> Any:
+def services_on_core(core: int | None, nice: int) -> Any:
     """Pin the machine's Redis and PostgreSQL to ``core`` for the run (every thread; the
-    postmaster too, so the backends it forks for Sluice's connections start there), and
-    give them back every core afterwards. In production they run on other hosts: on two
-    cores, left free to run on the gateway's core, their CPU would be charged to the
-    gateway. Yields a note for the docs."""
+    postmaster too, so the backends it forks for Sluice's connections start there) at the
+    nice value of the mock and load generator beside them, and give them back their cores
+    and nice values afterwards. In production they run on other hosts: on two cores, left
+    free to run on the gateway's core, their CPU would be charged to the gateway; left at
+    nice 0 beside a wrk and an nginx at ``--nice -10``, the scheduler lets them wait behind
+    those, and their replies' delay idles the gateway. Yields a note for the docs."""
     if core is None:
         yield "Redis and PostgreSQL not pinned (they may run on either core)"
         return
-    saved: dict[int, set[int]] = {}
+    saved: dict[int, tuple[set[int], int]] = {}
     for tid in _service_threads():
         with contextlib.suppress(OSError):
-            saved[tid] = os.sched_getaffinity(tid)
+            saved[tid] = (os.sched_getaffinity(tid), os.getpriority(os.PRIO_PROCESS, tid))
             os.sched_setaffinity(tid, {core})
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
     # Threads started meanwhile (backends forked by the pinned postmaster) get the cores
-    # the services had.
-    before = set().union(*saved.values()) if saved else set(os.sched_getaffinity(0))
+    # and nice value the services had.
+    before = (
+        (set().union(*(c for c, _ in saved.values())), max(n for _, n in saved.values()))
+        if saved
+        else (set(os.sched_getaffinity(0)), 0)
+    )
     try:
-        yield f"Redis and PostgreSQL pinned to core {core} ({len(saved)} threads)"
+        yield f"Redis and PostgreSQL pinned to core {core} at nice {nice} ({len(saved)} threads)"
     finally:
         for tid in _service_threads():
+            cores, value = saved.get(tid, before)
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(tid, saved.get(tid, before))
+                os.sched_setaffinity(tid, cores)
+                os.setpriority(os.PRIO_PROCESS, tid, value)
 
 
 # gateway_bench's run_wrk / wait_quiet / wait_for_idle look this name up at call time.
@@ -742,9 +752,104 @@ class Interleaved:
         )
 
 
+@dataclass
+class Paired:
+    """Rounds in which plain and one accounting variant are loaded at the same time, each
+    by its own wrk (core 1), both servers on core 0: the scheduler gives each about half
+    the core, under the same machine speed at every instant. Per round and concurrency:
+    (variant req/s, plain req/s, variant CPU s, plain CPU s)."""
+
+    rounds: int
+    duration: int
+    conns: tuple[int, ...]
+    runs: dict[tuple[str, int], list[tuple[float, float, float, float]]] = field(
+        default_factory=dict
+    )
+    errors: int = 0
+
+    def ratio(self, name: str, conns: int) -> float:
+        """Median over rounds of (variant req/s / plain req/s in the same round)."""
+        return statistics.median(v / p for v, p, _, _ in self.runs[(name, conns)])
+
+    def cpu_ratio(self, name: str, conns: int) -> float:
+        """Median over rounds of (variant requests per CPU second / plain's)."""
+        return statistics.median(
+            (v / vc) / (p / pc) for v, p, vc, pc in self.runs[(name, conns)] if vc and pc
+        )
+
+    def share(self, name: str, conns: int) -> float:
+        """Median share of core 0's busy time that went to the variant."""
+        return statistics.median(vc / (vc + pc) for _, _, vc, pc in self.runs[(name, conns)])
+
+    def spread(self, name: str, conns: int) -> tuple[float, float]:
+        ratios = [v / p for v, p, _, _ in self.runs[(name, conns)]]
+        return min(ratios), max(ratios)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_paired(
+    args: argparse.Namespace,
+    names: list[str],
+    ports: dict[str, int],
+    keys: dict[str, str | None],
+    procs: dict[str, gb.Proc],
+) -> Paired:
+    """See `Paired`. A sequential round compares variants measured seconds apart, and this
+    machine's speed moves by tens of percent from one second to the next; two servers
+    sharing core 0 are measured over the same milliseconds. What it measures is the ratio
+    of what each gets done with the same share of the core (a variant that idles, waiting
+    on Redis, leaves its share to plain: the req/s ratio counts that, the per-CPU ratio
+    does not)."""
+    result = Paired(args.paired_rounds, args.round_duration, (32, 64))
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        for r in range(args.paired_rounds):
+            for conns in result.conns:
+                for name in names:
+                    if name == "plain":
+                        continue
+                    pair = ("plain", name) if r % 2 == 0 else (name, "plain")
+                    Services.active = next(x for x in VARIANTS if x.name == name).postgres
+                    before = {n: process_cpu_seconds(procs[n].popen.pid) for n in pair}
+                    runs = [
+                        pool.submit(
+                            run_wrk,
+                            f"http://{HOST}:{ports[n]}/v1/chat/completions",
+                            conns,
+                            args.round_duration,
+                            keys[n],
+                            False,
+                        )
+                        for n in pair
+                    ]
+                    got = dict(zip(pair, (run.result() for run in runs), strict=True))
+                    cpu = {n: process_cpu_seconds(procs[n].popen.pid) - before[n] for n in pair}
+                    Services.active = False
+                    result.errors += sum(w.errors for w in got.values())
+                    result.runs.setdefault((name, conns), []).append(
+                        (got[name].rps, got["plain"].rps, cpu[name], cpu["plain"])
+                    )
+                    log(
+                        f"paired round {r + 1}/{args.paired_rounds}, c={conns}: plain "
+                        f"{got['plain'].rps:,.0f} req/s ({cpu['plain']:.2f} s CPU), {name} "
+                        f"{got[name].rps:,.0f} ({cpu[name]:.2f} s): "
+                        f"{100 * got[name].rps / got['plain'].rps:.1f}%"
+                    )
+    finally:
+        Services.active = False
+        pool.shutdown()
+    return result
+
+
 def measure_interleaved(
     pm: gb.ProcessManager, args: argparse.Namespace, commands: dict[str, str]
-) -> Interleaved:
+) -> tuple[Interleaved, Paired | None]:
     """This machine's speed drifts by tens of percent within minutes (other tenants of the
     host); variants measured one after another then differ by when they ran. Here every
     variant's server runs at once (on its own port, all pinned to the gateway core, idle
@@ -757,6 +862,7 @@ def measure_interleaved(
     procs: dict[str, gb.Proc] = {}
     keys: dict[str, str | None] = {}
     result = Interleaved(args.rounds, args.round_duration)
+    paired: Paired | None = None
     try:
         if pg is not None:
             pg.create()
@@ -788,13 +894,15 @@ def measure_interleaved(
                 + ", ".join(f"{n} {result.rps[n][-1]:,.0f}" for n in names)
                 + " req/s"
             )
+        if args.paired_rounds > 0 and "plain" in names and len(names) > 1:
+            paired = measure_paired(args, names, ports, keys, procs)
     finally:
         Services.active = False
         for proc in procs.values():
             pm.stop(proc)
         if pg is not None:
             pg.drop()
-    return result
+    return result, paired
 
 
 # --------------------------------------------------------------------------
@@ -854,7 +962,10 @@ def f3(v: float | None) -> str:
 
 
 def build_tables(
-    direct: Any, results: dict[str, Result], inter: Interleaved | None = None
+    direct: Any,
+    results: dict[str, Result],
+    inter: Interleaved | None = None,
+    paired: Paired | None = None,
 ) -> tuple[str, str, dict[str, Any]]:
     d50 = p(direct, "50")
     d99 = p(direct, "99")
@@ -900,6 +1011,40 @@ def build_tables(
             "",
             lambda r: ", ".join(f"{x:,.0f}" for x in inter.rps.get(r.name, [])) or "—",
         )
+    if paired is not None and paired.runs:
+        for conns in paired.conns:
+
+            def pcell(r: Result, fn: Any, conns: int = conns) -> str:
+                if r.name == "plain":
+                    return "100.0%"
+                return fn(r.name, conns) if (r.name, conns) in paired.runs else "—"
+
+            row(
+                f"req/s c={conns}, paired with plain on one core: % of plain (median of "
+                f"{paired.rounds} rounds of {paired.duration} s)",
+                "",
+                lambda r, c=conns: pcell(r, lambda n, c: f"{100 * paired.ratio(n, c):.1f}%", c),
+            )
+            row(
+                f"req/s c={conns}, paired: lowest / highest round",
+                "",
+                lambda r, c=conns: pcell(
+                    r,
+                    lambda n, c: " / ".join(f"{100 * x:.1f}%" for x in paired.spread(n, c)),
+                    c,
+                ),
+            )
+            row(
+                f"requests per CPU second c={conns}, paired: % of plain; variant's share of core 0",
+                "",
+                lambda r, c=conns: pcell(
+                    r,
+                    lambda n, c: (
+                        f"{100 * paired.cpu_ratio(n, c):.1f}%; {100 * paired.share(n, c):.1f}%"
+                    ),
+                    c,
+                ),
+            )
     row("req/s, c=64", "", lambda r: f"{r.c64.rps:,.0f}" if r.c64 else "—")
     row(
         "req/s c=64, % of plain",
@@ -972,6 +1117,15 @@ def build_tables(
 
     for n, lab in (("memory", "memory/SQLite"), ("redis", "Redis/PostgreSQL")):
         r = results.get(n)
+        if paired is not None and (n, 32) in paired.runs:
+            low, high = paired.spread(n, 32)
+            ratio_target(
+                n,
+                f"{lab}: req/s at c=32 vs plain (paired rounds)",
+                "ratio_c32_paired",
+                paired.ratio(n, 32),
+                f"rounds {100 * low:.1f}-{100 * high:.1f}%",
+            )
         if inter is not None and n in inter.rps and "plain" in inter.rps:
             ratio_target(
                 n,
@@ -1039,8 +1193,9 @@ def render_section(
     args: argparse.Namespace,
     runtime_s: float,
     inter: Interleaved | None = None,
+    paired: Paired | None = None,
 ) -> str:
-    table, targets, _ = build_tables(direct, results, inter)
+    table, targets, _ = build_tables(direct, results, inter, paired)
     today = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     cmdline = (
         f"python bench/accounting_bench.py --duration {args.duration}"
@@ -1049,6 +1204,7 @@ def render_section(
         + (f" --noise-budget {args.noise_budget:g}" if args.noise_budget != 180.0 else "")
         + (f" --rounds {args.rounds}" if args.rounds != 7 else "")
         + (f" --round-duration {args.round_duration}" if args.round_duration != 5 else "")
+        + (f" --paired-rounds {args.paired_rounds}" if args.paired_rounds != 7 else "")
         + " --write-docs"
     )
     wrk_c = (
@@ -1118,9 +1274,28 @@ def render_section(
                 f"{gb.GATEWAY_CORE}, idle but for the one under load, a fresh SQLite directory "
                 "and PostgreSQL database), warms each up, then runs wrk c=32 for "
                 f"{inter.duration} s on each in turn, {inter.rounds} rounds in rotating order. "
-                "Each round gives a ratio to plain; the target is judged on the median ratio."
+                "Each round gives a ratio to plain."
             ]
             if inter is not None and inter.rps
+            else []
+        ),
+        *(
+            [
+                f"- Paired throughput (the target's figure): then {paired.rounds} rounds in "
+                "which plain and one accounting variant are loaded *at the same time*, each by "
+                f"its own wrk (1 thread, core {gb.AUX_CORE}) for {paired.duration} s, at c=32 "
+                "and at c=64; which wrk starts first alternates. Both servers share core "
+                f"{gb.GATEWAY_CORE}, so the scheduler gives each about half of it and both run "
+                "at the same machine speed at every instant: the ratio of their req/s is the "
+                "ratio of what each gets done with the same CPU (sequential rounds compare "
+                "runs seconds apart, and this machine's speed moves by tens of percent from one "
+                "second to the next). The servers' CPU time (utime + stime, /proc) gives the "
+                "variant's share of the core and its requests per CPU second: a variant that "
+                "idles (waiting on Redis) leaves its share to plain, which the req/s ratio "
+                "counts and the per-CPU ratio does not. The target is judged on the median "
+                "req/s ratio at c=32."
+            ]
+            if paired is not None and paired.runs
             else []
         ),
         "- Usage writer: after each measured run the script reads the requests Sluice answered "
@@ -1266,6 +1441,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--round-duration", type=int, default=5, help="seconds per interleaved run (default 5)"
     )
+    ap.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=7,
+        help="rounds of plain and each variant loaded at once, c=32 and c=64 (0: skip)",
+    )
     args = ap.parse_args(argv)
     args.machine_notes = []
     args.variant_names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -1308,6 +1489,7 @@ def main(argv: list[str] | None = None) -> int:
     profile: dict[str, Any] | None = None
     buckets: list[tuple[str, int, float]] = []
     inter: Interleaved | None = None
+    paired: Paired | None = None
     rc = 0
     try:
         gb.require_ports({"nginx mock": gb.NGINX_PORT, "sluice": args.sluice_port})
@@ -1328,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
         args.machine_notes += wait_for_other_benchmarks(args)
         services_core = None if args.services_core < 0 else args.services_core
         with (
-            services_on_core(services_core) as services_note,
+            services_on_core(services_core, args.nice) as services_note,
             tempfile.TemporaryDirectory(prefix="sluice-acct-") as tmp,
         ):
             args.services_note = services_note
@@ -1353,7 +1535,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"errors {r.non2xx} non-2xx / {r.socket_errors} socket"
                 )
             if args.rounds > 0 and "plain" in args.variant_names:
-                inter = measure_interleaved(pm, args, commands)
+                inter, paired = measure_interleaved(pm, args, commands)
             pm.stop_all()
     except gb.BenchError as e:
         log(f"FAILED: {e}")
@@ -1378,7 +1560,7 @@ def main(argv: list[str] | None = None) -> int:
         vers["postgresql"] = psql(PG_ADMIN_DB, "SHOW server_version").split()[0]
     py = gb.venv_bin("python") or sys.executable
     vers.update(gb._pkg_version(py, "redis", "asyncpg", "aiosqlite", "sqlalchemy"))
-    table, targets, summary = build_tables(direct, results, inter)
+    table, targets, summary = build_tables(direct, results, inter, paired)
     print()
     print("\n".join(noise_summary(direct, results)))
     print(table)
@@ -1440,6 +1622,9 @@ def main(argv: list[str] | None = None) -> int:
                 "interleaved": None
                 if inter is None
                 else {"rps": inter.rps, "foreign_cpu_pct": inter.foreign},
+                "paired": None
+                if paired is None
+                else {f"{n} c={c}": rows for (n, c), rows in paired.runs.items()},
                 "profile": profile,
                 "profile_buckets": buckets,
                 "runtime_s": runtime,
@@ -1452,7 +1637,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         write_docs(
             render_section(
-                direct, results, profile, buckets, args.facts, vers, commands, args, runtime, inter
+                direct,
+                results,
+                profile,
+                buckets,
+                args.facts,
+                vers,
+                commands,
+                args,
+                runtime,
+                inter,
+                paired,
             )
         )
     return 0
