@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sluice.observability.metrics import GatewayMetrics
+from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.guard import Guard
@@ -50,6 +51,7 @@ class Services:
     recorder: UsageRecorder | None = None
     guard: Guard | None = None
     master_key: str | None = None
+    limiter_outages: OutageLog | None = None  # the Redis limiter's failures, throttled
 
     async def start(self) -> None:
         if self.database is not None:
@@ -65,6 +67,8 @@ class Services:
         if self.database is not None:
             await self.database.close()
         await self.limiter.close()
+        if self.limiter_outages is not None:
+            self.limiter_outages.flush()
         if self.limiter_redis is not None:
             await self.limiter_redis.close()
         if self.redis is not None:
@@ -76,11 +80,13 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     redis = _redis(settings.redis_url)
     limiter_redis = _limiter_redis(settings.redis_url)
     limiter: Limiter
+    outages: OutageLog | None = None
     if limiter_redis is not None:
+        outages = limiter_log = _limiter_outages(settings.limits.redis_failure)
         limiter = RedisLimiter(
             limiter_redis,
             failure_mode=settings.limits.redis_failure,
-            on_failure=lambda exc: _limiter_failed(metrics, settings.limits.redis_failure, exc),
+            on_failure=lambda exc: _limiter_failed(metrics, limiter_log, exc),
         )
     else:
         limiter = MemoryLimiter()
@@ -93,6 +99,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             Accounting(None, None, prices),
             redis=redis,
             limiter_redis=limiter_redis,
+            limiter_outages=outages,
         )
 
     data_dir = Path(settings.data_dir).expanduser()
@@ -133,6 +140,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         recorder=recorder,
         guard=guard,
         master_key=master_key,
+        limiter_outages=outages,
     )
 
 
@@ -170,7 +178,11 @@ def _limiter_redis(url: str | None) -> PipelinedRedis | None:
     return PipelinedRedis(resolved, timeout=0.5) if resolved is not None else None
 
 
-def _limiter_failed(metrics: GatewayMetrics, mode: str, exc: Exception) -> None:
-    metrics.limiter_failures.inc()
+def _limiter_outages(mode: str) -> OutageLog:
     outcome = "admitting requests" if mode == "open" else "refusing requests with 503"
-    log.warning("rate limiter unavailable (%s, fail %s): %s", outcome, mode, exc)
+    return OutageLog(log, f"rate limiter unavailable ({outcome}, fail {mode})")
+
+
+def _limiter_failed(metrics: GatewayMetrics, outages: OutageLog, exc: Exception) -> None:
+    metrics.limiter_failures.inc()  # every failure; the log line is throttled
+    outages.failed(exc)
