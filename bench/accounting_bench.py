@@ -1182,6 +1182,33 @@ def noise_summary(direct: Any, results: dict[str, Result]) -> list[str]:
     ]
 
 
+def _round_commands(args: argparse.Namespace) -> list[str]:
+    """The wrk runs of the interleaved and paired rounds, against the servers on the ports
+    after --sluice-port (plain, memory, redis in VARIANTS order)."""
+    wrk = (
+        f"BENCH_BODY='<request JSON>' BENCH_AUTH=<its key> {shlex.join(gb.pin(gb.AUX_CORE))} "
+        f"wrk -t1 -c{{c}} -d{args.round_duration}s --timeout 10s -s bench/post.lua "
+        f"http://{HOST}:{{port}}/v1/chat/completions"
+    )
+    ports = [args.sluice_port + 1 + i for i in range(len(VARIANTS))]
+    out = []
+    if args.rounds > 0:
+        out += [
+            f"# interleaved rounds ({args.rounds}): one at a time, port in rotating order",
+            wrk.format(c=32, port="{" + ",".join(map(str, ports)) + "}"),
+        ]
+    if args.paired_rounds > 0:
+        out += [
+            f"# paired rounds ({args.paired_rounds}, c=32 then c=64): plain's and a variant's "
+            "wrk at once",
+            wrk.format(c="{32,64}", port=ports[0])
+            + " & "
+            + wrk.format(c="{32,64}", port="{" + ",".join(map(str, ports[1:])) + "}")
+            + "; wait",
+        ]
+    return out
+
+
 def render_section(
     direct: Any,
     results: dict[str, Result],
@@ -1322,6 +1349,7 @@ def render_section(
         wrk_c,
         f"# URL = http://{HOST}:{gb.NGINX_PORT}/v1/chat/completions (direct, c=1 only), "
         f"http://{HOST}:{args.sluice_port}/v1/chat/completions (Sluice)",
+        *_round_commands(args),
         "```",
         "",
         "### Results",
