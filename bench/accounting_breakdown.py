@@ -17,7 +17,9 @@ on core 1, as in bench/gateway_bench.py; wrk -c32 against /v1/chat/completions):
 Every variant's server is up at once; rounds run each variant for DURATION seconds in a
 rotating order, and the result is the median of per-round ratios to the first variant,
 with the server's CPU time per request (utime + stime from /proc over the requests wrk
-counted). A development probe: bench/accounting_bench.py is the benchmark of record.
+counted) and each run's p50/p99 latency; ``BENCH_CONNS=1`` runs wrk at c=1 instead of
+32 (the latency probe). A development probe: bench/accounting_bench.py is the benchmark of
+record.
 
     python bench/accounting_breakdown.py ROUNDS DURATION plain master nolim lim full usage
 
@@ -240,7 +242,8 @@ def run_wrk(port, auth, dur):
             "1",
             "wrk",
             "-t1",
-            "-c32",
+            f"-c{os.environ.get('BENCH_CONNS', '32')}",
+            "--latency",
             f"-d{dur}s",
             "-s",
             str(REPO / "bench/post.lua"),
@@ -251,10 +254,17 @@ def run_wrk(port, auth, dur):
         env=env,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    print(f"  port {port}: p50 {_ms(out, '50')} p99 {_ms(out, '99')} ms", flush=True)
     n = int(re.search(r"(\d+) requests in", out).group(1))
     if "Non-2xx" in out:
         raise SystemExit(f"non-2xx responses from port {port}:\n{out}")
     return rps, n
+
+
+def _ms(wrk_output, percentile):
+    """A latency percentile of wrk --latency's distribution, in milliseconds."""
+    value, unit = re.search(rf"\s{percentile}%\s+([\d.]+)(us|ms|s)", wrk_output).groups()
+    return f"{float(value) * {'us': 0.001, 'ms': 1.0, 's': 1000.0}[unit]:.3f}"
 
 
 if __name__ == "__main__":
