@@ -254,17 +254,12 @@ def run_wrk(port, auth, dur):
         env=env,
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    print(f"  port {port}: p50 {_ms(out, '50')} p99 {_ms(out, '99')} ms", flush=True)
+    pct = gb.wrk_percentiles(out)
+    print(f"  port {port}: p50 {pct['50']:.3f} p99 {pct['99']:.3f} ms", flush=True)
     n = int(re.search(r"(\d+) requests in", out).group(1))
     if "Non-2xx" in out:
         raise SystemExit(f"non-2xx responses from port {port}:\n{out}")
     return rps, n
-
-
-def _ms(wrk_output, percentile):
-    """A latency percentile of wrk --latency's distribution, in milliseconds."""
-    value, unit = re.search(rf"\s{percentile}%\s+([\d.]+)(us|ms|s)", wrk_output).groups()
-    return f"{float(value) * {'us': 0.001, 'ms': 1.0, 's': 1000.0}[unit]:.3f}"
 
 
 if __name__ == "__main__":

@@ -378,6 +378,11 @@ def _to_ms(v: str) -> float:
     return float(m.group(1)) * _UNIT_MS[m.group(2)]
 
 
+def wrk_percentiles(out: str) -> dict[str, float]:
+    """The latency distribution of wrk --latency's output: {"50": ms, "75": …, "99": …}."""
+    return {p: _to_ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M)}
+
+
 @dataclass
 class WrkResult:
     conns: int
@@ -504,9 +509,7 @@ def run_wrk(
     m = re.search(r"Latency\s+(\S+)\s+(\S+)\s+(\S+)\s+", out)
     lat_avg = _to_ms(m.group(1)) if m else float("nan")
     lat_max = _to_ms(m.group(3)) if m else float("nan")
-    pct = {}
-    for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M):
-        pct[p] = _to_ms(v)
+    pct = wrk_percentiles(out)
     res = WrkResult(
         conns=conns,
         duration_s=duration,

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import os
 import re
-import socket
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ import pytest
 from sluice.observability.outages import OutageLog
 from sluice.testing.mock_upstream import MockUpstream
 from tests.api.test_keys_and_limits import CHAT, MASTER, auth_config
-from tests.gateway import running_gateway
+from tests.gateway import free_port, running_gateway
 
 LOGGER = "tests.outages"
 
@@ -92,19 +91,14 @@ def test_flush_writes_what_is_pending(caplog: pytest.LogCaptureFixture) -> None:
     assert _lines(caplog) == ["redis down: a", "redis down: b"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_redis_outage_fails_open_with_a_few_log_lines(
     upstream: MockUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis unreachable, limits fail open: every request is served and counted in
     sluice_limiter_failures_total; the log gets one line, not one per request."""
     os.environ["SLUICE_TEST_MASTER_KEY"] = MASTER
-    config = auth_config(upstream.url, tmp_path, redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    closed = free_port()  # nothing listens there
+    config = auth_config(upstream.url, tmp_path, redis_url=f"redis://127.0.0.1:{closed}/0")
     requests = 40
     with caplog.at_level(logging.WARNING, "sluice.services"), running_gateway(config) as url:
         admin = {"Authorization": f"Bearer {MASTER}"}

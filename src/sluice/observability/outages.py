@@ -29,8 +29,7 @@ class OutageLog:
         self._message = message  # what failed and what the gateway does about it
         self._interval = interval
         self._clock = clock
-        self._next_line = float("-inf")  # when the next line may be written
-        self._last_line = float("-inf")  # when the last one was
+        self._last_line = float("-inf")  # when the last line was written
         self._suppressed = 0  # failures since the last line
         self._last_error: BaseException | None = None
         self._scheduled: asyncio.TimerHandle | None = None
@@ -41,7 +40,8 @@ class OutageLog:
         now = self._clock()
         self._suppressed += 1
         self._last_error = exc
-        if now >= self._next_line:
+        next_line = self._last_line + self._interval
+        if now >= next_line:
             self.flush()
             return
         if self._scheduled is None:
@@ -49,7 +49,7 @@ class OutageLog:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # no loop (a synchronous caller): the next failure writes it
                 return
-            self._scheduled = loop.call_later(self._next_line - now, self.flush)
+            self._scheduled = loop.call_later(next_line - now, self.flush)
 
     def flush(self) -> None:
         """Write the failures counted since the last line, if any."""
@@ -62,7 +62,6 @@ class OutageLog:
         now = self._clock()
         self._suppressed = 0
         self._last_error = None
-        self._next_line = now + self._interval
         if failures == 1:
             self._log.warning("%s: %s", self._message, exc)
         else:
