@@ -37,6 +37,9 @@ class KeySettings(BaseModel):
     budget_usd: float | None = Field(None, ge=0, description="spend limit in USD")
     budget_period: Period | None = Field(None, description="budget resets; null: lifetime")
     expires_at: datetime | None = None
+    priority: int = Field(
+        0, ge=-100, le=100, description="queue order on the embedded model (higher first)"
+    )
     metadata: dict[str, Any] = Field(default_factory=dict, description="user, team, …")
 
 
@@ -66,6 +69,7 @@ class KeyService:
             ),
             expires_at=_utc(spec.expires_at),
             revoked_at=None,
+            priority=spec.priority,
             metadata=spec.metadata,
             created_at=now,
         )

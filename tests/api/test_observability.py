@@ -14,12 +14,20 @@ from tests.gateway import GatewayProcess, config_for
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_request_id_is_echoed_and_propagated(gateway: str, upstream: MockUpstream) -> None:
-    response = httpx.post(
-        f"{gateway}/chat/completions", json=CHAT, headers={"X-Request-ID": "trace-42.a"}
-    )
-    assert response.headers["x-request-id"] == "trace-42.a"
-    assert upstream.stats.last_headers["x-request-id"] == "trace-42.a"
+def test_client_request_id_is_echoed_but_the_upstream_gets_the_servers(
+    gateway: str, upstream: MockUpstream
+) -> None:
+    # The client's id is for correlation; the id that keys records and slots (and goes
+    # upstream) is made by the server, fresh for every request, whatever the client sends.
+    seen = set()
+    for _ in range(2):
+        response = httpx.post(
+            f"{gateway}/chat/completions", json=CHAT, headers={"X-Request-ID": "trace-42.a"}
+        )
+        assert response.headers["x-request-id"] == "trace-42.a"
+        seen.add(upstream.stats.last_headers["x-request-id"])
+    assert len(seen) == 2
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in seen)
 
 
 def test_request_id_is_generated_when_absent_or_malformed(
@@ -100,7 +108,8 @@ def test_access_log_is_json_with_fields_and_no_secrets(
         gateway.stop()
     lines = [orjson.loads(line) for line in gateway.log().splitlines() if line.strip()]
     access = [entry for entry in lines if entry["logger"] == "sluice.access"]
-    first = next(entry for entry in access if entry.get("request_id") == "log-1")
+    first = next(entry for entry in access if entry.get("client_request_id") == "log-1")
+    assert re.fullmatch(r"[0-9a-f]{32}", first["request_id"])
     assert first["status"] == 200
     assert first["model"] == "gpt-4o-mini"
     assert first["completion_tokens"] == 3

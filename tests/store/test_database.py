@@ -60,7 +60,7 @@ async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) ->
     db = Database(fresh_url)
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0001"
+        assert await current_revision(db.engine) == "0002"
         async with db.engine.connect() as conn:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             indexes = await conn.run_sync(
@@ -71,24 +71,28 @@ async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) ->
                 lambda c: compare_metadata(MigrationContext.configure(c), metadata)
             )
         assert {"api_keys", "usage_records", "alembic_version"} <= tables
-        assert {"ix_usage_records_key_id", "ix_usage_records_created_at"} <= indexes
+        assert {
+            "ix_usage_records_key_id",
+            "ix_usage_records_created_at",
+            "ix_usage_records_client_request_id",
+        } <= indexes
         assert diffs == []
 
         await upgrade(db.writer)  # again: nothing to do, nothing breaks
-        assert await current_revision(db.engine) == "0001"
+        assert await current_revision(db.engine) == "0002"
     finally:
         await db.close()
 
     again = Database(fresh_url)  # a restart runs migrations again
     await again.start()
     try:
-        assert await current_revision(again.engine) == "0001"
+        assert await current_revision(again.engine) == "0002"
         await downgrade(again.writer, "base")
         async with again.engine.connect() as conn:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert not {"api_keys", "usage_records"} & tables
         await upgrade(again.writer)
-        assert await current_revision(again.engine) == "0001"
+        assert await current_revision(again.engine) == "0002"
     finally:
         await again.close()
 
@@ -97,7 +101,7 @@ async def test_replicas_starting_together_migrate_once(fresh_url: str) -> None:
     replicas = [Database(fresh_url) for _ in range(4)]
     try:
         await asyncio.gather(*(r.start() for r in replicas))
-        assert await current_revision(replicas[0].engine) == "0001"
+        assert await current_revision(replicas[0].engine) == "0002"
     finally:
         for replica in replicas:
             await replica.close()
@@ -120,7 +124,7 @@ async def test_in_memory_sqlite_works(tmp_path: Path) -> None:
     db = Database("sqlite://")
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0001"
+        assert await current_revision(db.engine) == "0002"
     finally:
         await db.close()
 

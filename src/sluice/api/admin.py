@@ -43,6 +43,7 @@ class KeyView(BaseModel):
     spend_usd: float
     expires_at: datetime | None
     revoked_at: datetime | None
+    priority: int
     metadata: dict[str, Any]
     created_at: datetime
 

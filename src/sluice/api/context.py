@@ -15,8 +15,11 @@ SCOPE_KEY = "sluice.request"
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
+    """Made by the server (random): keys the usage record and the limiter's slot."""
     started: float
     route: str = "other"
+    client_request_id: str | None = None
+    """The client's ``X-Request-ID``: for correlation only."""
     model: str | None = None
     deployment: str | None = None
     stream: bool = False

@@ -1,8 +1,9 @@
 """Pure ASGI middleware around every request: id, draining, metrics and the access log.
 
-It is the outermost layer of Sluice's own code: it gives each request its id (the
-client's ``X-Request-ID`` when well formed, a new one otherwise) and echoes it back with
-the key's ``x-ratelimit-*`` headers, refuses new work with 503 once the process stops
+It is the outermost layer of Sluice's own code: it gives each request its id (always made
+by the server: it keys the usage record and the parallel slot), keeps the client's
+well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or the
+server's id when the client sent none) with the key's ``x-ratelimit-*`` headers, refuses new work with 503 once the process stops
 accepting, and after the last byte (or the client's departure) records latency, upstream
 time, gateway overhead, TTFT and tokens, writes one access record, and hands the request
 to accounting (usage record, limiter reconciliation).
@@ -10,9 +11,8 @@ to accounting (usage record, limiter reconciliation).
 
 from __future__ import annotations
 
-import itertools
+import os
 import re
-import secrets
 import time
 from typing import Any
 
@@ -36,23 +36,20 @@ _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
-class RequestIds:
-    """Unique request ids without a system call each: a random per-process prefix and a
-    counter (ids need to be unique across replicas, not unguessable)."""
+def new_request_id() -> str:
+    """A server-made request id: 128 random bits. It keys the usage record and the
+    limiter's parallel slot, so nobody may choose it or guess another request's."""
+    return os.urandom(16).hex()
 
-    def __init__(self) -> None:
-        self._prefix = secrets.token_hex(8)
-        self._counter = itertools.count()
 
-    def take(self, headers: list[tuple[bytes, bytes]]) -> str:
-        """The client's well-formed ``X-Request-ID``, else a new id."""
-        for name, value in headers:
-            if name == b"x-request-id":
-                text = value.decode("latin-1")
-                if _VALID_ID.fullmatch(text):
-                    return text
-                break
-        return f"{self._prefix}{next(self._counter):016x}"
+def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's ``X-Request-ID`` when well formed: kept for correlation and echoed
+    back, never used as a key."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            return text if _VALID_ID.fullmatch(text) else None
+    return None
 
 
 class ObserveRequests:
@@ -69,7 +66,6 @@ class ObserveRequests:
         self.metrics = metrics
         self.access_log = access_log
         self.accounting = accounting
-        self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,12 +73,13 @@ class ObserveRequests:
             return
         path: str = scope["path"]
         ctx = RequestContext(
-            request_id=self.ids.take(scope["headers"]),
+            request_id=new_request_id(),
             started=time.perf_counter(),
             route=_API_ROUTES.get(path, "other"),
+            client_request_id=client_request_id(scope["headers"]),
         )
         scope[SCOPE_KEY] = ctx
-        id_header = (b"x-request-id", ctx.request_id.encode())
+        id_header = (b"x-request-id", (ctx.client_request_id or ctx.request_id).encode())
         status = 500
 
         async def send_with_id(message: Message) -> None:
@@ -142,6 +139,8 @@ class ObserveRequests:
             "status": status,
             "latency_ms": round(elapsed * 1000, 3),
         }
+        if ctx.client_request_id is not None:
+            record["client_request_id"] = ctx.client_request_id
         if ctx.model is not None:
             record["model"] = ctx.model
             record["deployment"] = ctx.deployment

@@ -65,6 +65,7 @@ class Accounting:
                         status,
                         False,  # cache_hit
                         ctx.stream,
+                        ctx.client_request_id,
                     ),
                 )
             )

@@ -26,6 +26,7 @@ MUTABLE_FIELDS: frozenset[str] = frozenset(
         "budget_usd",
         "budget_period",
         "expires_at",
+        "priority",
         "metadata",
     }
 )
@@ -53,6 +54,7 @@ class KeyRecord:
     period_started_at: datetime | None = None
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+    priority: int = 0  # the embedded engine's queue order for this key (higher first)
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utcnow)
 

@@ -51,6 +51,8 @@ api_keys = Table(
     Column("revoked_at", UTCDateTime(), nullable=True),
     Column("metadata", JSON, nullable=False, server_default=text("'{}'")),
     Column("created_at", UTCDateTime(), nullable=False),
+    # the embedded engine's queue order for this key's requests (higher first)
+    Column("priority", Integer, nullable=False, server_default=text("0")),
 )
 
 usage_records = Table(
@@ -68,6 +70,9 @@ usage_records = Table(
     Column("cache_hit", Boolean, nullable=False, server_default=text("false")),
     Column("stream", Boolean, nullable=False, server_default=text("false")),
     Column("created_at", UTCDateTime(), nullable=False),
+    # the client's X-Request-ID, for correlation only (request_id is the server's)
+    Column("client_request_id", Text, nullable=True),
     Index(None, "key_id"),
+    Index(None, "client_request_id"),
     Index(None, "created_at"),
 )

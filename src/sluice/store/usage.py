@@ -70,6 +70,8 @@ class UsageRecord(NamedTuple):
     status: int = 200
     cache_hit: bool = False
     stream: bool = False
+    client_request_id: str | None = None
+    """The client's ``X-Request-ID``, for correlation only: ``request_id`` is the server's."""
 
     @property
     def created_at(self) -> datetime:
@@ -158,7 +160,7 @@ _PG_INSERT = f"""\
 WITH batch ({_COLUMNS}) AS (
     SELECT r->>0, r->>1, TIMESTAMPTZ 'epoch' + (r->>2)::int8 * INTERVAL '1 microsecond',
         r->>3, r->>4, (r->>5)::int4, (r->>6)::int4, (r->>7)::float8, (r->>8)::float8,
-        (r->>9)::int4, (r->>10)::bool, (r->>11)::bool
+        (r->>9)::int4, (r->>10)::bool, (r->>11)::bool, r->>12
     FROM json_array_elements($1::json) AS r
 ), inserted AS (
     INSERT INTO usage_records ({_COLUMNS})
@@ -168,7 +170,7 @@ WITH batch ({_COLUMNS}) AS (
 )
 SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 # SQLite: the batch goes in as multi-row INSERT ... VALUES statements of up to 1,024 rows
-# (12,288 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
+# (13,312 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
 # releases the GIL around every step: executemany's step per row made the writer thread and
 # the event loop trade the GIL (two context switches) for every record, and cost 6-9 us of
 # CPU a record against 4 us for this. The insert is optimistic: a batch rarely holds ids
@@ -182,7 +184,7 @@ SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 _SQLITE_EXISTING = (
     "SELECT request_id FROM usage_records WHERE request_id IN (SELECT value FROM json_each(?))"
 )
-_SQLITE_ROW = "(" + ", ".join("?" * 12) + ")"
+_SQLITE_ROW = "(" + ", ".join("?" * len(UsageRecord._fields)) + ")"
 
 
 def _sqlite_chunk(left: int) -> int:
@@ -216,7 +218,7 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
     extend = params.extend
     for (
         request_id, model, us, key_id, deployment, prompt_tokens, completion_tokens, cost_usd,
-        latency_ms, status, cache_hit, stream,
+        latency_ms, status, cache_hit, stream, client_request_id,
     ) in records:  # fmt: skip
         second = us // 1_000_000
         prefix = seconds.get(second)
@@ -227,7 +229,7 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
                 request_id, model, f"{prefix}{_DIGITS3[us // 1000 % 1000]}{_DIGITS3[us % 1000]}",
                 key_id, deployment,
                 prompt_tokens, completion_tokens, cost_usd, latency_ms, status,
-                1 if cache_hit else 0, 1 if stream else 0,
+                1 if cache_hit else 0, 1 if stream else 0, client_request_id,
             )
         )  # fmt: skip
     return params
