@@ -169,3 +169,61 @@ async def _streams_then_sigterm(gateway: GatewayProcess, key: str, count: int) -
         gateway.process.send_signal(signal.SIGTERM)
         await asyncio.gather(*tasks)
     return accepted, tokens
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_three_replicas_spend_at_most_the_budget_plus_one_request(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    # auth_config's prices: $1000/M prompt, $2000/M completion tokens: 200 completion
+    # tokens cost $0.40, plus a few prompt tokens. A $1 budget, 30 requests at a time.
+    body = {**CHAT, "max_tokens": 200, "mock": {"completion_tokens": 200, "latency_ms": 150}}
+    redis_url = require_redis()
+    with fresh_postgres_database() as database_url:
+        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
+        replicas = []
+        try:
+            for index in range(3):
+                folder = tmp_path / f"replica{index}"
+                folder.mkdir()
+                replicas.append(GatewayProcess(config, folder, env=ENV).start())
+            key = create_key(replicas[0].url, budget_usd=1.0)
+            statuses: Counter[int] = Counter()
+            for _ in range(3):  # three waves of 30
+                statuses += asyncio.run(_wave([r.url for r in replicas], key, body, 30))
+        finally:
+            for replica in replicas:
+                replica.stop()
+
+        async def stored() -> tuple[int, list[dict[str, Any]]]:
+            database = Database(database_url)
+            await database.start()
+            try:
+                usage = UsageStore(database)
+                return await usage.count(), await usage.query(group_by=("key",))
+            finally:
+                await database.close()
+
+        rows, totals = asyncio.run(stored())
+    assert set(statuses) <= {200, 429}, statuses
+    served = statuses[200]
+    assert rows == served  # every served request has its row
+    one_request = max(0.40, totals[0]["cost_usd"] / served)
+    assert totals[0]["cost_usd"] <= 1.0 + one_request, (totals, statuses)
+    assert served >= 2  # the budget was used, not refused outright
+
+
+async def _wave(urls: list[str], key: str, body: dict[str, Any], count: int) -> Counter[int]:
+    statuses: Counter[int] = Counter()
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=count)) as client:
+
+        async def one(i: int) -> None:
+            url = f"{urls[i % len(urls)]}/v1/chat/completions"
+            response = await client.post(url, json=body, headers=headers)
+            statuses[response.status_code] += 1
+
+        await asyncio.gather(*(one(i) for i in range(count)))
+    return statuses

@@ -24,6 +24,7 @@ from sluice.observability.metrics import GatewayMetrics
 from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.auth import Authenticator
+from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
 from sluice.pipeline.guard import Guard
 from sluice.pipeline.invalidation import KeyInvalidation
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -36,6 +37,9 @@ from sluice.store.usage import UsageStore
 
 log = logging.getLogger("sluice.services")
 PARALLEL_LEASE_SECONDS = 900.0
+# A budget hold outlives any request (upstream total timeouts default to 600 s): one whose
+# release is lost lapses after this, keeping the budget stricter meanwhile, never looser.
+BUDGET_LEASE_SECONDS = 900.0
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Services:
     guard: Guard | None = None
     master_key: str | None = None
     limiter_outages: OutageLog | None = None  # the Redis limiter's failures, throttled
+    budgets: BudgetLedger | None = None
 
     async def start(self) -> None:
         if self.database is not None:
@@ -67,6 +72,8 @@ class Services:
         if self.database is not None:
             await self.database.close()
         await self.limiter.close()
+        if self.budgets is not None:
+            await self.budgets.close()
         if self.limiter_outages is not None:
             self.limiter_outages.flush()
         if self.limiter_redis is not None:
@@ -117,13 +124,20 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         )
     guard = None
     authenticator = None
+    budgets: BudgetLedger | None = None
     if master_key is not None:
+        budgets = _budgets(settings, redis, metrics, outages)
         authenticator = Authenticator(keys, master_key, settings.auth.key_cache_ttl)
         guard = Guard(
             authenticator,
             limiter,
             default_max_tokens=settings.limits.default_max_tokens,
             lease_seconds=PARALLEL_LEASE_SECONDS,
+            budgets=budgets,
+            prices={
+                name: (price.prompt_per_million, price.completion_per_million)
+                for name, price in prices.items()
+            },
         )
     invalidation = KeyInvalidation(
         redis, authenticator.invalidate if authenticator is not None else lambda _: None
@@ -131,7 +145,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     return Services(
         limiter=limiter,
         invalidation=invalidation,
-        accounting=Accounting(recorder, limiter, prices),
+        accounting=Accounting(recorder, limiter, prices, budgets),
         database=database,
         redis=redis,
         limiter_redis=limiter_redis,
@@ -141,6 +155,25 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         guard=guard,
         master_key=master_key,
         limiter_outages=outages,
+        budgets=budgets,
+    )
+
+
+def _budgets(
+    settings: Settings,
+    redis: aioredis.Redis | None,
+    metrics: GatewayMetrics,
+    outages: OutageLog | None,
+) -> BudgetLedger:
+    """The budget ledger: shared on Redis when there is one (as the limits are)."""
+    if redis is None:
+        return MemoryBudgets(lease_seconds=BUDGET_LEASE_SECONDS)
+    log_to = outages or _limiter_outages(settings.limits.redis_failure)
+    return RedisBudgets(
+        redis,
+        lease_seconds=BUDGET_LEASE_SECONDS,
+        failure_mode=settings.limits.redis_failure,
+        on_failure=lambda exc: _limiter_failed(metrics, log_to, exc),
     )
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sluice.pipeline.auth import Principal
+    from sluice.pipeline.budgets import BudgetHold
     from sluice.pipeline.limits import Admission, Ticket
 
 SCOPE_KEY = "sluice.request"
@@ -32,8 +33,11 @@ class RequestContext:
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
     prompt_estimate: int = 0
+    completion_allowance: int = 0
+    """Completion tokens the request may use (``max_tokens`` times ``n``, or the default)."""
     principal: Principal | None = None
     admission: Admission | None = None
     ticket: Ticket | None = None
+    budget_hold: BudgetHold | None = None
     accepted: bool = False
     """Passed authentication and admission and went to a backend: gets a usage record."""

@@ -3,10 +3,11 @@
 It is the outermost layer of Sluice's own code: it gives each request its id (always made
 by the server: it keys the usage record and the parallel slot), keeps the client's
 well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or the
-server's id when the client sent none) with the key's ``x-ratelimit-*`` headers, refuses new work with 503 once the process stops
-accepting, and after the last byte (or the client's departure) records latency, upstream
-time, gateway overhead, TTFT and tokens, writes one access record, and hands the request
-to accounting (usage record, limiter reconciliation).
+server's id when the client sent none) with the key's ``x-ratelimit-*`` headers, refuses
+new work with 503 once the process stops accepting, and after the last byte (or the
+client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
+writes one access record, and hands the request to accounting (usage record, limiter and
+budget reconciliation).
 """
 
 from __future__ import annotations

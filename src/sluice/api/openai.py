@@ -118,6 +118,9 @@ class OpenAIService:
             waiting = guard.admit(ctx, model, body, len(raw))
             if waiting is not None:
                 admitted(ctx, await waiting)
+            reserving = guard.reserve_budget(ctx, model)
+            if reserving is not None:
+                await reserving
         ctx.accepted = True
 
         forward: bytes | None = raw

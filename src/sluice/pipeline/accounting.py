@@ -1,4 +1,4 @@
-"""After a request: reconcile its token reservation and write its usage record.
+"""After a request: reconcile its token and budget reservations, write its usage record.
 
 Runs once per request from the request middleware, after the last byte (or the client's
 departure), so streams are settled with what they really used. When the upstream reported
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from sluice.api.context import RequestContext
+from sluice.pipeline.budgets import BudgetLedger, to_nano
 from sluice.pipeline.limits import Limiter
 from sluice.pipeline.limits.window import new_tuple
 from sluice.settings import PricingSettings
@@ -24,9 +25,11 @@ class Accounting:
         recorder: UsageRecorder | None,
         limiter: Limiter | None,
         prices: dict[str, PricingSettings],
+        budgets: BudgetLedger | None = None,
     ) -> None:
         self._recorder = recorder
         self._limiter = limiter
+        self._budgets = budgets
         # Per model: USD per million prompt and completion tokens, as plain floats (the cost
         # is worked out inline: a method call per request costs more than the arithmetic).
         self._rates = {
@@ -35,16 +38,20 @@ class Accounting:
         }
 
     def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
-        """Record the request's usage and settle its reservation; never waits (the record
-        is written and a remote limiter's settle sent in the background)."""
+        """Record the request's usage and settle its reservations; never waits (the record
+        is written and a remote ledger's settle sent in the background). A request refused
+        after something was reserved for it (a budget after the rate limiter) only gives
+        its reservations back."""
         if not ctx.accepted:
+            self._give_back(ctx)
             return
         prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
         completion = (
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
+        rates = self._rates.get(ctx.model or "")
+        cost = 0.0 if rates is None else (prompt * rates[0] + completion * rates[1]) / 1_000_000
         if self._recorder is not None:
-            rates = self._rates.get(ctx.model or "")
             # In UsageRecord's field order, by tuple.__new__ (no Python-level constructor
             # call). latency_ms is not rounded (round() alone cost ~2.5k instructions).
             self._recorder.record(
@@ -58,9 +65,7 @@ class Accounting:
                         ctx.deployment,
                         prompt,
                         completion,
-                        0.0
-                        if rates is None
-                        else (prompt * rates[0] + completion * rates[1]) / 1_000_000,  # cost_usd
+                        cost,
                         latency_s * 1000.0,
                         status,
                         False,  # cache_hit
@@ -71,3 +76,11 @@ class Accounting:
             )
         if ctx.ticket is not None and self._limiter is not None:
             self._limiter.settle_nowait(ctx.ticket, prompt + completion)
+        if ctx.budget_hold is not None and self._budgets is not None:
+            self._budgets.release_nowait(ctx.budget_hold, to_nano(cost))
+
+    def _give_back(self, ctx: RequestContext) -> None:
+        if ctx.ticket is not None and self._limiter is not None:
+            self._limiter.settle_nowait(ctx.ticket, 0)
+        if ctx.budget_hold is not None and self._budgets is not None:
+            self._budgets.release_nowait(ctx.budget_hold, 0)

@@ -5,8 +5,10 @@ answers a cached key without a coroutine); `admit` runs once the model is known,
 coroutine (with Redis the caller awaits the limiter's answer and hands it to `admitted`):
 403 for a model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``)
 once spend reaches the budget, then one limiter call over the key's scopes that reserves
-an estimate of the tokens (prompt size + ``max_tokens``). The reservation is reconciled
-with the real usage by `sluice.pipeline.accounting` when the request ends.
+an estimate of the tokens (prompt size + ``max_tokens``). For a key with a budget,
+`reserve_budget` then holds the request's worst-case cost in the budget ledger
+(`sluice.pipeline.budgets`). Both reservations are reconciled with the real usage by
+`sluice.pipeline.accounting` when the request ends.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
+from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
 from sluice.store.keys import KeyRecord
 
@@ -33,9 +36,13 @@ class Guard:
         *,
         default_max_tokens: int,
         lease_seconds: float,
+        budgets: BudgetLedger,
+        prices: dict[str, tuple[float, float]],
     ) -> None:
         self._auth = authenticator
         self._limiter = limiter
+        self._budgets = budgets
+        self._prices = prices  # model -> USD per million prompt / completion tokens
         # A limiter that decides without I/O is called directly (no coroutine per request).
         self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
         self._default_max_tokens = default_max_tokens
@@ -75,6 +82,18 @@ class Guard:
             principal.authorize(model)  # raises the 403
         if key.budget_usd is not None and key.spend_usd >= key.budget_usd:
             raise _over_budget(key)
+        # The estimate, inline (it runs for every limited request): the body's size in
+        # tokens, plus the completion's ceiling unless this is an embedding.
+        tokens = size // _BYTES_PER_TOKEN or 1
+        if ctx.route != "embeddings":
+            completion = body.get("max_completion_tokens") or body.get("max_tokens")
+            if not isinstance(completion, int) or completion < 1:
+                completion = self._default_max_tokens
+            n = body.get("n")
+            if isinstance(n, int) and n > 1:
+                completion *= n
+            ctx.completion_allowance = completion
+            tokens += completion
         cached = self._scopes.get((key.id, model))
         if cached is not None and cached[0] is key:
             scopes = cached[1]
@@ -85,19 +104,34 @@ class Guard:
             self._scopes[(key.id, model)] = (key, scopes)
         if not scopes:
             return None
-        # The estimate, inline (it runs for every limited request): the body's size in
-        # tokens, plus the completion's ceiling unless this is an embedding.
-        tokens = size // _BYTES_PER_TOKEN or 1
-        if ctx.route != "embeddings":
-            completion = body.get("max_completion_tokens") or body.get("max_tokens")
-            if not isinstance(completion, int):
-                completion = self._default_max_tokens
-            n = body.get("n")
-            tokens += completion * n if isinstance(n, int) and n > 0 else completion
         if self._acquire_now is None:
             return self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
         admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease))
         return None
+
+    def reserve_budget(self, ctx: RequestContext, model: str) -> Awaitable[None] | None:
+        """For a key with a budget, hold the request's worst-case cost in the ledger (the
+        caller awaits it; 429 ``budget_exceeded`` when it does not fit). None for every
+        other request. Runs after `admit`, which sets the completion's ceiling."""
+        principal = ctx.principal
+        if principal is None or principal.key is None or principal.key.budget_usd is None:
+            return None
+        return self._reserve(ctx, principal.key, model)
+
+    async def _reserve(self, ctx: RequestContext, key: KeyRecord, model: str) -> None:
+        assert key.budget_usd is not None
+        prompt_rate, completion_rate = self._prices.get(model, (0.0, 0.0))
+        worst = ctx.prompt_estimate * prompt_rate + ctx.completion_allowance * completion_rate
+        hold = await self._budgets.reserve(
+            account_name(key.id, key.period_started_at),
+            ctx.request_id,
+            to_nano(worst / 1_000_000, up=True),
+            to_nano(key.budget_usd),
+            to_nano(key.spend_usd),
+        )
+        if hold is None:
+            raise _over_budget(key, in_flight=True)
+        ctx.budget_hold = hold
 
 
 def admitted(ctx: RequestContext, admission: Admission) -> None:
@@ -111,11 +145,16 @@ def admitted(ctx: RequestContext, admission: Admission) -> None:
 _PERIOD_NOUN = {"daily": "day", "weekly": "week", "monthly": "month"}
 
 
-def _over_budget(key: KeyRecord) -> RateLimitError:
-    period = f" for this {_PERIOD_NOUN[key.budget_period]}." if key.budget_period else "."
+def _over_budget(key: KeyRecord, *, in_flight: bool = False) -> RateLimitError:
+    period = f" for this {_PERIOD_NOUN[key.budget_period]}" if key.budget_period else ""
+    spent = (
+        "with the requests in flight, this request could exceed"
+        if in_flight
+        else f"has spent ${key.spend_usd:.4f} of"
+    )
     return RateLimitError(
-        f"Budget exceeded: the API key {key.display} has spent ${key.spend_usd:.4f} of "
-        f"its ${key.budget_usd:.2f} budget{period}",
+        f"Budget exceeded: the API key {key.display} {spent} its ${key.budget_usd:.2f} "
+        f"budget{period}.",
         code="budget_exceeded",
         headers={"x-should-retry": "false"},
     )
