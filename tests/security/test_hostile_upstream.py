@@ -10,6 +10,7 @@ import gzip
 import logging
 import zlib
 
+import httpx
 import pytest
 
 from sluice.backends.base import UpstreamCall
@@ -18,13 +19,13 @@ from sluice.backends.openai_http import OpenAIHTTPBackend
 from sluice.errors import UpstreamAuthError, UpstreamConnectError, UpstreamError
 from sluice.settings import OpenAIDeployment
 from tests.backends.test_http1 import HEAD, pool, read_request, response, server
-from tests.gateway import free_port
+from tests.gateway import config_for, free_port, running_gateway
 
 CALL = UpstreamCall("chat/completions", {"model": "m", "messages": []}, None, "rid")
 
 
 def backend(url: str, **settings: object) -> OpenAIHTTPBackend:
-    spec = OpenAIDeployment(provider="openai", api_base=url, **settings)  # type: ignore[arg-type]
+    spec = OpenAIDeployment(provider="openai", api_base=url, **settings)
     return OpenAIHTTPBackend("dep-1", spec, "sk-operator-secret-123456")
 
 
@@ -49,7 +50,8 @@ async def test_interim_responses_are_skipped_not_taken_as_the_answer() -> None:
         for _ in range(2):
             reply = await client.post("/x", HEAD, b"{}")
             assert (reply.status, reply.body) == (200, b'{"final": true}')
-            assert b"link" not in reply.headers and reply.headers[b"x-final"] == b"1"
+            assert b"link" not in reply.headers
+            assert reply.headers[b"x-final"] == b"1"
         loop = asyncio.get_running_loop()
         conn, chunks = await client.open_stream("/x", HEAD, b"{}", loop.time() + 5)
         assert conn.status == 200
@@ -281,14 +283,17 @@ async def test_connection_failures_name_the_deployment_not_the_address(
     port = free_port()
     b = backend(f"http://127.0.0.1:{port}/v1")
     await b.start()
-    with caplog.at_level(logging.WARNING, "sluice.upstream"):
-        with pytest.raises(UpstreamConnectError) as caught:
-            await b.send(CALL)
+    caplog.set_level(logging.WARNING, "sluice.upstream")
+    with pytest.raises(UpstreamConnectError) as caught:
+        await b.send(CALL)
     await b.close()
     assert caught.value.message == "upstream dep-1 unreachable"
     body = caught.value.body().decode()
-    assert str(port) not in body and "127.0.0.1" not in body and "Error" not in body
-    assert f"127.0.0.1:{port}" in caplog.text and "ConnectionRefusedError" in caplog.text
+    assert str(port) not in body
+    assert "127.0.0.1" not in body
+    assert "Error" not in body
+    assert f"127.0.0.1:{port}" in caplog.text
+    assert "ConnectionRefusedError" in caplog.text
 
 
 async def test_malformed_answers_do_not_echo_parser_text() -> None:
@@ -299,6 +304,11 @@ async def test_malformed_answers_do_not_echo_parser_text() -> None:
             await b.send(CALL)
         await b.close()
     assert caught.value.message == "upstream dep-1: malformed HTTP response"
+
+
+async def _open_stream(b: OpenAIHTTPBackend) -> None:
+    async with b.stream(CALL):
+        pass
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -315,17 +325,46 @@ async def test_upstream_auth_failures_are_not_relayed(
     async with server(_serve(payload)) as (url, _):
         b = backend(url)
         await b.start()
-        with caplog.at_level(logging.WARNING, "sluice.upstream"):
-            with pytest.raises(UpstreamAuthError) as caught:
-                if stream:
-                    async with b.stream(CALL):
-                        pass
-                else:
-                    await b.send(CALL)
+        caplog.set_level(logging.WARNING, "sluice.upstream")
+        with pytest.raises(UpstreamAuthError) as caught:
+            await (_open_stream(b) if stream else b.send(CALL))
         await b.close()
     error = caught.value
     assert (error.http_status, error.code) == (502, "upstream_auth_failed")
-    assert b"Incorrect" not in error.body() and b"sk-" not in error.body()
+    assert b"Incorrect" not in error.body()
+    assert b"sk-" not in error.body()
     assert "dep-1" in error.message
-    assert f"HTTP {status}" in caplog.text and "Incorrect API key provided" in caplog.text
-    assert "sk-operator-secret-123456" not in caplog.text and "sk-opera" not in caplog.text
+    assert f"HTTP {status}" in caplog.text
+    assert "Incorrect API key provided" in caplog.text
+    assert "sk-operator-secret-123456" not in caplog.text
+    assert "sk-opera" not in caplog.text
+
+
+# -- end to end: what a client of the gateway sees ----------------------------------------------
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_the_gateway_answers_an_upstream_auth_failure_with_its_own_502(
+    gateway: str, status: int
+) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    response = httpx.post(
+        f"{gateway}/chat/completions", json={**body, "mock": {"status": status}}, timeout=10
+    )
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert error["code"] == "upstream_auth_failed"
+    assert "mock injected" not in response.text  # the upstream's words stay in the log
+
+
+def test_the_gateway_does_not_tell_clients_the_upstream_address() -> None:
+    port = free_port()
+    with running_gateway(config_for(f"http://127.0.0.1:{port}/v1")) as url:
+        response = httpx.post(
+            f"{url}/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+    assert response.status_code == 502
+    assert response.json()["error"]["message"] == "upstream gpt-4o-mini/0 unreachable"
+    assert str(port) not in response.text

@@ -197,7 +197,7 @@ class _Connection(asyncio.Protocol):
                 )
             )
         else:
-            if exc is not None:
+            if exc is not None and self.transport is not None:
                 log.warning("upstream %s: connection lost before a response: %r", self.name, exc)
             self._fail(
                 UpstreamConnectError(f"upstream {self.name}: connection closed before a response")
