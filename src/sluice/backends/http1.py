@@ -24,6 +24,10 @@ Hostile or broken upstreams (docs/security.md, "Hostile upstreams"):
   is skipped before anything is written; once the request is written, a connection that
   breaks before answering is a 502, because the upstream may have acted on the POST.
 - A whole (non-streaming) body larger than ``max_body`` is a 502, read no further.
+
+Through an HTTP proxy (`sluice.backends.proxy`): plain upstreams get absolute-form
+requests on a kept-alive connection to the proxy; TLS upstreams a CONNECT tunnel with TLS
+to the upstream over it, verified against the upstream's name.
 """
 
 from __future__ import annotations
