@@ -13,6 +13,7 @@
     └── UpstreamError                502 upstream_error          (anything from a backend)
         ├── UpstreamConnectError     502 (unreachable, reset before a response)
         ├── UpstreamTimeoutError     504 (connect, first byte or total timeout)
+        ├── UpstreamAuthError        502 (the upstream refused the operator's credentials)
         └── UpstreamStatusError      the upstream's own status and body, relayed as is
 
 A handler walks nothing: every class knows its status, type and code, and `envelope()`
@@ -135,6 +136,13 @@ class UpstreamTimeoutError(UpstreamError):
     status = 504
     type = "timeout_error"
     default_code = "upstream_timeout"
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream answered 401 or 403: the gateway's own credentials were refused. Its
+    body is not relayed (it can describe the operator's key)."""
+
+    default_code = "upstream_auth_failed"
 
 
 class UpstreamStatusError(UpstreamError):

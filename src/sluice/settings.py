@@ -87,6 +87,14 @@ class OpenAIDeployment(_Strict):
     batch_embeddings: EmbeddingBatchSettings | None = Field(
         None, description="opt-in: micro-batch concurrent /embeddings calls into one"
     )
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest non-streaming body (decoded) before 502"
+    )
+    proxy: str | None = Field(
+        None,
+        description="http://host:port proxy, 'none' for direct, or os.environ/NAME "
+        "(default: HTTPS_PROXY / HTTP_PROXY / NO_PROXY)",
+    )
 
     @field_validator("api_base")
     @classmethod
@@ -94,6 +102,17 @@ class OpenAIDeployment(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None or value == "none" or value.startswith((_ENV_REF, _FILE_REF)):
+            return value
+        if not value.startswith("http://"):
+            raise ValueError("must be an http:// proxy URL, 'none', or os.environ/NAME")
+        if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("credentials in a proxy URL are secrets: write os.environ/NAME")
+        return value
 
 
 class LocalDeployment(_Strict):

@@ -131,7 +131,6 @@ def test_schema_violation_names_the_field(client: openai.OpenAI) -> None:
     ("status", "error"),
     [
         (400, openai.BadRequestError),
-        (401, openai.AuthenticationError),
         (422, openai.UnprocessableEntityError),
         (429, openai.RateLimitError),
         (500, openai.InternalServerError),

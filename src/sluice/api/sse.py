@@ -2,9 +2,13 @@
 
 Upstream bytes are cut into complete events (``\\n\\n``-terminated) and each batch of complete
 events is forwarded the moment it arrives; only an unfinished event's tail waits for its
-next bytes. Usage chunks are read for accounting and, when the gateway itself asked the
-upstream for usage, removed before the client sees them. A stream that ends without
-``[DONE]`` is an upstream failure, reported to the client as an SSE error event.
+next bytes. Each chunk is scanned once: the search for the end of an event starts where
+the previous search stopped (less the three bytes a split ``\\r\\n\\r\\n`` could hide), so a
+long event arriving in many small chunks costs linear time, and an event may grow to
+`MAX_EVENT_BYTES` before the stream is failed with an SSE error event. Usage chunks are
+read for accounting and, when the gateway itself asked the upstream for usage, removed
+before the client sees them. A stream that ends without ``[DONE]`` is an upstream
+failure, reported to the client as an SSE error event.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ from collections.abc import AsyncIterator
 import orjson
 
 from sluice.api.context import RequestContext
-from sluice.errors import SluiceError, UpstreamConnectError
+from sluice.api.usage import plausible_tokens
+from sluice.errors import SluiceError, UpstreamConnectError, UpstreamError
 
 DONE = b"data: [DONE]\n\n"
+MAX_EVENT_BYTES = 1024 * 1024
+"""An unfinished event larger than this fails the stream (OpenAI's events are a few KB)."""
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_LOOK_BACK = 3  # a delimiter is at most 4 bytes: this many may sit before a new chunk
 
 
 def error_event(error: SluiceError) -> bytes:
@@ -28,18 +36,29 @@ def error_event(error: SluiceError) -> bytes:
 
 
 async def relay_events(
-    chunks: AsyncIterator[bytes], ctx: RequestContext, *, strip_usage: bool
+    chunks: AsyncIterator[bytes],
+    ctx: RequestContext,
+    *,
+    strip_usage: bool,
+    max_event: int = MAX_EVENT_BYTES,
 ) -> AsyncIterator[bytes]:
     """Yield complete SSE events from ``chunks`` as soon as they are complete."""
-    pending = b""
+    pending = bytearray()  # an unfinished event's bytes so far
     finished = False
     async for chunk in chunks:
-        pending += chunk
-        if b"\n\n" not in pending and b"\r\n\r\n" not in pending:
-            continue
-        *events, pending = _EVENT_END.split(pending)
-        out: list[bytes] = []
-        for event in events:
+        buf: bytes | bytearray
+        if pending:
+            scan_from = max(0, len(pending) - _LOOK_BACK)
+            pending += chunk
+            buf = pending
+        else:  # the usual case: the chunk starts an event, and is read in place
+            scan_from = 0
+            buf = chunk
+        out: list[bytes | bytearray] = []
+        start = 0
+        for end in _EVENT_END.finditer(buf, scan_from):
+            event = buf[start : end.start()]
+            start = end.end()
             if not event:
                 continue
             if event.startswith((b"data: [DONE]", b"data:[DONE]")):
@@ -50,6 +69,15 @@ async def relay_events(
                 continue
             out.append(event + b"\n\n")
             ctx.content_events += 1
+        if buf is pending:
+            del pending[:start]
+        elif start < len(chunk):
+            pending += chunk[start:]
+        if len(pending) > max_event:
+            raise UpstreamError(
+                f"The upstream sent an event larger than {max_event} bytes.",
+                code="upstream_event_too_large",
+            )
         if out:
             if ctx.ttft_seconds is None:
                 ctx.ttft_seconds = time.perf_counter() - ctx.started
@@ -60,8 +88,11 @@ async def relay_events(
         )
 
 
-def _read_usage(event: bytes, ctx: RequestContext) -> bool:
-    """Record the usage in ``event``; True when the event carries nothing but usage."""
+def _read_usage(event: bytes | bytearray, ctx: RequestContext) -> bool:
+    """Record the usage in ``event``; True when the event carries nothing but usage.
+
+    Implausible counts (see `plausible_tokens`) are recorded as unknown.
+    """
     data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
     try:
         chunk = orjson.loads(data)
@@ -70,9 +101,8 @@ def _read_usage(event: bytes, ctx: RequestContext) -> bool:
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     if not isinstance(usage, dict):
         return False
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if isinstance(prompt, int):
-        ctx.prompt_tokens = prompt
-    if isinstance(completion, int):
-        ctx.completion_tokens = completion
+    if "prompt_tokens" in usage:
+        ctx.prompt_tokens = plausible_tokens(usage["prompt_tokens"])
+    if "completion_tokens" in usage:
+        ctx.completion_tokens = plausible_tokens(usage["completion_tokens"])
     return bool(chunk.get("choices") == [])

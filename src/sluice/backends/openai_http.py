@@ -5,11 +5,20 @@ One `HTTP1Pool` per deployment keeps connections alive and caps them at the depl
 timeout). ``connect`` bounds opening a connection, ``first_byte`` the wait for the response
 headers and every gap between stream chunks, ``total`` the whole exchange. Failures arrive
 as `sluice.errors` upstream errors from the pool; the total timeout is mapped here.
+
+What an upstream sends back is bounded here too (docs/security.md, "Hostile upstreams"):
+Sluice asks for ``Accept-Encoding: identity``; a gzip or deflate body sent anyway is
+decoded no further than ``max_response_bytes``, any other coding is refused with a 502,
+and so is a compressed stream. An upstream 401 or 403 means the operator's credentials
+were refused: the client gets a 502 ``upstream_auth_failed`` that quotes nothing of the
+upstream's body (which can describe the key), and the body goes, redacted, to the log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +27,23 @@ import orjson
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
 from sluice.backends.embedding_batch import EmbeddingBatcher
-from sluice.backends.http1 import HTTP1Pool
-from sluice.errors import UpstreamConnectError, UpstreamStatusError, UpstreamTimeoutError
-from sluice.settings import OpenAIDeployment
+from sluice.backends.http1 import HTTP1Pool, too_large
+from sluice.backends.proxy import choose_proxy
+from sluice.errors import (
+    UpstreamAuthError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from sluice.observability.logging import scrub
+from sluice.settings import OpenAIDeployment, resolve_url
+
+log = logging.getLogger("sluice.upstream")
 
 _ERROR_BODY_LIMIT = 1 << 20  # bytes of an upstream error body kept for relaying
+_LOGGED_BODY = 500  # characters of a refused-credentials body written to the log
+_KEYISH = re.compile(r"\b(?:sk|pk|rk|key)-[^\s\"',]+", re.IGNORECASE)
 
 
 class OpenAIHTTPBackend:
@@ -31,7 +52,12 @@ class OpenAIHTTPBackend:
     def __init__(self, name: str, settings: OpenAIDeployment, api_key: str | None) -> None:
         self.name = name
         self._settings = settings
-        lines = [b"Content-Type: application/json", b"Accept: application/json"]
+        self._api_key = api_key
+        lines = [
+            b"Content-Type: application/json",
+            b"Accept: application/json",
+            b"Accept-Encoding: identity",
+        ]
         if api_key:
             lines.append(b"Authorization: Bearer " + api_key.encode())
         lines += [f"{k}: {v}".encode() for k, v in settings.headers.items()]
@@ -44,13 +70,16 @@ class OpenAIHTTPBackend:
         )
 
     async def start(self) -> None:
-        timeout = self._settings.timeout
+        settings = self._settings
         self._pool = HTTP1Pool(
-            self._settings.api_base,
-            max_connections=self._settings.max_concurrency,
-            connect_timeout=timeout.connect,
-            read_timeout=timeout.first_byte,
-            ca_file=self._settings.ca_file,
+            settings.api_base,
+            max_connections=settings.max_concurrency,
+            connect_timeout=settings.timeout.connect,
+            read_timeout=settings.timeout.first_byte,
+            ca_file=settings.ca_file,
+            name=self.name,
+            max_body=settings.max_response_bytes,
+            proxy=choose_proxy(settings.api_base, resolve_url(settings.proxy)),
         )
 
     async def close(self) -> None:
@@ -72,10 +101,13 @@ class OpenAIHTTPBackend:
                 reply = await pool.post(f"/{call.route}", self._request_head(call), _payload(call))
         except TimeoutError:
             raise _total_timeout(self.name) from None
-        body = _decoded(reply.body, reply.headers.get(b"content-encoding"))
+        body = reply.body
+        encoding = reply.headers.get(b"content-encoding")
+        if encoding is not None:
+            body = _decoded(self.name, body, encoding, self._settings.max_response_bytes)
         content_type = reply.headers.get(b"content-type", b"application/json").decode("latin-1")
         if reply.status >= 400:
-            raise UpstreamStatusError(reply.status, body, content_type)
+            raise self._status_error(reply.status, body, content_type)
         return UpstreamReply(reply.status, body, content_type)
 
     @asynccontextmanager
@@ -92,16 +124,41 @@ class OpenAIHTTPBackend:
             raise _total_timeout(self.name) from None
         try:
             if conn.status >= 400:
-                body = b""
+                parts: list[bytes] = []
+                size = 0
                 async for chunk in chunks:
-                    body += chunk
-                    if len(body) > _ERROR_BODY_LIMIT:
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size > _ERROR_BODY_LIMIT:
                         break
+                body = b"".join(parts)
+                encoding = conn.headers.get(b"content-encoding")
+                if encoding is not None:
+                    body = _decoded(self.name, body, encoding, _ERROR_BODY_LIMIT)
                 content_type = conn.headers.get(b"content-type", b"").decode("latin-1")
-                raise UpstreamStatusError(conn.status, body, content_type)
+                raise self._status_error(conn.status, body, content_type)
+            if conn.headers.get(b"content-encoding", b"identity").lower() != b"identity":
+                raise _bad_encoding(self.name, conn.headers[b"content-encoding"], "a stream")
             yield chunks
         finally:
             pool.finish(conn)  # incomplete: the connection is dropped, aborting the upstream
+
+    def _status_error(self, status: int, body: bytes, content_type: str) -> UpstreamError:
+        if status not in (401, 403):
+            return UpstreamStatusError(status, body, content_type)
+        text = scrub(body[: _LOGGED_BODY * 2].decode("utf-8", "replace"))
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        log.warning(
+            "upstream %s refused the gateway's credentials (HTTP %d): %s",
+            self.name,
+            status,
+            _KEYISH.sub("[redacted]", text)[:_LOGGED_BODY],
+        )
+        return UpstreamAuthError(
+            f"upstream {self.name} refused the gateway's credentials "
+            f"(HTTP {status}); the operator should check this deployment's api_key"
+        )
 
     def _request_head(self, call: UpstreamCall) -> bytes:
         head = self._head + b"X-Request-ID: " + call.request_id.encode() + b"\r\n"
@@ -123,10 +180,41 @@ def _total_timeout(name: str) -> UpstreamTimeoutError:
     return UpstreamTimeoutError(f"upstream {name}: total timeout exceeded", code="upstream_timeout")
 
 
-def _decoded(body: bytes, encoding: bytes | None) -> bytes:
-    """Sluice asks for no compression; undo it if an upstream compresses anyway."""
-    if encoding in (b"gzip", b"x-gzip"):
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-    if encoding == b"deflate":
-        return zlib.decompress(body)
-    return body
+_WBITS = {b"gzip": 16 + zlib.MAX_WBITS, b"x-gzip": 16 + zlib.MAX_WBITS, b"deflate": zlib.MAX_WBITS}
+
+
+def _decoded(name: str, body: bytes, encoding: bytes, limit: int) -> bytes:
+    """Sluice asks for no compression; undo gzip or deflate if an upstream compresses anyway,
+    producing at most ``limit`` bytes (a small bomb must not become a huge body)."""
+    coding = encoding.strip().lower()
+    if coding in (b"", b"identity"):
+        return body
+    wbits = _WBITS.get(coding)
+    if wbits is None:
+        raise _bad_encoding(name, encoding, "a response")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        log.warning("upstream %s sent a corrupt %s body: %s", name, coding.decode(), exc)
+        raise _corrupt(name) from None
+    if len(out) > limit:
+        raise too_large(name, limit)
+    if not inflater.eof:
+        log.warning("upstream %s sent a truncated %s body", name, coding.decode())
+        raise _corrupt(name)
+    return out
+
+
+def _corrupt(name: str) -> UpstreamError:
+    return UpstreamError(
+        f"upstream {name} sent a corrupt compressed body", code="upstream_bad_encoding"
+    )
+
+
+def _bad_encoding(name: str, encoding: bytes, what: str) -> UpstreamError:
+    log.warning("upstream %s sent %s with Content-Encoding %r", name, what, encoding[:100])
+    return UpstreamError(
+        f"upstream {name} sent {what} in a Content-Encoding the gateway did not ask for",
+        code="upstream_bad_encoding",
+    )
