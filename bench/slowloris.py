@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import resource
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ import uvloop
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gateway_bench as gb  # noqa: E402  (the shared harness: processes, pinning, nginx)
+import gateway_bench as gb  # the shared harness: processes, pinning, nginx
 
 OUT = gb.WORK / "slowloris"
 HEADER_TIMEOUT = 10.0
@@ -161,7 +163,8 @@ def start_gateway(pm: gb.ProcessManager, port: int, upstream_port: int) -> gb.Pr
     path = OUT / "sluice.yaml"
     path.write_text(text)
     env = {**os.environ, "BENCH_UPSTREAM_KEY": gb.UPSTREAM_KEY}
-    argv = [*gb.pin(gb.GATEWAY_CORE), sys.executable, "-m", "sluice", "serve", "--config", str(path)]
+    serve = [sys.executable, "-m", "sluice", "serve", "--config", str(path)]
+    argv = [*gb.pin(gb.GATEWAY_CORE), *serve]
     proc = pm.start("sluice", argv, OUT / "sluice.log", env=env)
     gb.wait_ready(proc, f"http://{gb.HOST}:{port}/readyz", timeout=30)
     return proc
@@ -212,10 +215,8 @@ def open_connections(pid: int) -> int:
     fds = Path(f"/proc/{pid}/fd")
     count = 0
     for fd in fds.iterdir():
-        try:
+        with contextlib.suppress(OSError):
             count += os.readlink(fd).startswith("socket:")
-        except OSError:
-            pass
     return count
 
 
@@ -232,8 +233,6 @@ def main() -> None:
     pm = gb.ProcessManager()
     runs = []
     try:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             gb.start_nginx(pm, Path(tmp), {})
             for i in range(args.repeat):
@@ -243,8 +242,10 @@ def main() -> None:
     finally:
         pm.stop_all()
     (OUT / "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
-    print("run  idle p50/p99 ms   attack p50/p99 ms  ratio  held  cut headers (min/p50/max s)"
-          "  cut body (min/p50/max s)")
+    print(
+        "run  idle p50/p99 ms   attack p50/p99 ms  ratio  held  cut headers (min/p50/max s)"
+        "  cut body (min/p50/max s)"
+    )
     for i, r in enumerate(runs, 1):
         h, b = r["cut"]["headers"], r["cut"]["body"]
         print(

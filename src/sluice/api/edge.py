@@ -14,8 +14,9 @@ same machine can reach 127.0.0.1. Two browser tricks are shut here:
   ``Host: evil.example``. Only the names in ``server.allowed_hosts`` are served (by
   default the loopback names on a loopback bind): others get 421.
 
-Both checks compare bytes in the scope's headers (one pass over the list); a Host value
-once found good is remembered, so a client's repeated requests cost one set look-up.
+Both checks look up bytes in the scope's headers; a Host value once found good is
+remembered, so a client's repeated requests cost one set look-up (about 1-2 µs a request
+in all; docs/security/edge.md).
 """
 
 from __future__ import annotations
@@ -110,17 +111,9 @@ class EdgeChecks:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> SluiceError | None:
-        host = content_type = None
-        has_body = False
-        for name, value in scope["headers"]:
-            if name == b"host":
-                host = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"content-length":
-                has_body = value != b"0"
-            elif name == b"transfer-encoding":
-                has_body = True
+        # One C-level pass over the headers (cheaper than comparing names in Python).
+        headers = dict(scope["headers"])
+        host = headers.get(b"host")
         if self.hosts is not None and host is not None and host not in self._good_hosts:
             if host_name(host) not in self.hosts:
                 return MisdirectedRequestError(
@@ -130,15 +123,15 @@ class EdgeChecks:
                 )
             if len(self._good_hosts) < _REMEMBERED_HOSTS:
                 self._good_hosts.add(host)
-        if (
-            has_body
-            and scope["method"] in _BODY_METHODS
-            and (content_type is None or not is_json(content_type))
+        if scope["method"] in _BODY_METHODS and (
+            headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         ):
-            return UnsupportedMediaTypeError(
-                "Request bodies must be JSON: send 'Content-Type: application/json'.",
-                param="Content-Type",
-            )
+            content_type = headers.get(b"content-type")
+            if content_type is None or not is_json(content_type):
+                return UnsupportedMediaTypeError(
+                    "Request bodies must be JSON: send 'Content-Type: application/json'.",
+                    param="Content-Type",
+                )
         return None
 
 
