@@ -20,8 +20,10 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
-from sluice.api.admin import admin_router
+from sluice.api.admin import AdminGate, admin_router, docs_access
+from sluice.api.edge import EdgeChecks, served_hosts
 from sluice.api.errors import ERROR_HANDLERS, install_error_handlers
 from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
@@ -29,6 +31,7 @@ from sluice.api.openai import OpenAIService
 from sluice.backends.factory import BackendFactory
 from sluice.keys import KeyService
 from sluice.lifecycle import Lifecycle, Phase
+from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
 from sluice.routing.router import Router
@@ -39,6 +42,15 @@ CONFIG_ENV = "SLUICE_CONFIG"
 
 
 _GC_YOUNG_THRESHOLD = 20_000
+_EXPOSED_HEADERS = [
+    "x-request-id",
+    "retry-after",
+    *(
+        f"x-ratelimit-{part}-{unit}"
+        for part in ("limit", "remaining", "reset")
+        for unit in ("requests", "tokens")
+    ),
+]
 
 
 def build_app(settings: Settings) -> Starlette:
@@ -52,12 +64,22 @@ def build_app(settings: Settings) -> Starlette:
     openai = OpenAIService(router, metrics, settings.server.max_body_bytes, services.guard)
     health = HealthRoutes(lifecycle, registry)
     access_log = AccessLog(settings.logging.access_log)
+    server = settings.server
+    docs = docs_access(server.docs, services.master_key, server.host)
+    # With several workers the supervisor serves the metrics port (server.py).
+    listener = (
+        MetricsListener(server.metrics_host or server.host, server.metrics_port, registry)
+        if server.metrics_port is not None and server.workers == 1
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         backends = router.backends()
         await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
+        if listener is not None:
+            listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's scans, which otherwise cost milliseconds of tail latency under load.
@@ -73,18 +95,40 @@ def build_app(settings: Settings) -> Starlette:
         finally:
             # uvicorn has drained every connection by now: nothing records usage any more.
             lifecycle.stop()
+            if listener is not None:
+                listener.close()
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
             access_log.flush()
 
-    api = FastAPI(title="Sluice", summary="OpenAI-compatible LLM gateway", redoc_url=None)
+    api = FastAPI(
+        title="Sluice",
+        summary="OpenAI-compatible LLM gateway",
+        redoc_url=None,
+        docs_url=None if docs == "off" else "/docs",
+        openapi_url=None if docs == "off" else "/openapi.json",
+    )
     if services.keys is not None and services.usage is not None:
         key_service = KeyService(services.keys, services.invalidation)
         api.include_router(admin_router(key_service, services.usage, services.master_key))
     install_error_handlers(api)
 
+    health_routes = health.routes()
+    if server.metrics_port is not None:
+        health_routes = [route for route in health_routes if route.path != "/metrics"]
+    edge = [Middleware(EdgeChecks, hosts=served_hosts(server))]
+    if server.cors_origins:
+        edge.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=server.cors_origins,
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["*"],
+                expose_headers=_EXPOSED_HEADERS,
+            )
+        )
     app = Starlette(
-        routes=[*openai.routes(), *health.routes()],
+        routes=[*openai.routes(), *health_routes],
         lifespan=lifespan,
         exception_handlers=ERROR_HANDLERS,
         middleware=[
@@ -94,10 +138,13 @@ def build_app(settings: Settings) -> Starlette:
                 metrics=metrics,
                 access_log=access_log,
                 accounting=services.accounting,
-            )
+            ),
+            *edge,
         ],
     )
-    app.router.default = api  # everything the hot routes do not match (a 405 still wins)
+    # Everything the hot routes do not match (a 405 still wins) goes to FastAPI, through
+    # the gate that checks the master key before any admin body is read.
+    app.router.default = AdminGate(api, services.master_key, docs, server.max_admin_body_bytes)
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router

@@ -16,16 +16,41 @@ httptools protocol, unchanged: ``on_headers_complete`` and ``_Cycle.send`` are u
 0.54's, the first making a ``_Cycle``, the second writing the block in, and
 ``tests/api/test_http_protocol.py`` checks that both write the same bytes for the same
 messages (run it after upgrading uvicorn; pyproject.toml keeps uvicorn below 0.60).
+
+It also guards the connection against slow and numerous clients, which uvicorn does not
+(``ConnectionLimits``, from ``server.*`` settings; docs/security/edge.md):
+
+- **Headers deadline.** From connect, or from the end of the first chunk of a later
+  request on a kept-alive connection, the request line and headers must arrive within
+  ``header_timeout``; otherwise 408 (if any byte came) and the connection is closed.
+- **Body deadline.** From the headers to the body's last byte, ``body_timeout``; then 408
+  if the app has not answered yet (the app's reading sees the client leave), else close.
+- **Connection cap.** Past ``max_connections`` open connections a new one gets a canned
+  503 and is closed at once, before anything is parsed.
+
+Timers are armed only when a read leaves a request unfinished (after the parser returns),
+so a request that arrives in one piece, the usual case, arms none. Idle kept-alive
+connections stay under uvicorn's own ``timeout_keep_alive``.
+
+Everything here reaches into uvicorn's protocol internals, so `protocol_factory`, the way
+the server builds it, first checks that the installed uvicorn is one this copy was
+written for (``check_uvicorn``); tests/api/test_http_protocol.py and
+tests/security/test_slow_clients.py are the checks to run before widening the range.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import urllib.parse
+from asyncio import TimerHandle
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
 import httptools
+import uvicorn
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
@@ -44,11 +69,152 @@ _EXTENSIONS: MappingProxyType[str, MappingProxyType[str, object]] = MappingProxy
 )
 
 
+UVICORN_RANGE = ((0, 54), (0, 60))
+"""uvicorn versions (from, below) whose httptools protocol this module was written for."""
+
+_IDLE, _HEADERS, _BODY = 0, 1, 2
+
+
+def _canned(status: int, message: str, type_: str, code: str) -> bytes:
+    """A whole error response, made once at import, for answers written before (or
+    instead of) the app."""
+    body = (
+        f'{{"error":{{"message":"{message}","type":"{type_}","param":null,"code":"{code}"}}}}'
+    ).encode()
+    head = STATUS_LINE[status] + b"content-type: application/json\r\nconnection: close\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+_REFUSED = _canned(
+    503,
+    "Too many open connections; retry later.",
+    "service_unavailable",
+    "too_many_connections",
+)
+_TIMED_OUT = _canned(
+    408, "The request did not arrive in time.", "invalid_request_error", "request_timeout"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Deadlines and the connection cap (``server.header_timeout`` and so on)."""
+
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 10_000
+
+
+DEFAULT_LIMITS = ConnectionLimits()
+
+
+def check_uvicorn(version: str | None = None) -> None:
+    """Refuse to start on a uvicorn this module was not written for."""
+    installed = version or uvicorn.__version__
+    parts = tuple(int(p) for p in installed.split(".")[:2] if p.isdigit())
+    low, high = UVICORN_RANGE
+    if len(parts) != 2 or not low <= parts < high:
+        raise RuntimeError(
+            f"sluice.http_protocol was written for uvicorn {low[0]}.{low[1]} to below "
+            f"{high[0]}.{high[1]}; {installed} is installed. Install a uvicorn in that range, "
+            "or check the protocol against this one (tests/api/test_http_protocol.py, "
+            "tests/security/test_slow_clients.py) and widen UVICORN_RANGE."
+        )
+
+
+def protocol_factory(limits: ConnectionLimits) -> Callable[..., SluiceHttpProtocol]:
+    """What to pass as ``uvicorn.Config(http=...)``: the protocol with these limits (a
+    partial, so it pickles into worker processes)."""
+    check_uvicorn()
+    return functools.partial(SluiceHttpProtocol, limits=limits)
+
+
 class SluiceHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol whose requests support ``sluice.header_block``
-    (pass the class as ``uvicorn.Config(http=...)``)."""
+    and whose connections have deadlines and a cap (pass `protocol_factory`'s result,
+    or the class for the default limits, as ``uvicorn.Config(http=...)``)."""
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        limits: ConnectionLimits = DEFAULT_LIMITS,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self._phase = _IDLE
+        self._deadline: TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            # Refused before it is counted or read: one write, one close.
+            self.transport = transport
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        super().connection_made(transport)
+        # A connection that never sends a byte is cut at the headers deadline too.
+        self._deadline = self.loop.call_later(self.limits.header_timeout, self._headers_late)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._phase and self._deadline is None and not self.transport.is_closing():
+            if self._phase == _HEADERS:
+                self._deadline = self.loop.call_later(
+                    self.limits.header_timeout, self._headers_late
+                )
+            else:
+                self._deadline = self.loop.call_later(self.limits.body_timeout, self._body_late)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = _HEADERS
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
+        self._cancel_deadline()
+        super().on_message_complete()
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A pipelined request is slow behind one still being answered: finish that
+            # answer, then close.
+            cycle.keep_alive = False
+            return
+        if self._phase == _HEADERS:
+            self.transport.write(_TIMED_OUT)
+        self.transport.close()
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self.transport.write(_TIMED_OUT)
+            # The app's receive() now reports the client gone and its send() is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
+        self._phase = _BODY
+        self._cancel_deadline()
         # uvicorn's, but for the extension in the scope (read-only, shared by every
         # request) and a _Cycle instead of a RequestResponseCycle. (Switching the class of
         # uvicorn's own cycle afterwards cost more than the extension saves: the instance's

@@ -7,7 +7,9 @@ uvicorn stops accepting, lets in-flight requests and streams finish for at most
 
 from __future__ import annotations
 
+import logging
 import os
+import resource
 import signal
 import tempfile
 from pathlib import Path
@@ -16,9 +18,14 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from sluice.app import CONFIG_ENV, build_app
-from sluice.http_protocol import SluiceHttpProtocol
+from sluice.http_protocol import ConnectionLimits, protocol_factory
+from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import configure_logging
 from sluice.settings import Settings
+
+log = logging.getLogger("sluice.server")
+_SPARE_FILES = 1024
+"""Descriptors beyond the connection cap: upstream pools, database, logs, the listener."""
 
 
 def _uvicorn_options(settings: Settings) -> dict[str, object]:
@@ -27,20 +34,27 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
         "host": server.host,
         "port": server.port,
         "loop": "uvloop",
-        "http": SluiceHttpProtocol,
+        "http": protocol_factory(
+            ConnectionLimits(
+                header_timeout=server.header_timeout,
+                body_timeout=server.body_timeout,
+                max_connections=server.max_connections,
+            )
+        ),
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
         "proxy_headers": False,
         "log_config": None,
         "timeout_graceful_shutdown": server.drain_timeout,
-        "timeout_keep_alive": 75,
+        "timeout_keep_alive": server.keep_alive_timeout,
         "backlog": 4096,
     }
 
 
 def serve(settings: Settings, config_path: str | None) -> None:
     configure_logging(settings.logging.level)
+    raise_open_files_limit(settings.server.max_connections + _SPARE_FILES)
     if settings.server.workers == 1:
         app = build_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings)))  # type: ignore[arg-type]
@@ -68,4 +82,28 @@ def _serve_workers(settings: Settings, config_path: str | None) -> None:
         workers=settings.server.workers,
         **_uvicorn_options(settings),  # type: ignore[arg-type]
     )
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    server = settings.server
+    listener = None
+    if server.metrics_port is not None:
+        listener = MetricsListener(server.metrics_host or server.host, server.metrics_port)
+        listener.start()
+    try:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+def raise_open_files_limit(wanted: int) -> None:
+    """Let the process hold ``wanted`` descriptors (up to the hard limit): with the common
+    soft limit of 1,024, accept() would fail long before ``server.max_connections``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        log.warning(
+            "open files limited to %d: fewer than server.max_connections allows; "
+            "raise the hard limit (ulimit -Hn) or lower server.max_connections",
+            hard,
+        )

@@ -183,6 +183,40 @@ class ServerSettings(_Strict):
         0.0, ge=0, description="seconds between SIGTERM (readiness false) and closing the socket"
     )
     drain_timeout: float = Field(30.0, ge=0, description="seconds in-flight work may finish")
+    # The edge: slow clients, connection count, which Host and content types are served,
+    # and who sees the docs and metrics (docs/security/edge.md).
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds from connect (or a request's first byte) to its headers"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds from a request's headers to the last byte of its body"
+    )
+    keep_alive_timeout: float = Field(
+        15.0, gt=0, description="seconds an idle keep-alive connection stays open"
+    )
+    max_connections: int = Field(
+        10_000, ge=1, description="open client connections per worker; more are refused (503)"
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header names served (any port); '*' for any. Default: the loopback "
+        "names on a loopback bind, any on 0.0.0.0/::, else the bind address",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins allowed cross-origin (CORS); none by default"
+    )
+    docs: Literal["auto", "master_key", "public", "off"] = Field(
+        "auto",
+        description="/docs and /openapi.json: auto = behind the master key when one is set, "
+        "public on a loopback bind without one, else off",
+    )
+    max_admin_body_bytes: int = Field(64 * 1024, ge=1024, description="larger /admin bodies: 413")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port instead of the main one"
+    )
+    metrics_host: str | None = Field(
+        None, description="the metrics listener's interface (default: host)"
+    )
 
 
 class LoggingSettings(_Strict):

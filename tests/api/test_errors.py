@@ -28,7 +28,8 @@ def envelope(response: httpx.Response) -> dict[str, Any]:
 
 @pytest.fixture
 def http(gateway: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=gateway, timeout=10) as client:
+    json_type = {"content-type": "application/json"}  # raw bodies too: others get 415
+    with httpx.Client(base_url=gateway, timeout=10, headers=json_type) as client:
         yield client
 
 

@@ -82,7 +82,8 @@ def test_client_disconnect_cancels_the_upstream_at_once(
     body = orjson.dumps({**CHAT, "mock": {"stall_after_chunks": 1}})
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

@@ -8,6 +8,12 @@
     GET    /admin/usage         usage and spend by key, model and day
 
 FastAPI documents these routes at ``/docs``; errors use the same OpenAI envelope as /v1.
+
+FastAPI reads and parses a body before a route's dependencies run, so the master key is
+checked by `AdminGate`, a pure ASGI layer in front of FastAPI, on the headers alone: a
+stranger's body is never read, and the master key's own bodies are capped
+(``server.max_admin_body_bytes``). The same gate keeps ``/docs`` and ``/openapi.json``
+behind the master key when ``server.docs`` says so (`docs_access`).
 """
 
 from __future__ import annotations
@@ -18,10 +24,19 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.errors import AuthenticationError, NotFoundError, PermissionDeniedError
+from sluice.api.edge import is_loopback, send_error
+from sluice.errors import (
+    AuthenticationError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    SluiceError,
+)
 from sluice.keys import KeyService, KeySettings
 from sluice.pipeline.auth import credential
+from sluice.settings import ConfigError
 from sluice.store.keys import KeyRecord
 from sluice.store.usage import UsageStore
 
@@ -69,19 +84,114 @@ class UsageList(BaseModel):
     data: list[dict[str, Any]]
 
 
+DocsAccess = Literal["master_key", "public", "off"]
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+def docs_access(policy: str, master_key: str | None, host: str) -> DocsAccess:
+    """Who may read ``/docs`` and ``/openapi.json`` (``server.docs``): ``auto`` puts them
+    behind the master key when there is one; without one they are public only on a
+    loopback bind (the admin API is then disabled anyway) and off elsewhere."""
+    if policy == "auto":
+        if master_key is not None:
+            return "master_key"
+        return "public" if is_loopback(host) else "off"
+    if policy == "master_key" and master_key is None:
+        raise ConfigError("server.docs is master_key, but auth.master_key is not set")
+    if policy not in ("master_key", "public", "off"):
+        raise ConfigError(f"server.docs: unknown policy {policy!r}")
+    return policy  # type: ignore[return-value]
+
+
+def check_master(scope: Scope, master_key: str | None, what: str = "admin API") -> None:
+    """Raise unless the request carries the master key (headers only; no body is read)."""
+    if master_key is None:
+        raise PermissionDeniedError(
+            f"The {what} is disabled: set auth.master_key.", code="admin_disabled"
+        )
+    secret = credential(scope["headers"], scope["query_string"])
+    if secret is None:
+        raise AuthenticationError(f"The {what} needs the master key.", code="missing_api_key")
+    if not hmac.compare_digest(secret.encode(), master_key.encode()):
+        raise PermissionDeniedError(f"Only the master key may use the {what}.", code="not_admin")
+
+
+class AdminGate:
+    """Pure ASGI layer in front of FastAPI: the master key before any body is read, a
+    cap on admin bodies, and the docs policy. Hot routes never pass through it."""
+
+    def __init__(
+        self, app: ASGIApp, master_key: str | None, docs: DocsAccess, max_body_bytes: int
+    ) -> None:
+        self.app = app
+        self.master_key = master_key
+        self.docs = docs
+        self.max_body = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        try:
+            if path == "/admin" or path.startswith("/admin/"):
+                check_master(scope, self.master_key)
+                _check_declared_length(scope, self.max_body)
+                capped = _CappedBody(receive, send, self.max_body)
+                await self.app(scope, capped.receive, capped.send)
+                return
+            if path in DOCS_PATHS and self.docs == "master_key":
+                check_master(scope, self.master_key, "API documentation")
+        except SluiceError as error:
+            await send_error(send, error, close=True)
+            return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"Admin request bodies are limited to {limit} bytes (server.max_admin_body_bytes)."
+    )
+
+
+def _check_declared_length(scope: Scope, limit: int) -> None:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+            raise _too_large(limit)
+
+
+class _CappedBody:
+    """Counts the body as the app reads it; past the cap it answers 413 itself, tells the
+    app the client left, and drops whatever the app then sends."""
+
+    def __init__(self, receive: Receive, send: Send, limit: int) -> None:
+        self._receive = receive
+        self._send = send
+        self._limit = limit
+        self._seen = 0
+        self._refused = False
+
+    async def receive(self) -> Message:
+        if self._refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._seen += len(message.get("body", b""))
+            if self._seen > self._limit:
+                self._refused = True
+                await send_error(self._send, _too_large(self._limit), close=True)
+                return {"type": "http.disconnect"}
+        return message
+
+    async def send(self, message: Message) -> None:
+        if not self._refused:
+            await self._send(message)
+
+
 def admin_router(service: KeyService, usage: UsageStore, master_key: str | None) -> APIRouter:
     async def require_master(request: Request) -> None:
-        if master_key is None:
-            raise PermissionDeniedError(
-                "The admin API is disabled: set auth.master_key.", code="admin_disabled"
-            )
-        secret = credential(request.scope["headers"], request.scope["query_string"])
-        if secret is None:
-            raise AuthenticationError("The admin API needs the master key.", code="missing_api_key")
-        if not hmac.compare_digest(secret.encode(), master_key.encode()):
-            raise PermissionDeniedError(
-                "Only the master key may use the admin API.", code="not_admin"
-            )
+        # AdminGate has checked already; kept so the router is safe wherever it is mounted.
+        check_master(request.scope, master_key)
 
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_master)])
 

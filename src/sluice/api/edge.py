@@ -1,0 +1,148 @@
+"""Checks at the door, before any route runs: which ``Host`` is served, which bodies are JSON.
+
+Open mode (no master key) serves anyone who can reach the port, and a web browser on the
+same machine can reach 127.0.0.1. Two browser tricks are shut here:
+
+- **Cross-site POSTs.** A page on any site may POST ``text/plain`` (or a form, or a Blob
+  with no type at all) to another origin without a CORS preflight; the browser hides the
+  answer, but the request runs and spends the operator's upstream keys. A POST/PUT/PATCH
+  with a body must say ``application/json`` (or ``application/*+json``), which a browser
+  only sends cross-origin after a preflight that CORS (off unless configured) refuses:
+  anything else gets 415. A body-less request passes: it carries no prompt.
+- **DNS rebinding.** A page on ``evil.example`` whose name then resolves to 127.0.0.1 is
+  same-origin with the gateway and may read its answers; its requests still say
+  ``Host: evil.example``. Only the names in ``server.allowed_hosts`` are served (by
+  default the loopback names on a loopback bind): others get 421.
+
+Both checks look up bytes in the scope's headers; a Host value once found good is
+remembered, so a client's repeated requests cost one set look-up (about 1-2 µs a request
+in all; docs/security/edge.md).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sluice.errors import SluiceError
+from sluice.settings import ServerSettings
+
+_LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_JSON = b"application/json"
+_REMEMBERED_HOSTS = 64
+
+
+class UnsupportedMediaTypeError(SluiceError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class MisdirectedRequestError(SluiceError):
+    status = 421
+    type = "invalid_request_error"
+    default_code = "host_not_allowed"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "[::]")
+
+
+def served_hosts(server: ServerSettings) -> frozenset[bytes] | None:
+    """The Host names (lower case, without port; IPv6 in brackets) that are served;
+    None for any."""
+    configured = server.allowed_hosts
+    if configured is not None:
+        if "*" in configured:
+            return None
+        return frozenset(_bracketed(name).lower().encode("idna") for name in configured)
+    if is_loopback(server.host):
+        return _LOOPBACK_NAMES | {_bracketed(server.host).encode()}
+    if _is_wildcard(server.host):
+        return None
+    return frozenset({_bracketed(server.host).lower().encode("idna")})
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def host_name(value: bytes) -> bytes:
+    """``Host`` without its port, lower case: ``[::1]:8080`` → ``[::1]``."""
+    if value.startswith(b"["):
+        end = value.find(b"]")
+        return value[: end + 1].lower() if end > 0 else value.lower()
+    return value.partition(b":")[0].lower()
+
+
+def is_json(content_type: bytes) -> bool:
+    if content_type == _JSON:
+        return True
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == _JSON or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+class EdgeChecks:
+    """Pure ASGI middleware: 421 for a Host not served, 415 for a non-JSON body."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[bytes] | None) -> None:
+        self.app = app
+        self.hosts = hosts
+        self._good_hosts: set[bytes] = set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self._refusal(scope)
+            if error is not None:
+                # Closing spares the server reading a body nobody will use.
+                await send_error(send, error, close=True)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> SluiceError | None:
+        # One C-level pass over the headers (cheaper than comparing names in Python).
+        headers = dict(scope["headers"])
+        host = headers.get(b"host")
+        if self.hosts is not None and host is not None and host not in self._good_hosts:
+            if host_name(host) not in self.hosts:
+                return MisdirectedRequestError(
+                    "This server does not serve that host name; add it to "
+                    "server.allowed_hosts if it is yours.",
+                    param="Host",
+                )
+            if len(self._good_hosts) < _REMEMBERED_HOSTS:
+                self._good_hosts.add(host)
+        if scope["method"] in _BODY_METHODS and (
+            headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        ):
+            content_type = headers.get(b"content-type")
+            if content_type is None or not is_json(content_type):
+                return UnsupportedMediaTypeError(
+                    "Request bodies must be JSON: send 'Content-Type: application/json'.",
+                    param="Content-Type",
+                )
+        return None
+
+
+async def send_error(send: Send, error: SluiceError, close: bool = False) -> None:
+    """Answer with ``error``'s envelope without reading the request's body."""
+    body = error.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
