@@ -35,7 +35,9 @@ from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageStore
 
 log = logging.getLogger("sluice.services")
-PARALLEL_LEASE_SECONDS = 900.0
+# The in-process limiter's lease: only a backstop (its settles cannot be lost; with Redis
+# the lease is limits.redis_lease_seconds, renewed while the request runs).
+MEMORY_LEASE_SECONDS = 900.0
 
 
 @dataclass
@@ -81,7 +83,9 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     limiter_redis = _limiter_redis(settings.redis_url)
     limiter: Limiter
     outages: OutageLog | None = None
+    lease_seconds = MEMORY_LEASE_SECONDS
     if limiter_redis is not None:
+        lease_seconds = settings.limits.redis_lease_seconds
         outages = limiter_log = _limiter_outages(settings.limits.redis_failure)
         limiter = RedisLimiter(
             limiter_redis,
@@ -123,7 +127,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             authenticator,
             limiter,
             default_max_tokens=settings.limits.default_max_tokens,
-            lease_seconds=PARALLEL_LEASE_SECONDS,
+            lease_seconds=lease_seconds,
         )
     invalidation = KeyInvalidation(
         redis, authenticator.invalidate if authenticator is not None else lambda _: None

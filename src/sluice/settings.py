@@ -185,6 +185,13 @@ class LimitsSettings(_Strict):
     default_max_tokens: int = Field(
         1024, ge=1, description="completion tokens reserved when a request sets no max_tokens"
     )
+    redis_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="with Redis: a parallel slot's lease, renewed every third of it while its "
+        "request runs; a slot nobody releases (a lost reply, a replica gone) frees after it",
+    )
 
 
 class UsageSettings(_Strict):

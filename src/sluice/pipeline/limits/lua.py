@@ -252,6 +252,32 @@ return out
 """
 
 
+# The lease renewal (leases.py): every live ticket's leases pushed out to now + lease, on
+# Redis's clock. ZADD XX: a lease already released (its request settled) is not created
+# again. Each lease set's TTL is kept beyond the lease, as the acquire does.
+# KEYS: per ticket, its lease sets
+# ARGV: lease ms, then per ticket 4 arguments, as the limiter's settle sends them with no
+#       token delta: 0 (token hashes), number of lease sets, reservation second, request id
+# Returns Redis's clock (ms).
+_RENEW_SCRIPT = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+local expiry = now_ms + lease_ms
+local keep = lease_ms + __TTL__ * 1000
+local k = 1
+for a = 2, #ARGV, 4 do
+  local n, rid = tonumber(ARGV[a + 1]), ARGV[a + 3]
+  for i = k, k + n - 1 do
+    redis.call('ZADD', KEYS[i], 'XX', expiry, rid)
+    if redis.call('PTTL', KEYS[i]) < keep then redis.call('PEXPIRE', KEYS[i], keep) end
+  end
+  k = k + n
+end
+return now_ms
+"""
+
+
 def _fill(script: str) -> str:
     return (
         script.replace("__WINDOW__", str(WINDOW_BUCKETS))
@@ -262,3 +288,4 @@ def _fill(script: str) -> str:
 
 
 SCRIPT = _fill(_SCRIPT)
+RENEW_SCRIPT = _fill(_RENEW_SCRIPT)
