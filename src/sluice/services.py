@@ -118,6 +118,9 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             max_buffered=settings.usage.max_buffered,
             spool_path=data_dir / "usage-spool.jsonl",
             on_error=lambda exc: metrics.usage_write_failures.inc(),
+            dead_letter_path=data_dir / "usage-dead-letter.jsonl",
+            on_dead_letter=metrics.usage_dead_letter.inc,
+            on_restart=metrics.usage_writer_restarts.inc,
         )
     guard = None
     authenticator = None
