@@ -18,7 +18,7 @@ from uvicorn.supervisors import Multiprocess
 from sluice.app import CONFIG_ENV, build_app
 from sluice.http_protocol import SluiceHttpProtocol
 from sluice.observability.logging import configure_logging
-from sluice.settings import Settings
+from sluice.settings import Settings, refuse_unshared_limits
 
 
 def _uvicorn_options(settings: Settings) -> dict[str, object]:
@@ -40,6 +40,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
 
 
 def serve(settings: Settings, config_path: str | None) -> None:
+    refuse_unshared_limits(settings)  # (load_settings checks too: settings made otherwise)
     configure_logging(settings.logging.level)
     if settings.server.workers == 1:
         app = build_app(settings)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -32,6 +33,7 @@ from sluice.settings import Settings, resolve_secret, resolve_url
 from sluice.store.database import Database, default_database_url
 from sluice.store.keys import KeyStore
 from sluice.store.recorder import UsageRecorder
+from sluice.store.spools import adopt_orphans, spool_path
 from sluice.store.usage import UsageStore
 
 log = logging.getLogger("sluice.services")
@@ -111,12 +113,14 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     keys, usage = KeyStore(database), UsageStore(database)
     recorder = None
     if settings.usage.enabled:
+        spool = spool_path(data_dir)  # one per process (several workers: see store.spools)
         recorder = UsageRecorder(
             usage,
             batch_size=settings.usage.batch_size,
             flush_interval=settings.usage.flush_interval,
             max_buffered=settings.usage.max_buffered,
-            spool_path=data_dir / "usage-spool.jsonl",
+            spool_path=spool,
+            adopt=partial(adopt_orphans, spool),
             on_error=lambda exc: metrics.usage_write_failures.inc(),
             dead_letter_path=data_dir / "usage-dead-letter.jsonl",
             on_dead_letter=metrics.usage_dead_letter.inc,

@@ -57,6 +57,7 @@ class UsageRecorder:
         dead_letter_path: Path | None = None,
         on_dead_letter: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
+        adopt: Callable[[], list[Path]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -73,6 +74,7 @@ class UsageRecorder:
         self._dead_letters = DeadLetters(dead_letter_path)
         self._on_dead_letter = on_dead_letter
         self._on_restart = on_restart
+        self._adopt = adopt  # spool files of processes gone (`sluice.store.spools`), at start
         self._bisecting = False  # looking for the records of a refused batch
         self._spilled = False  # records were moved to the spool while the writer ran
         self._reader: _SpoolReader | None = None  # the replay file being written
@@ -105,9 +107,15 @@ class UsageRecorder:
                 self._spill()
 
     async def start(self) -> None:
-        """Replay the spool file, if any, then start the background writer."""
+        """Replay the spool file, if any (with those ``adopt`` claims), then start the
+        background writer."""
         if self._task is not None or self._closed:
             raise RuntimeError("UsageRecorder.start() called twice or after close()")
+        if self._adopt is not None and self._spool_path is not None:
+            try:
+                await asyncio.to_thread(self._take_adopted, self._adopt, self._spool_path)
+            except OSError:  # what was adopted stays on disk, under this process's pid
+                log.exception("could not adopt the usage spools of stopped processes")
         if await asyncio.to_thread(self._take_spool):
             try:
                 await self._replay_file(retry=False)
@@ -236,19 +244,21 @@ class UsageRecorder:
             return False
         replay = self._replay_path()
         if replay.exists():  # a replay cut short by a restart: back into the spool
-            if self._spool_path.exists():
-                with replay.open("rb") as src, self._spool_path.open("ab") as dst:
-                    if dst.tell() and not _ends_with_newline(self._spool_path):
-                        dst.write(b"\n")  # a torn last line stays alone
-                    shutil.copyfileobj(src, dst)
-                replay.unlink()
-            else:
-                replay.replace(self._spool_path)
+            _move_into(replay, self._spool_path)
         if not self._spool_path.exists():
             return False
         self._spool_path.replace(replay)
         self._reader = _SpoolReader(replay, self._batch_size * _BACKLOG_FACTOR)
         return True
+
+    @staticmethod
+    def _take_adopted(adopt: Callable[[], list[Path]], spool: Path) -> None:
+        """Append the spool files ``adopt`` claims to this process's spool."""
+        adopted = adopt()
+        for path in adopted:
+            _move_into(path, spool)
+        if adopted:
+            log.info("adopted %d usage spool files of stopped processes", len(adopted))
 
     async def _replay_file(self, *, retry: bool) -> None:
         """Write the replay file chunk by chunk (memory stays bounded whatever its size),
@@ -366,6 +376,18 @@ class UsageRecorder:
             self._spool_path,
             replay,
         )
+
+
+def _move_into(source: Path, spool: Path) -> None:
+    """Append ``source`` to ``spool`` (JSON lines) and remove it; a rename when no spool."""
+    if not spool.exists():
+        source.replace(spool)
+        return
+    with source.open("rb") as src, spool.open("ab") as dst:
+        if dst.tell() and not _ends_with_newline(spool):
+            dst.write(b"\n")  # a torn last line stays alone
+        shutil.copyfileobj(src, dst)
+    source.unlink()
 
 
 def _ends_with_newline(path: Path) -> bool:
