@@ -39,7 +39,7 @@ from sluice.pipeline.limits.base import Ticket
 from sluice.pipeline.limits.wire import Sink, bulk
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
-_RENEW_CHUNK = 1000  # tickets per renewal call: bounds one call's run time in Redis
+_RENEW_CHUNK = 256  # leases per renewal call: bounds one call's run time in Redis
 _RELEASE_CHUNK = 256  # releases per call
 _MAX_RELEASES = 100_000  # queued releases kept while Redis is down (oldest dropped)
 _RELEASE_RETRY_FIRST = 0.05  # seconds before the first try, doubled after each failure
@@ -55,6 +55,30 @@ class _Script(Protocol):
     """A registered script (`wire.Script`), sent without awaiting."""
 
     def send(self, keys: int, items: int, body: bytes, sink: Sink) -> bool: ...
+
+
+class _RenewCall:
+    """One renewal script call being built: groups of (lease sets, members) (lua.py)."""
+
+    def __init__(self, lease: bytes = b"") -> None:
+        self.lease = lease
+        self.keys: list[bytes] = []
+        self.args: list[bytes] = []
+        self.n_keys = 0
+        self.members = 0
+
+    def add(self, lease_keys: bytes, n: int, rids: list[bytes]) -> None:
+        self.keys.append(lease_keys)
+        self.n_keys += n
+        self.args += (bulk(b"%d" % n), bulk(b"%d" % len(rids)), *rids)
+        self.members += len(rids)
+
+    def send(self, keeper: LeaseKeeper) -> list[asyncio.Future[Any]]:
+        if not self.members:
+            return []
+        body = b"".join((*self.keys, self.lease, *self.args))
+        items = self.n_keys + 1 + len(self.args)
+        return [keeper._send(keeper._renew_script, self.n_keys, items, body)]
 
 
 class LeaseKeeper:
@@ -129,35 +153,28 @@ class LeaseKeeper:
     async def renew(self) -> None:
         """Renew every live ticket's lease now (the renewal task's round; tests call it)."""
         self._drop_overdue()
-        by_lease: dict[bytes, list[Ticket]] = {}
+        # Grouped by lease and lease sets (a plan's: the tickets of one key and model share
+        # one bytes object), so a lease set takes one ZADD for all its members.
+        groups: dict[tuple[bytes, bytes], tuple[int, list[bytes]]] = {}
         for ticket, lease in self.live.items():
-            by_lease.setdefault(lease, []).append(ticket)
+            lease_keys, n, _ = ticket.wire[0][1]
+            group = groups.get((lease, lease_keys))
+            if group is None:
+                group = groups[(lease, lease_keys)] = (n, [])
+            group[1].append(bulk(ticket.request_id.encode()))
         replies: list[asyncio.Future[Any]] = []
-        for lease, tickets in by_lease.items():
-            replies += self._send_renewals(lease, tickets)
+        call = _RenewCall()
+        for (lease, lease_keys), (n, rids) in groups.items():
+            for i in range(0, len(rids), _RENEW_CHUNK):
+                if call.lease != lease or call.members >= _RENEW_CHUNK:
+                    replies += call.send(self)
+                    call = _RenewCall(lease)
+                call.add(lease_keys, n, rids[i : i + _RENEW_CHUNK])
+        # All calls are written at once, before any settle queued later: the order on the
+        # connection is the order here (and ZADD XX never brings back a settled lease).
+        replies += call.send(self)
         for now_ms in await asyncio.gather(*replies):
             self._redis_now = max(self._redis_now, int(now_ms) // 1000)
-
-    def _send_renewals(self, lease: bytes, tickets: list[Ticket]) -> list[asyncio.Future[Any]]:
-        replies: list[asyncio.Future[Any]] = []
-        for i in range(0, len(tickets), _RENEW_CHUNK):
-            chunk = tickets[i : i + _RENEW_CHUNK]
-            keys: list[bytes] = []
-            args: list[bytes] = [lease]
-            n_keys = 0
-            for ticket in chunk:
-                # The ticket's settle wire (its plan's): the lease sets in RESP, their number,
-                # and the (0, number) counts; its tail holds its second and id (lua.py).
-                (lease_keys, n, counts), tail = ticket.wire[0][1], ticket.wire[1]
-                keys.append(lease_keys)
-                n_keys += n
-                args += (counts, tail)
-            body = b"".join((*keys, *args))
-            # All calls are written at once, before any settle queued later: the order on the
-            # connection is the order here (and ZADD XX never brings back a settled lease).
-            items = n_keys + 1 + 4 * len(chunk)
-            replies.append(self._send(self._renew_script, n_keys, items, body))
-        return replies
 
     def _drop_overdue(self) -> None:
         if not self._redis_now:
