@@ -84,7 +84,7 @@ async def test_a_lease_not_renewed_expires_after_its_short_time(
         survivor = RedisLimiter(other, prefix=prefix)
         assert not (await take(survivor, ONE_SLOT)).allowed
         waited = await wait_for(lambda: _allowed(survivor), within=2.0)
-        assert 0.2 < waited < 1.0
+        assert 0.2 < waited < 1.5
         await survivor.close()
     finally:
         await client.close()
@@ -204,8 +204,12 @@ async def test_an_admission_whose_request_went_away_is_undone(
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
-        await wait_for(lambda: _slots_free(redis, prefix), within=2.0)
-        assert (await take(limiter, key, tokens=1000)).allowed  # the 400 were refunded
+
+        async def everything_free() -> bool:  # the slot, and the 400 tokens refunded
+            return (await take(limiter, key, tokens=1000)).allowed
+
+        # (Refused, which changes nothing, until the undo has reached Redis.)
+        await wait_for(everything_free, within=2.0)
         await limiter.close()
     finally:
         await client.close()
