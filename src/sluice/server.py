@@ -21,7 +21,7 @@ from sluice.app import CONFIG_ENV, build_app
 from sluice.http_protocol import ConnectionLimits, protocol_factory
 from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import configure_logging
-from sluice.settings import Settings
+from sluice.settings import Settings, refuse_unshared_limits
 
 log = logging.getLogger("sluice.server")
 _SPARE_FILES = 1024
@@ -53,6 +53,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
 
 
 def serve(settings: Settings, config_path: str | None) -> None:
+    refuse_unshared_limits(settings)  # (load_settings checks too: settings made otherwise)
     configure_logging(settings.logging.level)
     raise_open_files_limit(settings.server.max_connections + _SPARE_FILES)
     if settings.server.workers == 1:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -33,10 +34,13 @@ from sluice.settings import Settings, resolve_secret, resolve_url
 from sluice.store.database import Database, default_database_url
 from sluice.store.keys import KeyStore
 from sluice.store.recorder import UsageRecorder
+from sluice.store.spools import adopt_orphans, spool_path
 from sluice.store.usage import UsageStore
 
 log = logging.getLogger("sluice.services")
-PARALLEL_LEASE_SECONDS = 900.0
+# The in-process limiter's lease: only a backstop (its settles cannot be lost; with Redis
+# the lease is limits.redis_lease_seconds, renewed while the request runs).
+MEMORY_LEASE_SECONDS = 900.0
 # A budget hold outlives any request (upstream total timeouts default to 600 s): one whose
 # release is lost lapses after this, keeping the budget stricter meanwhile, never looser.
 BUDGET_LEASE_SECONDS = 900.0
@@ -88,7 +92,9 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     limiter_redis = _limiter_redis(settings.redis_url)
     limiter: Limiter
     outages: OutageLog | None = None
+    lease_seconds = MEMORY_LEASE_SECONDS
     if limiter_redis is not None:
+        lease_seconds = settings.limits.redis_lease_seconds
         outages = limiter_log = _limiter_outages(settings.limits.redis_failure)
         limiter = RedisLimiter(
             limiter_redis,
@@ -114,13 +120,18 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     keys, usage = KeyStore(database), UsageStore(database)
     recorder = None
     if settings.usage.enabled:
+        spool = spool_path(data_dir)  # one per process (several workers: see store.spools)
         recorder = UsageRecorder(
             usage,
             batch_size=settings.usage.batch_size,
             flush_interval=settings.usage.flush_interval,
             max_buffered=settings.usage.max_buffered,
-            spool_path=data_dir / "usage-spool.jsonl",
+            spool_path=spool,
+            adopt=partial(adopt_orphans, spool),
             on_error=lambda exc: metrics.usage_write_failures.inc(),
+            dead_letter_path=data_dir / "usage-dead-letter.jsonl",
+            on_dead_letter=metrics.usage_dead_letter.inc,
+            on_restart=metrics.usage_writer_restarts.inc,
         )
     guard = None
     authenticator = None
@@ -132,7 +143,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             authenticator,
             limiter,
             default_max_tokens=settings.limits.default_max_tokens,
-            lease_seconds=PARALLEL_LEASE_SECONDS,
+            lease_seconds=lease_seconds,
             budgets=budgets,
             prices={
                 name: (price.prompt_per_million, price.completion_per_million)

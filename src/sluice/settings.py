@@ -238,6 +238,13 @@ class LimitsSettings(_Strict):
     default_max_tokens: int = Field(
         1024, ge=1, description="completion tokens reserved when a request sets no max_tokens"
     )
+    redis_lease_seconds: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="with Redis: a parallel slot's lease, renewed every third of it while its "
+        "request runs; a slot nobody releases (a lost reply, a replica gone) frees after it",
+    )
 
 
 class UsageSettings(_Strict):
@@ -336,7 +343,20 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
         except ValidationError as exc:
             raise ConfigError(_describe(exc, "command line")) from None
         settings = settings.model_copy(update={"server": server})
+    refuse_unshared_limits(settings)
     return settings
+
+
+def refuse_unshared_limits(settings: Settings) -> None:
+    """Several workers without Redis would each keep their own limits (every key's rpm,
+    tpm, parallel requests and budget multiplied by the worker count): refuse to start."""
+    workers = settings.server.workers
+    if workers > 1 and settings.redis_url is None and settings.auth.master_key is not None:
+        raise ConfigError(
+            f"server.workers is {workers} but redis_url is not set: each worker would keep "
+            f"its own rate limits and budgets, letting every key use {workers} times its "
+            "limits. Set redis_url to share limits across workers, or run workers: 1."
+        )
 
 
 def resolve_secret(reference: str | None) -> str | None:

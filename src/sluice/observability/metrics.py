@@ -93,6 +93,16 @@ class GatewayMetrics:
             "Failed batched writes of usage records (each is retried; none is dropped).",
             registry=registry,
         )
+        self.usage_writer_restarts = Counter(
+            "sluice_usage_writer_restarts_total",
+            "Times the usage writer died of an unexpected error and was restarted.",
+            registry=registry,
+        )
+        self.usage_dead_letter = Counter(
+            "sluice_usage_dead_letter_total",
+            "Usage records the database refused for good, set aside in the dead-letter file.",
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "sluice_upstream_errors_total",
             "Backend failures by model, deployment and kind (timeout, unreachable, http_5xx…).",

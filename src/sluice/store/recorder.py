@@ -7,6 +7,13 @@ oldest are moved to the spool file (JSON lines), and the first successful write 
 replays the file. ``close()`` drains the buffer; whatever the database still refuses when
 its timeout runs out is appended to the spool file, and the next ``start()`` replays it
 (``insert_many`` is idempotent, so records already written are not counted twice).
+
+A batch the database refuses for good (`sluice.store.refusals`: a value out of range, a
+constraint; not an outage, which is retried) is bisected until the records it refuses are
+found; those go to the dead-letter file and the rest are written. The background task is
+supervised: should it die of an unexpected error, the records it held go back to the
+front of the buffer and it is restarted after a backoff (logged, and counted through
+``on_restart``).
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
+from sluice.store.refusals import DeadLetters, refused_for_good
 from sluice.store.usage import UsageRecord
 
 log = logging.getLogger(__name__)
 _BACKLOG_FACTOR = 10  # at most this many batch_size batches written as one
+_HEALTHY_RUN = 60.0  # seconds: a writer that ran this long before dying restarts at once
 
 
 class UsageSink(Protocol):
@@ -45,6 +54,10 @@ class UsageRecorder:
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
         max_buffered: int = 100_000,
+        dead_letter_path: Path | None = None,
+        on_dead_letter: Callable[[int], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+        adopt: Callable[[], list[Path]] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -58,6 +71,11 @@ class UsageRecorder:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._max_buffered = max_buffered
+        self._dead_letters = DeadLetters(dead_letter_path)
+        self._on_dead_letter = on_dead_letter
+        self._on_restart = on_restart
+        self._adopt = adopt  # spool files of processes gone (`sluice.store.spools`), at start
+        self._bisecting = False  # looking for the records of a refused batch
         self._spilled = False  # records were moved to the spool while the writer ran
         self._reader: _SpoolReader | None = None  # the replay file being written
         self._buffer: deque[UsageRecord] = deque()
@@ -69,6 +87,8 @@ class UsageRecorder:
         self._closed = False
         self.written = 0  # records the database acknowledged (duplicates included)
         self.failures = 0  # failed write attempts
+        self.dead_lettered = 0  # records the database refused for good, set aside
+        self.restarts = 0  # times the background writer died and was restarted
 
     @property
     def pending(self) -> int:
@@ -87,15 +107,21 @@ class UsageRecorder:
                 self._spill()
 
     async def start(self) -> None:
-        """Replay the spool file, if any, then start the background writer."""
+        """Replay the spool file, if any (with those ``adopt`` claims), then start the
+        background writer."""
         if self._task is not None or self._closed:
             raise RuntimeError("UsageRecorder.start() called twice or after close()")
+        if self._adopt is not None and self._spool_path is not None:
+            try:
+                await asyncio.to_thread(self._take_adopted, self._adopt, self._spool_path)
+            except OSError:  # what was adopted stays on disk, under this process's pid
+                log.exception("could not adopt the usage spools of stopped processes")
         if await asyncio.to_thread(self._take_spool):
             try:
                 await self._replay_file(retry=False)
             except Exception as exc:  # the writer goes on with it first, retrying
                 self._failed(exc, len(self._replay), "replaying the usage spool")
-        self._task = asyncio.create_task(self._run(), name="sluice-usage-recorder")
+        self._task = asyncio.create_task(self._supervise(), name="sluice-usage-recorder")
 
     async def close(self, timeout: float = 10) -> None:  # noqa: ASYNC109 (a drain deadline)
         """Write everything buffered; after ``timeout`` seconds, spool what is left."""
@@ -104,7 +130,7 @@ class UsageRecorder:
         self._closing = True
         self._wake.set()
         if self._task is None:  # never started: drain here, under the same deadline
-            self._task = asyncio.create_task(self._run(), name="sluice-usage-recorder")
+            self._task = asyncio.create_task(self._supervise(), name="sluice-usage-recorder")
         task = self._task
         try:
             await asyncio.wait({task}, timeout=timeout)
@@ -128,6 +154,42 @@ class UsageRecorder:
             self._buffer.clear()
             if left:
                 self._spool(left)
+
+    async def _supervise(self) -> None:
+        """Run the writer; should it die of an unexpected error, restart it with backoff."""
+        loop = asyncio.get_running_loop()
+        delay = self._retry_initial
+        while True:
+            started = loop.time()
+            try:
+                await self._run()
+                return
+            except Exception:
+                if loop.time() - started > _HEALTHY_RUN:
+                    delay = self._retry_initial
+                self.restarts += 1
+                log.exception("usage writer failed; restarting it in %.2fs", delay)
+                self._recover()
+                if self._on_restart is not None:
+                    try:
+                        self._on_restart()
+                    except Exception:
+                        log.exception("usage recorder on_restart callback failed")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+
+    def _recover(self) -> None:
+        """After the writer died: the batch it held goes back to the front of the buffer; a
+        replay in progress is dropped (its file stays, and is replayed after the next
+        successful write: `_take_spool` merges it back into the spool)."""
+        if self._batch:
+            self._buffer.extendleft(reversed(self._batch))
+            self._batch = []
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+            self._replay = []
+            self._spilled = True
 
     async def _run(self) -> None:
         if self._reader is not None:
@@ -182,19 +244,21 @@ class UsageRecorder:
             return False
         replay = self._replay_path()
         if replay.exists():  # a replay cut short by a restart: back into the spool
-            if self._spool_path.exists():
-                with replay.open("rb") as src, self._spool_path.open("ab") as dst:
-                    if dst.tell() and not _ends_with_newline(self._spool_path):
-                        dst.write(b"\n")  # a torn last line stays alone
-                    shutil.copyfileobj(src, dst)
-                replay.unlink()
-            else:
-                replay.replace(self._spool_path)
+            _move_into(replay, self._spool_path)
         if not self._spool_path.exists():
             return False
         self._spool_path.replace(replay)
         self._reader = _SpoolReader(replay, self._batch_size * _BACKLOG_FACTOR)
         return True
+
+    @staticmethod
+    def _take_adopted(adopt: Callable[[], list[Path]], spool: Path) -> None:
+        """Append the spool files ``adopt`` claims to this process's spool."""
+        adopted = adopt()
+        for path in adopted:
+            _move_into(path, spool)
+        if adopted:
+            log.info("adopted %d usage spool files of stopped processes", len(adopted))
 
     async def _replay_file(self, *, retry: bool) -> None:
         """Write the replay file chunk by chunk (memory stays bounded whatever its size),
@@ -223,20 +287,57 @@ class UsageRecorder:
             log.info("replayed %d usage records from %s", reader.records, reader.path)
 
     async def _write(self, records: list[UsageRecord]) -> None:
-        """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled)."""
+        """Write ``records`` in batches, retrying each until it succeeds (or we're cancelled);
+        records the database refuses for good are set aside."""
         step = self._batch_size * _BACKLOG_FACTOR
         for i in range(0, len(records), step):
-            chunk = records[i : i + step]
-            delay = self._retry_initial
-            while True:
+            await self._write_chunk(records[i : i + step])
+
+    async def _write_chunk(self, chunk: list[UsageRecord]) -> None:
+        delay = self._retry_initial
+        while True:
+            try:
+                await self._store.insert_many(chunk)
+                self.written += len(chunk)
+                return
+            except Exception as exc:
+                if refused_for_good(exc):
+                    await self._set_aside(chunk, exc)
+                    return
+                self._failed(exc, len(chunk), f"writing usage; retrying in {delay:.2f}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+
+    async def _set_aside(self, chunk: list[UsageRecord], exc: Exception) -> None:
+        """The database refused ``chunk`` for good: halve it until the refused records are
+        alone, write the others, send those to the dead-letter file (a batch holding one
+        bad record costs about two writes per halving: 2 log2(n))."""
+        if len(chunk) == 1:
+            self._dead_letters.add(chunk[0], exc)
+            self.dead_lettered += 1
+            if self._on_dead_letter is not None:
                 try:
-                    await self._store.insert_many(chunk)
-                    self.written += len(chunk)
-                    break
-                except Exception as exc:
-                    self._failed(exc, len(chunk), f"writing usage; retrying in {delay:.2f}s")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self._retry_max)
+                    self._on_dead_letter(1)
+                except Exception:
+                    log.exception("usage recorder on_dead_letter callback failed")
+            return
+        if self._bisecting:  # a half of a batch already being searched
+            half = len(chunk) // 2
+            await self._write_chunk(chunk[:half])
+            await self._write_chunk(chunk[half:])
+            return
+        log.warning(
+            "the database refused a batch of %d usage records (%s: %s); "
+            "looking for the records it refuses",
+            len(chunk),
+            type(exc).__name__,
+            exc,
+        )
+        self._bisecting = True
+        try:
+            await self._set_aside(chunk, exc)
+        finally:
+            self._bisecting = False
 
     def _failed(self, exc: Exception, count: int, doing: str) -> None:
         self.failures += 1
@@ -275,6 +376,18 @@ class UsageRecorder:
             self._spool_path,
             replay,
         )
+
+
+def _move_into(source: Path, spool: Path) -> None:
+    """Append ``source`` to ``spool`` (JSON lines) and remove it; a rename when no spool."""
+    if not spool.exists():
+        source.replace(spool)
+        return
+    with source.open("rb") as src, spool.open("ab") as dst:
+        if dst.tell() and not _ends_with_newline(spool):
+            dst.write(b"\n")  # a torn last line stays alone
+        shutil.copyfileobj(src, dst)
+    source.unlink()
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -252,6 +252,42 @@ return out
 """
 
 
+# The lease renewal (leases.py): every live ticket's leases pushed out to now + lease, on
+# Redis's clock. ZADD XX: a lease already released (its request settled) is not created
+# again. Each lease set's TTL is kept beyond the lease, as the acquire does.
+# KEYS: per group, its lease sets (those of one plan: one key and model)
+# ARGV: lease ms, then per group: number of lease sets, number of members, the members
+#       (request ids)
+# Returns Redis's clock (ms).
+_RENEW_SCRIPT = """
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local lease_ms = tonumber(ARGV[1])
+local expiry = now_ms + lease_ms
+local keep = lease_ms + __TTL__ * 1000
+local k, a = 1, 2
+while a <= #ARGV do
+  local n, m = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+  local first, last = a + 2, a + 1 + m
+  for i = k, k + n - 1 do
+    local key = KEYS[i]
+    for j = first, last, 500 do
+      local args = {}
+      for x = j, math.min(j + 499, last) do
+        args[#args + 1] = expiry
+        args[#args + 1] = ARGV[x]
+      end
+      redis.call('ZADD', key, 'XX', unpack(args))
+    end
+    if redis.call('PTTL', key) < keep then redis.call('PEXPIRE', key, keep) end
+  end
+  k = k + n
+  a = last + 1
+end
+return now_ms
+"""
+
+
 def _fill(script: str) -> str:
     return (
         script.replace("__WINDOW__", str(WINDOW_BUCKETS))
@@ -262,3 +298,4 @@ def _fill(script: str) -> str:
 
 
 SCRIPT = _fill(_SCRIPT)
+RENEW_SCRIPT = _fill(_RENEW_SCRIPT)

@@ -15,6 +15,10 @@ reports the error to ``on_failure`` (``failure_mode="open"``) or reports it and 
 ``ServiceUnavailableError`` (``"closed"``); ``settle`` only reports (the leases expire on
 their own) and never retries, since a timed-out script may have run.
 
+Parallel slots are short leases, renewed while their requests run and released when an
+acquire's reply was lost after the call was sent (`sluice.pipeline.limits.leases`): the
+request path only adds a ticket to the keeper's ``live`` dict and pops it at settle.
+
 The client is a `sluice.pipeline.limits.wire.PipelinedRedis` (one pipelined connection, a
 short timeout, no retries: a retry with backoff would hold each request for seconds before
 the failure mode applies). The limiter sends its calls already encoded as RESP
@@ -23,8 +27,8 @@ its token estimate and id (hiredis's packing formatted every argument of every c
 a ``sprintf`` each, ~11k instructions a request).
 
 A request cancelled while its ``acquire`` is in flight may have been admitted without
-getting its ticket: its request and tokens stay counted, and its parallel slot is held
-until the lease expires.
+getting its ticket: when the reply arrives, such an admission is settled at once (its
+tokens refunded, its slot freed); its request stays counted.
 
 Key layout and the Redis Cluster caveat: each scope uses ``<prefix><scope name>:{r,t,p}``.
 One call touches the keys of every scope of several requests: this limiter needs a single
@@ -43,7 +47,8 @@ from redis.exceptions import RedisError
 
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits.base import Admission, Scope, Ticket
-from sluice.pipeline.limits.lua import REASON_CODES, SCRIPT
+from sluice.pipeline.limits.leases import LeaseKeeper
+from sluice.pipeline.limits.lua import REASON_CODES, RENEW_SCRIPT, SCRIPT
 from sluice.pipeline.limits.window import build_admission, new_tuple
 from sluice.pipeline.limits.wire import Sink, bulk, bulks
 
@@ -82,12 +87,18 @@ class RedisLimiter:
         prefix: str = "sluice:rl:",
         failure_mode: FailureMode = "open",
         on_failure: Callable[[Exception], None] | None = None,
+        max_hold: float = 3600.0,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
         self._failure_mode = failure_mode
         self._on_failure = on_failure
         self._script = redis.register_script(SCRIPT)
+        self.leases = LeaseKeeper(
+            redis.connect, redis.register_script(RENEW_SCRIPT), self._script,
+            on_failure=self._report, max_hold=max_hold,
+        )  # fmt: skip
+        self._live = self.leases.live  # ticket -> renewal round; inline on the request path
         self._open: _Batch | None = None  # the calls of this loop turn
         self._last: _Batch | None = None  # the newest batch, open or sent
         self._plans: dict[int, _Plan] = {}
@@ -120,12 +131,13 @@ class RedisLimiter:
         if lease_seconds != self._lease_seconds:  # the guard's lease: constant in practice
             self._lease_seconds = lease_seconds
             self._lease = bulk(b"%d" % max(round(lease_seconds * 1000), 1))
+            self.leases.saw(lease_seconds)
         # The token estimate and the request id in RESP; the id's bulk string is kept for
         # the settle (see _answered).
         encoded_tokens, encoded_rid = b"%d" % tokens, request_id.encode()
         rid = b"$%d\r\n%b\r\n" % (len(encoded_rid), encoded_rid)
         values = b"$%d\r\n%b\r\n%b" % (len(encoded_tokens), encoded_tokens, rid)
-        batch.answers.append((answer, plan, request_id, tokens, rid))
+        batch.answers.append((answer, plan, request_id, tokens, rid, self._lease))
         batch.args += (plan.head, values, self._lease, plan.limits)
         batch.n_args += plan.n_args
         if len(batch.answers) >= _BATCH_MAX:
@@ -146,14 +158,19 @@ class RedisLimiter:
         keys = batch.n_settle_keys + batch.n_keys
         items = keys + 2 + _SETTLE_ARGS * batch.settles + batch.n_args
         sink = partial(self._answered, batch)
-        if not self._script.send(keys, items, body, sink):
-            self._track(self._send_when_connected(keys, items, body, sink))
+        if self._script.send(keys, items, body, sink):
+            batch.sent = True
+        else:
+            self._track(self._send_when_connected(batch, keys, items, body, sink))
 
-    async def _send_when_connected(self, keys: int, items: int, body: bytes, sink: Sink) -> None:
+    async def _send_when_connected(
+        self, batch: _Batch, keys: int, items: int, body: bytes, sink: Sink
+    ) -> None:
         try:
             await self._redis.connect()
             if not self._script.send(keys, items, body, sink):
                 raise RedisConnectionError("Redis connection lost as it opened")
+            batch.sent = True
         except Exception as exc:  # the call's sink gets it (and applies the failure mode)
             sink(exc)
         except BaseException:  # cancelled (shutdown): so is the call
@@ -169,14 +186,24 @@ class RedisLimiter:
             batch.done.set_result(None)
         if isinstance(reply, BaseException):
             if batch.answers:
+                if batch.sent:  # the script may have run: release the slots it may have taken
+                    self.leases.lost(
+                        (*plan.settle_wire[1], rid)
+                        for _, plan, _, _, rid, _ in batch.answers
+                        if plan.lease_scopes
+                    )
                 self._fail_batch(batch, reply)
             elif isinstance(reply, Exception):
                 self._report(reply)
             return
         at = 0
         second_bulk = b""  # the reservations' second in RESP: one clock reading a call
-        for answer, plan, request_id, tokens, rid in batch.answers:
-            if not answer.done():  # a request cancelled while it waited is skipped
+        live = self._live
+        for answer, plan, request_id, tokens, rid, lease in batch.answers:
+            if answer.done():  # cancelled while it waited: an admission is undone at once
+                if reply[at]:
+                    self._undo(reply[at + 3], plan, request_id, tokens, rid)
+            else:
                 (
                     allowed,
                     code,
@@ -199,6 +226,8 @@ class RedisLimiter:
                         request_id, tokens, second, plan.token_scopes, plan.lease_scopes,
                         (plan.settle_wire, second_bulk + rid),
                     )  # fmt: skip
+                    if plan.lease_scopes:  # renewed until settled
+                        live[ticket] = lease
                 # In Admission's field order, by tuple.__new__ (window.new_tuple); a limit
                 # of -1: no scope has that limit.
                 answer.set_result(
@@ -219,9 +248,21 @@ class RedisLimiter:
                     )
                 )
             at += _ANSWER_SIZE
+        if live and not self.leases.running:
+            self.leases.start()
+
+    def _undo(self, now_ms: int, plan: _Plan, request_id: str, tokens: int, rid: bytes) -> None:
+        """Settle an admission whose request went away while it waited (nothing used)."""
+        second = now_ms // 1000
+        tail = bulk(b"%d" % second) + rid
+        ticket = Ticket(
+            request_id, tokens, second, plan.token_scopes, plan.lease_scopes,
+            (plan.settle_wire, tail),
+        )  # fmt: skip
+        self.settle_nowait(ticket, 0)
 
     def _fail_batch(self, batch: _Batch, error: BaseException) -> None:
-        for answer, _, request_id, tokens, _ in batch.answers:
+        for answer, _, request_id, tokens, _, _ in batch.answers:
             if answer.done():
                 continue
             if not isinstance(error, _FAILURES):  # not Redis's failure: the request's error
@@ -259,6 +300,7 @@ class RedisLimiter:
         ticket.settled = True
         if ticket.noop or ticket.wire is None:
             return
+        self._live.pop(ticket, None)  # no longer renewed
         delta = (actual_tokens if actual_tokens > 0 else 0) - ticket.tokens
         # The ticket's keys and scope counts in RESP, made by its plan: with the token
         # scopes (a delta to book) or without (leases only); its second and id in RESP.
@@ -286,6 +328,7 @@ class RedisLimiter:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._last is not None:  # replies are ordered: the last one answered means all
             await self._last.replied()
+        await self.leases.close()
 
     def _fail(self, exc: Exception, request_id: str, tokens: int) -> Admission:
         self._report(exc)
@@ -345,12 +388,12 @@ class _Batch:
     a caller that waits for the reply (`replied`)."""
 
     __slots__ = ("answers", "args", "done", "keys", "n_args", "n_keys", "n_settle_keys", "over",
-                 "settle_args", "settle_keys", "settles")  # fmt: skip
+                 "sent", "settle_args", "settle_keys", "settles")  # fmt: skip
 
     def __init__(self) -> None:
-        # per request: its answer, its plan, request id and token estimate
-        # and its id as a RESP bulk string
-        self.answers: list[tuple[asyncio.Future[Admission], _Plan, str, int, bytes]] = []
+        # per request: its answer, its plan, request id and token estimate, and its id and
+        # lease (ms) as RESP bulk strings
+        self.answers: list[tuple[asyncio.Future[Admission], _Plan, str, int, bytes, bytes]] = []
         self.keys: list[bytes] = []
         self.args: list[bytes] = []
         self.n_keys = 0
@@ -361,6 +404,7 @@ class _Batch:
         self.settles = 0
         self.done: asyncio.Future[None] | None = None
         self.over = False  # the reply (or its failure) has arrived
+        self.sent = False  # written to the connection: the script may have run
 
     def replied(self) -> asyncio.Future[None]:
         """Resolved once the call's reply (or its failure) has arrived (made on demand: a
