@@ -711,8 +711,8 @@ def measure_variant(
         total_served = accepted(res.final["answered_before_stop"])
         wrk_total = sum(r.requests for r in [*res.runs(), *res.discarded])
         res.final.update(rows_after_stop=rows, answered=total_served, wrk_requests=wrk_total)
-        spool = REPO / (v.data_dir or "") / "usage-spool.jsonl"
-        res.final["spool_exists"] = spool.exists()
+        spools = (REPO / (v.data_dir or "")).glob("usage-spool*.jsonl")
+        res.final["spool_exists"] = any(spools)
         res.usage_cli = sluice_usage_cli(v, pg, port)
         log(
             f"{v.name}: usage rows after stop {rows:,}, 200 responses {total_served:,} "
