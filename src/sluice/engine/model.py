@@ -1,8 +1,11 @@
 """Load a GGUF model with llama.cpp's low-level API; tokenize, detokenize, chat template.
 
 `LlamaModel` owns the model, its vocabulary and one context sized for every sequence slot.
-It is not thread-safe: once the engine starts, only its decode thread touches the context
-(tokenizing only reads the vocabulary and is safe from any thread).
+It is not thread-safe: once the engine starts, only its decode thread touches the context.
+Tokenizing and detokenizing only read the vocabulary, which is immutable once loaded
+(llama.cpp's `llama_vocab::impl::tokenize` is `const` and keeps its state in a per-call
+session; llama-server tokenizes on its HTTP threads while its main loop decodes), so they
+are safe from any thread for as long as the model is not freed.
 """
 
 from __future__ import annotations
@@ -89,6 +92,11 @@ class LlamaModel:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.n_ctx = min(n_ctx, self.n_ctx_seq)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.max_token_bytes = max(
+            1, max(len(self.token_to_piece(t, special=True)) for t in range(self.n_vocab))
+        )
+        """The longest token's text: a text of more than ``n * max_token_bytes`` bytes
+        cannot be fewer than ``n`` tokens."""
         self.chat_template = self._load_chat_template()
 
     @property
