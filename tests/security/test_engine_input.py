@@ -418,3 +418,19 @@ def test_one_bad_field_among_good_ones_is_400_or_a_job(kind: Kind, data: st.Data
     except InvalidRequestError:
         return
     _engine_accepts(job)
+
+
+@pytest.mark.skipif(not HAVE_LLAMA, reason="needs llama-cpp-python")
+def test_the_setting_reaches_the_engine() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from sluice.backends.factory import BackendFactory
+    from sluice.settings import Settings
+
+    deployment = {"provider": "local", "max_sequences_per_request": 4}
+    settings = Settings(models=[{"name": "local", "deployments": [deployment]}])
+    [(_, [built])] = BackendFactory(CollectorRegistry()).deployments(settings)
+    assert built.backend.engine.config.max_sequences_per_request == 4  # type: ignore[attr-defined]
+    default = Settings(models=[{"name": "local", "deployments": [{"provider": "local"}]}])
+    [(_, [built])] = BackendFactory(CollectorRegistry()).deployments(default)
+    assert built.backend.engine.config.max_sequences_per_request == 16  # type: ignore[attr-defined]
