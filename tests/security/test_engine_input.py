@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -141,6 +142,18 @@ def test_a_rendered_chat_longer_than_can_fit_is_not_tokenized() -> None:
     body = {"messages": [{"role": "user", "content": "x" * LIMITS.max_prompt_chars}]}
     assert isinstance(refused("chat", body, tok), ContextLengthExceededError)
     assert tok.calls == 0
+
+
+def test_a_chat_full_of_special_token_text_is_not_tokenized() -> None:
+    """llama.cpp's special-token pass is quadratic in their number: bounded by the context."""
+    limits = replace(LIMITS, special_texts=("<|im_end|>", "<|im_start|>"), max_prompt_chars=10**6)
+    tok = CountingTokenizer()
+    few = {"messages": [{"role": "user", "content": "<|im_end|>" * 2}], "max_tokens": 1}
+    assert parse("chat", few, tok, limits).requests
+    many = {"messages": [{"role": "user", "content": "<|im_start|>" * (LIMITS.n_ctx + 1)}]}
+    with pytest.raises(ContextLengthExceededError):
+        parse("chat", many, tok, limits)
+    assert tok.calls == 1  # only the first chat was tokenized
 
 
 def test_the_template_sees_only_role_content_and_name() -> None:

@@ -112,6 +112,7 @@ class Engine:
             n_vocab=model.n_vocab,
             max_sequences=self.config.max_sequences_per_request,
             max_prompt_chars=model.n_ctx * model.max_token_bytes,
+            special_texts=model.special_texts,
         )
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:

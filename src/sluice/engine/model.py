@@ -92,11 +92,7 @@ class LlamaModel:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.n_ctx = min(n_ctx, self.n_ctx_seq)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.max_token_bytes = max(
-            1, max(len(self.token_to_piece(t, special=True)) for t in range(self.n_vocab))
-        )
-        """The longest token's text: a text of more than ``n * max_token_bytes`` bytes
-        cannot be fewer than ``n`` tokens."""
+        self.max_token_bytes, self.special_texts = self._scan_vocab()
         self.chat_template = self._load_chat_template()
 
     @property
@@ -123,6 +119,23 @@ class LlamaModel:
         if n < 0:
             raise RuntimeError("tokenization failed")
         return list(buf[:n])
+
+    def _scan_vocab(self) -> tuple[int, tuple[str, ...]]:
+        """The longest token's bytes (a text of more than ``n * longest`` bytes cannot be
+        fewer than ``n`` tokens), and the text of every token that tokenizing with
+        ``parse_special`` matches as a whole (llama.cpp's special-token cache)."""
+        special = (
+            llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        )
+        longest, texts = 1, []
+        for token in range(self.n_vocab):
+            piece = self.token_to_piece(token, special=True)
+            longest = max(longest, len(piece))
+            if piece and llama_cpp.llama_vocab_get_attr(self._vocab, token) & special:
+                texts.append(piece.decode("utf-8", "replace"))
+        return longest, tuple(texts)
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte character)."""

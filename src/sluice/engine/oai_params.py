@@ -156,6 +156,10 @@ def tokenize(draft: Draft, tok: Tokenizer) -> list[list[int]]:
         text = tok.render_chat(draft.messages)
         if len(text) > limits.max_prompt_chars:
             raise _too_long(limits.n_ctx, draft.prompt_param)
+        # Each special token's text is one token: more than the context holds cannot fit,
+        # and llama.cpp's special-token pass grows quadratically with their number.
+        if sum(text.count(special) for special in limits.special_texts) > limits.n_ctx:
+            raise _too_long(limits.n_ctx, draft.prompt_param)
         prompts = [tok.tokenize(text, add_special=False, parse_special=True)]
     elif draft.texts:
         prompts = []

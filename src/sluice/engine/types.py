@@ -40,6 +40,10 @@ class RequestLimits:
     max_prompt_chars: int
     """A prompt text longer than this cannot fit `n_ctx` tokens (`n_ctx` times the
     longest token's bytes), so it is refused without tokenizing it."""
+    special_texts: tuple[str, ...] = ()
+    """The text of the model's special tokens (``<|im_start|>``…): a rendered chat is
+    tokenized with them parsed, which costs llama.cpp time quadratic in how many occur,
+    so a chat holding more of them than `n_ctx` is refused before it is tokenized."""
 
 
 @dataclass(frozen=True, slots=True)
