@@ -5,10 +5,9 @@ before anything is tokenized; a large prompt is rendered and tokenized on the en
 tokenizer thread, never on the event loop. Each choice becomes one engine sequence (so
 ``n`` choices decode concurrently), queued at the priority of the caller's key (never a
 priority from the body), and the answer is an exact OpenAI object or an SSE stream of
-chunks. Engine failures are translated here, at
-the boundary: a full queue is 429 with Retry-After, a queue timeout or a stopped engine
-503, a failure after the first streamed byte an `UpstreamError` the relay turns into an
-SSE error event.
+chunks. Engine failures are translated here, at the boundary: a full queue is 429 with
+Retry-After, a queue timeout or a stopped engine 503, a failure after the first streamed
+byte an `UpstreamError` the relay turns into an SSE error event.
 """
 
 from __future__ import annotations
