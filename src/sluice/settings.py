@@ -132,6 +132,9 @@ class LocalDeployment(_Strict):
     cache_prompt: bool = Field(
         True, description="reuse a free slot's KV cache for a prompt sharing its prefix"
     )
+    max_sequences_per_request: int = Field(
+        16, ge=1, le=1024, description="most sequences (prompts x n) one request may run"
+    )
     weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")

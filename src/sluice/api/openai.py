@@ -134,6 +134,8 @@ class OpenAIService:
             forward, strip_usage = None, True
         ctx.stream = stream
         call = UpstreamCall(route, body, forward, ctx.request_id, stream)
+        if ctx.principal is not None and ctx.principal.key is not None:
+            call.priority = ctx.principal.key.priority  # the key's, never the body's
         if stream:
             return await self._stream(ctx, deployment, call, strip_usage)
 

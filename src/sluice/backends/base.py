@@ -29,6 +29,9 @@ class UpstreamCall:
     stream: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     """Extra headers for the upstream (never the client's credentials)."""
+    priority: int = 0
+    """Queue order in the embedded engine (higher first), from the caller's key; 0 for
+    everyone without one. Never read from the request body."""
 
 
 @dataclass(slots=True)

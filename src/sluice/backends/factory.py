@@ -83,6 +83,7 @@ class BackendFactory:
             max_queue=spec.max_queue,
             max_queue_wait_s=spec.max_queue_wait,
             cache_prompt=spec.cache_prompt,
+            max_sequences_per_request=spec.max_sequences_per_request,
         )
         backend: Backend = LocalBackend(name, config, self._engine_metrics)  # type: ignore[arg-type]
         return backend

@@ -1,11 +1,13 @@
 """Backend over the in-process engine: OpenAI chat/completions served by llama.cpp.
 
-The request body is validated field by field (`sluice.engine.oai_params`), each choice
-becomes one engine sequence (so ``n`` choices decode concurrently), and the answer is an
-exact OpenAI object or an SSE stream of chunks. Engine failures are translated here, at
-the boundary: a full queue is 429 with Retry-After, a queue timeout or a stopped engine
-503, a failure after the first streamed byte an `UpstreamError` the relay turns into an
-SSE error event.
+The request body is validated field by field (`sluice.engine.oai_params`) and bounded
+before anything is tokenized; a large prompt is rendered and tokenized on the engine's
+tokenizer thread, never on the event loop. Each choice becomes one engine sequence (so
+``n`` choices decode concurrently), queued at the priority of the caller's key (never a
+priority from the body), and the answer is an exact OpenAI object or an SSE stream of
+chunks. Engine failures are translated here, at the boundary: a full queue is 429 with
+Retry-After, a queue timeout or a stopped engine 503, a failure after the first streamed
+byte an `UpstreamError` the relay turns into an SSE error event.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sluice.engine.chat_template import ChatTemplateError
 from sluice.engine.config import EngineConfig
 from sluice.engine.engine import Engine
 from sluice.engine.metrics import EngineMetrics
-from sluice.engine.oai_params import Job, parse
+from sluice.engine.oai_params import Job, Kind, build, tokenize, validate
 from sluice.engine.oai_render import DONE, Choice, Renderer
 from sluice.engine.sequence import GenerationStream
 from sluice.engine.types import (
@@ -40,6 +42,9 @@ from sluice.errors import (
 )
 
 _RETRY = {"Retry-After": "1"}
+# Up to this many characters of prompt are rendered and tokenized inline: below it the
+# hand-off to the tokenizer thread costs about as much as the work (docs/security/engine.md).
+INLINE_CHARS = 512
 
 
 def translate(exc: BaseException) -> SluiceError:
@@ -120,17 +125,22 @@ class LocalBackend:
     async def close(self) -> None:
         await self.engine.close()
 
-    def _job(self, call: UpstreamCall) -> Job:
+    async def _job(self, call: UpstreamCall) -> Job:
         if call.route == "embeddings":
             raise InvalidRequestError(
                 "This model is a chat model and does not create embeddings.", param="model"
             )
+        engine = self.engine
         try:
-            return parse(
-                "chat" if call.route == "chat/completions" else "text", call.body, self.engine
-            )
+            kind: Kind = "chat" if call.route == "chat/completions" else "text"
+            draft = validate(kind, call.body, engine.request_limits)
+            if draft.chars > INLINE_CHARS:
+                prompts = await engine.offload(tokenize, draft, engine)
+            else:
+                prompts = tokenize(draft, engine)
         except (ChatTemplateError, EngineError) as exc:
             raise translate(exc) from exc
+        return build(draft, prompts, call.priority)
 
     def _submit(self, job: Job) -> list[GenerationStream]:
         streams: list[GenerationStream] = []
@@ -144,7 +154,7 @@ class LocalBackend:
         return streams
 
     async def send(self, call: UpstreamCall) -> UpstreamReply:
-        job = self._job(call)
+        job = await self._job(call)
         renderer = Renderer(job)
         choices = [Choice() for _ in job.requests]
         events = merge(self._submit(job))
@@ -163,7 +173,7 @@ class LocalBackend:
 
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
-        job = self._job(call)
+        job = await self._job(call)
         events = merge(self._submit(job))
         try:
             try:

@@ -53,7 +53,6 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except TemplateError as exc:
             raise ChatTemplateError(f"invalid chat template: {exc}") from exc
-        self._template_error = TemplateError
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -76,5 +75,7 @@ class ChatTemplate:
             )
         except ChatTemplateError:
             raise
-        except (self._template_error, TypeError, KeyError) as exc:
+        except Exception as exc:
+            # The template is the operator's and fixed; whatever makes it fail (a missing
+            # key, a type it does not expect, nesting too deep) came from the request.
             raise ChatTemplateError(f"chat template failed: {exc}") from exc

@@ -31,6 +31,9 @@ class EngineConfig:
     cache_prompt: bool = True
     """Keep a finished sequence's KV cache in its slot and reuse its longest common prefix
     with the next prompt admitted there, prefilling only the new suffix."""
+    max_sequences_per_request: int = 16
+    """Most sequences one OpenAI request may expand into (prompts x ``n``); more is a 400
+    before anything is tokenized or queued."""
 
     def __post_init__(self) -> None:
         if self.n_ctx < 16:
@@ -45,6 +48,8 @@ class EngineConfig:
             raise ValueError("max_queue must not be negative")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
+        if self.max_sequences_per_request < 1:
+            raise ValueError("max_sequences_per_request must be at least 1")
         if self.max_queue_wait_s <= 0:
             raise ValueError("max_queue_wait_s must be positive")
 

@@ -1,17 +1,19 @@
 """The engine's async face: load the model, submit generations, read back events.
 
 Nothing here blocks the event loop on llama.cpp: loading and shutdown run in a worker
-thread, decoding runs on the scheduler's own thread, and events come back through
-`call_soon_threadsafe`. The engine is not bound to one event loop; each request is
-answered on the loop that called `generate`.
+thread, decoding runs on the scheduler's own thread, large prompts are tokenized on the
+engine's tokenizer thread (`offload`), and events come back through `call_soon_threadsafe`.
+The engine is not bound to one event loop; each request is answered on the loop that
+called `generate`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
@@ -24,7 +26,10 @@ from sluice.engine.types import (
     EngineStats,
     GenerationRequest,
     PromptTooLongError,
+    RequestLimits,
 )
+
+T = TypeVar("T")
 
 
 class Engine:
@@ -35,6 +40,7 @@ class Engine:
         self.metrics = metrics
         self._model: LlamaModel | None = None
         self._scheduler: Scheduler | None = None
+        self._tokenizer: ThreadPoolExecutor | None = None
 
     @property
     def model_path(self) -> Path:
@@ -63,14 +69,21 @@ class Engine:
             metrics=self.metrics,
         )
         scheduler.start()
+        # One thread: large prompts queue behind each other there, never on the event loop
+        # and never in the default executor other parts of the app share.
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="sluice-tokenize")
         self._model, self._scheduler = model, scheduler
 
     async def close(self) -> None:
         """Stop the decode thread (failing whatever is in flight) and free the model."""
-        scheduler, model = self._scheduler, self._model
-        self._scheduler = None
+        scheduler, model, tokenizer = self._scheduler, self._model, self._tokenizer
+        self._scheduler = self._tokenizer = None
         if scheduler is not None:
             await asyncio.to_thread(scheduler.stop)
+        if tokenizer is not None:
+            # A tokenization still running reads the vocabulary: it must end before the
+            # model is freed (llama-server crashed on exactly this, unloading mid-tokenize).
+            await asyncio.to_thread(tokenizer.shutdown, wait=True, cancel_futures=True)
         if model is not None:
             model.close()
             self._model = None
@@ -90,9 +103,43 @@ class Engine:
         """Most tokens (prompt plus completion) one sequence may hold."""
         return self.model.n_ctx
 
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Tokens of plain text (a completion prompt), with BOS if the model wants one."""
-        return self.model.tokenize(text, add_special=add_special)
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The bounds an OpenAI request is checked against before it is tokenized."""
+        model = self.model
+        return RequestLimits(
+            n_ctx=model.n_ctx,
+            n_vocab=model.n_vocab,
+            max_sequences=self.config.max_sequences_per_request,
+            max_prompt_chars=model.n_ctx * model.max_token_bytes,
+            special_texts=model.special_texts,
+        )
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (tokenizing, rendering a chat) on the engine's tokenizer thread."""
+        executor = self._tokenizer
+        if executor is None:
+            raise EngineClosedError("engine is not started")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        except RuntimeError as exc:  # shut down between the check and the submit
+            raise EngineClosedError("engine is shutting down") from exc
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:  # `close` cancelled the work
+                raise EngineClosedError("engine is shutting down") from None
+            raise
+
+    def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Tokens of plain text (a completion prompt), with BOS if the model wants one.
+
+        ``parse_special`` reads special-token text (a rendered chat's ``<|im_start|>``) as
+        those tokens; never set it for a client's own text."""
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.model.detokenize(tokens)
@@ -153,5 +200,6 @@ class Engine:
                 f"{n_prompt + request.max_tokens} were requested ({n_prompt} in the prompt, "
                 f"{request.max_tokens} for the completion)"
             )
-        if any(t < 0 or t >= model.n_vocab for t in request.prompt_tokens):
+        tokens = request.prompt_tokens
+        if min(tokens) < 0 or max(tokens) >= model.n_vocab:
             raise ValueError("prompt contains a token id outside the vocabulary")

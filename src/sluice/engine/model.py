@@ -1,8 +1,11 @@
 """Load a GGUF model with llama.cpp's low-level API; tokenize, detokenize, chat template.
 
 `LlamaModel` owns the model, its vocabulary and one context sized for every sequence slot.
-It is not thread-safe: once the engine starts, only its decode thread touches the context
-(tokenizing only reads the vocabulary and is safe from any thread).
+It is not thread-safe: once the engine starts, only its decode thread touches the context.
+Tokenizing and detokenizing only read the vocabulary, which is immutable once loaded
+(llama.cpp's `llama_vocab::impl::tokenize` is `const` and keeps its state in a per-call
+session; llama-server tokenizes on its HTTP threads while its main loop decodes), so they
+are safe from any thread for as long as the model is not freed.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class LlamaModel:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self.n_ctx = min(n_ctx, self.n_ctx_seq)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.max_token_bytes, self.special_texts = self._scan_vocab()
         self.chat_template = self._load_chat_template()
 
     @property
@@ -115,6 +119,23 @@ class LlamaModel:
         if n < 0:
             raise RuntimeError("tokenization failed")
         return list(buf[:n])
+
+    def _scan_vocab(self) -> tuple[int, tuple[str, ...]]:
+        """The longest token's bytes (a text of more than ``n * longest`` bytes cannot be
+        fewer than ``n`` tokens), and the text of every token that tokenizing with
+        ``parse_special`` matches as a whole (llama.cpp's special-token cache)."""
+        special = (
+            llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+            | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+            | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        )
+        longest, texts = 1, []
+        for token in range(self.n_vocab):
+            piece = self.token_to_piece(token, special=True)
+            longest = max(longest, len(piece))
+            if piece and llama_cpp.llama_vocab_get_attr(self._vocab, token) & special:
+                texts.append(piece.decode("utf-8", "replace"))
+        return longest, tuple(texts)
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The raw bytes of one token (may be part of a multi-byte character)."""

@@ -24,7 +24,26 @@ class GenerationRequest:
     """None means a random seed."""
     stop: Sequence[str] = ()
     priority: int = 0
-    """Higher is admitted first; equal priorities are served first come, first served."""
+    """Higher is admitted first; equal priorities are served first come, first served.
+    The OpenAI surface takes it from the caller's key, never from the request body."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one OpenAI request may ask of the engine, checked before any tokenization."""
+
+    n_ctx: int
+    """Most tokens (prompt plus completion) of one sequence."""
+    n_vocab: int
+    max_sequences: int
+    """Most sequences (prompts x n) one request may expand into."""
+    max_prompt_chars: int
+    """A prompt text longer than this cannot fit `n_ctx` tokens (`n_ctx` times the
+    longest token's bytes), so it is refused without tokenizing it."""
+    special_texts: tuple[str, ...] = ()
+    """The text of the model's special tokens (``<|im_start|>``…): a rendered chat is
+    tokenized with them parsed, which costs llama.cpp time quadratic in how many occur,
+    so a chat holding more of them than `n_ctx` is refused before it is tokenized."""
 
 
 @dataclass(frozen=True, slots=True)
