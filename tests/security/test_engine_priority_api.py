@@ -57,6 +57,8 @@ def test_open_mode_is_priority_zero_whatever_the_body_says(upstream: MockUpstrea
                 f"{url}/chat/completions", json={**CHAT, "priority": body_priority}
             )
             assert response.status_code == 200
+            # Nor does the body's priority reach a remote upstream (vLLM schedules by it).
+            assert "priority" not in upstream.stats.last_body
     assert recording[0].priorities == [0, 0, 0]
 
 

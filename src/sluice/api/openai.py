@@ -124,6 +124,9 @@ class OpenAIService:
         ctx.accepted = True
 
         forward: bytes | None = raw
+        if "priority" in body:  # queue order is the key's (the call's priority), not the client's
+            del body["priority"]
+            forward = None
         if deployment.upstream_model != model:
             body["model"] = deployment.upstream_model
             forward = None
