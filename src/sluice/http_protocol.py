@@ -103,6 +103,7 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     max_connections: int = 10_000
+    write_timeout: float = 60.0
 
 
 DEFAULT_LIMITS = ConnectionLimits()
@@ -146,6 +147,7 @@ class SluiceHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         self._phase = _IDLE
         self._deadline: TimerHandle | None = None
+        self._write_stall: TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -160,7 +162,30 @@ class SluiceHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The client stopped reading: a stream would otherwise wait for it for ever,
+        # holding its upstream call, its slot and its budget hold, its usage unrecorded.
+        super().pause_writing()
+        if self._write_stall is None:
+            self._write_stall = self.loop.call_later(
+                self.limits.write_timeout, self._client_stalled
+            )
+
+    def resume_writing(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.cancel()
+            self._write_stall = None
+        super().resume_writing()
+
+    def _client_stalled(self) -> None:
+        # abort(), not close(): close() would wait to flush what the client won't read.
+        self._write_stall = None
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -39,6 +39,7 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
                 header_timeout=server.header_timeout,
                 body_timeout=server.body_timeout,
                 max_connections=server.max_connections,
+                write_timeout=server.write_timeout,
             )
         ),
         "lifespan": "on",

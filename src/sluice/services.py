@@ -26,11 +26,12 @@ from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
+from sluice.pipeline.costs import price_table
 from sluice.pipeline.guard import Guard
 from sluice.pipeline.invalidation import KeyInvalidation
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
 from sluice.pipeline.limits.wire import PipelinedRedis
-from sluice.settings import Settings, resolve_secret, resolve_url
+from sluice.settings import OpenAIDeployment, Settings, resolve_secret, resolve_url
 from sluice.store.database import Database, default_database_url
 from sluice.store.keys import KeyStore
 from sluice.store.recorder import UsageRecorder
@@ -41,8 +42,7 @@ log = logging.getLogger("sluice.services")
 # The in-process limiter's lease: only a backstop (its settles cannot be lost; with Redis
 # the lease is limits.redis_lease_seconds, renewed while the request runs).
 MEMORY_LEASE_SECONDS = 900.0
-# A budget hold outlives any request (upstream total timeouts default to 600 s): one whose
-# release is lost lapses after this, keeping the budget stricter meanwhile, never looser.
+# The shortest lease of a budget hold on Redis; see _budget_lease.
 BUDGET_LEASE_SECONDS = 900.0
 
 
@@ -103,7 +103,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         )
     else:
         limiter = MemoryLimiter()
-    prices = {model.name: model.pricing for model in settings.models}
+    prices = price_table(settings.models)
 
     if master_key is None and not settings.usage.enabled:
         return Services(
@@ -145,10 +145,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             default_max_tokens=settings.limits.default_max_tokens,
             lease_seconds=lease_seconds,
             budgets=budgets,
-            prices={
-                name: (price.prompt_per_million, price.completion_per_million)
-                for name, price in prices.items()
-            },
+            prices=prices,
         )
     invalidation = KeyInvalidation(
         redis, authenticator.invalidate if authenticator is not None else lambda _: None
@@ -178,14 +175,29 @@ def _budgets(
 ) -> BudgetLedger:
     """The budget ledger: shared on Redis when there is one (as the limits are)."""
     if redis is None:
-        return MemoryBudgets(lease_seconds=BUDGET_LEASE_SECONDS)
+        return MemoryBudgets()
     log_to = outages or _limiter_outages(settings.limits.redis_failure)
     return RedisBudgets(
         redis,
-        lease_seconds=BUDGET_LEASE_SECONDS,
+        lease_seconds=_budget_lease(settings),
         failure_mode=settings.limits.redis_failure,
         on_failure=lambda exc: _limiter_failed(metrics, log_to, exc),
     )
+
+
+def _budget_lease(settings: Settings) -> float:
+    """How long a budget hold on Redis lives when its release is lost: longer than any
+    request may run (the longest upstream total timeout, plus the write deadline of a
+    client that stopped reading, plus a margin), so a hold never lapses under a request
+    still running. The embedded engine's requests are bounded by their token ceilings."""
+    totals = [
+        deployment.timeout.total
+        for model in settings.models
+        for deployment in model.deployments
+        if isinstance(deployment, OpenAIDeployment)
+    ]
+    longest = max(totals, default=0.0) + settings.server.write_timeout + 60.0
+    return max(BUDGET_LEASE_SECONDS, longest)
 
 
 def database_for(settings: Settings) -> Database:

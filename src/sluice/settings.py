@@ -197,6 +197,12 @@ class ServerSettings(_Strict):
     keep_alive_timeout: float = Field(
         15.0, gt=0, description="seconds an idle keep-alive connection stays open"
     )
+    write_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds a response may wait for a client that stopped reading; then the "
+        "connection is cut",
+    )
     max_connections: int = Field(
         10_000, ge=1, description="open client connections per worker; more are refused (503)"
     )

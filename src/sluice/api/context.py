@@ -33,8 +33,6 @@ class RequestContext:
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
     prompt_estimate: int = 0
-    completion_allowance: int = 0
-    """Completion tokens the request may use (``max_tokens`` times ``n``, or the default)."""
     principal: Principal | None = None
     admission: Admission | None = None
     ticket: Ticket | None = None

@@ -25,6 +25,7 @@ from sluice.api.usage import read_body_usage
 from sluice.backends.base import Route, UpstreamCall
 from sluice.errors import PayloadTooLargeError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
+from sluice.pipeline.costs import prompt_estimate
 from sluice.pipeline.guard import Guard, admitted
 from sluice.protocol import parse_json_object, validate, wants_usage
 from sluice.routing.router import Deployment, Router
@@ -113,17 +114,17 @@ class OpenAIService:
         deployment = self._router.route(model)
         ctx.model = model
         ctx.deployment = deployment.id
-        ctx.prompt_estimate = max(1, len(raw) // 4)
+        ctx.prompt_estimate = prompt_estimate(len(raw))
+        forward: bytes | None = raw
         if guard is not None:
             waiting = guard.admit(ctx, model, body, len(raw))
             if waiting is not None:
                 admitted(ctx, await waiting)
-            reserving = guard.reserve_budget(ctx, model)
-            if reserving is not None:
-                await reserving
+            reserving = guard.reserve_budget(ctx, model, body, len(raw))
+            if reserving is not None and await reserving:
+                forward = None  # the body now carries the completion ceiling its hold assumed
         ctx.accepted = True
 
-        forward: bytes | None = raw
         if "priority" in body:  # queue order is the key's (the call's priority), not the client's
             del body["priority"]
             forward = None

@@ -12,9 +12,9 @@ import time
 
 from sluice.api.context import RequestContext
 from sluice.pipeline.budgets import BudgetLedger, to_nano
+from sluice.pipeline.costs import Rates, cost_usd
 from sluice.pipeline.limits import Limiter
 from sluice.pipeline.limits.window import new_tuple
-from sluice.settings import PricingSettings
 from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageRecord
 
@@ -24,18 +24,13 @@ class Accounting:
         self,
         recorder: UsageRecorder | None,
         limiter: Limiter | None,
-        prices: dict[str, PricingSettings],
+        prices: dict[str, Rates],
         budgets: BudgetLedger | None = None,
     ) -> None:
         self._recorder = recorder
         self._limiter = limiter
         self._budgets = budgets
-        # Per model: USD per million prompt and completion tokens, as plain floats (the cost
-        # is worked out inline: a method call per request costs more than the arithmetic).
-        self._rates = {
-            model: (price.prompt_per_million, price.completion_per_million)
-            for model, price in prices.items()
-        }
+        self._prices = prices
 
     def finish(self, ctx: RequestContext, status: int, latency_s: float) -> None:
         """Record the request's usage and settle its reservations; never waits (the record
@@ -49,8 +44,7 @@ class Accounting:
         completion = (
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
-        rates = self._rates.get(ctx.model or "")
-        cost = 0.0 if rates is None else (prompt * rates[0] + completion * rates[1]) / 1_000_000
+        cost = cost_usd(self._prices.get(ctx.model or ""), prompt, completion)
         if self._recorder is not None:
             # In UsageRecord's field order, by tuple.__new__ (no Python-level constructor
             # call). latency_ms is not rounded (round() alone cost ~2.5k instructions).

@@ -17,8 +17,12 @@ cache's copy of the database row), so spend written by other replicas (memory le
 or before the account existed is never forgotten.
 
 Amounts are integer nano-dollars (exact sums on Redis, where floats would drift).
-Reservations are leases: one whose release never arrives (a lost reply, a crashed
-replica) lapses after ``lease_seconds``, which only makes the budget stricter meanwhile.
+In-process holds are released by the end of their request, always (it runs in a
+``finally``). On Redis a release can be lost (a lost reply, a crashed replica), so holds
+there are leases that lapse after ``lease_seconds``: longer than any request may run (the
+longest upstream timeout plus the client write deadline; see `sluice.services`), so a
+lost release keeps the budget stricter until then, and a lease never lapses under a
+request still running.
 
 `MemoryBudgets` serves one process; `RedisBudgets` shares the accounts among replicas (one
 script call per admission of a budgeted key, on Redis's clock). Keys without a budget never
@@ -87,7 +91,7 @@ def account_name(key_id: str, period_started_at: Any) -> str:
 @dataclass(slots=True)
 class _Account:
     spent: int
-    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # id -> (amount, expiry)
+    holds: dict[str, int] = field(default_factory=dict)  # request id -> amount
     reserved: int = 0
     touched: float = 0.0
 
@@ -100,12 +104,10 @@ class MemoryBudgets:
     def __init__(
         self,
         *,
-        lease_seconds: float = 900.0,
         idle_seconds: float = 600.0,
         max_accounts: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._lease = lease_seconds
         self._idle = idle_seconds
         self._max_accounts = max_accounts
         self._clock = clock
@@ -127,14 +129,11 @@ class MemoryBudgets:
         if state is None:
             state = self._accounts[account] = _Account(spent=stored_spend)
         state.touched = now
-        if state.holds and min(expiry for _, expiry in state.holds.values()) <= now:
-            for rid in [rid for rid, (_, expiry) in state.holds.items() if expiry <= now]:
-                state.reserved -= state.holds.pop(rid)[0]
         if stored_spend > state.spent:
             state.spent = stored_spend
         if not _fits(state.spent, state.reserved, amount, budget):
             return None
-        state.holds[request_id] = (amount, now + self._lease)
+        state.holds[request_id] = amount
         state.reserved += amount
         return BudgetHold(account, request_id, amount)
 
@@ -147,7 +146,7 @@ class MemoryBudgets:
             return  # forgotten while idle: the stored spend will count it
         held = state.holds.pop(hold.request_id, None)
         if held is not None:
-            state.reserved -= held[0]
+            state.reserved -= held
         state.spent += max(actual, 0)
 
     async def close(self) -> None:
@@ -205,8 +204,8 @@ for i = 1, 3 do redis.call('EXPIRE', KEYS[i], keep) end
 return ok and 1 or 0
 """
 
-# release ARGV: request id, actual cost. A hold that lapsed meanwhile is not subtracted
-# twice; the real cost is counted either way.
+# release ARGV: request id, actual cost, idle ttl s. A hold that lapsed meanwhile is not
+# subtracted twice; the real cost is counted either way (and the account kept alive).
 _RELEASE = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   local held = redis.call('HGET', KEYS[3], ARGV[1])
@@ -214,6 +213,7 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[1])
 end
 redis.call('HINCRBY', KEYS[1], 's', tonumber(ARGV[2]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
 """
 
@@ -244,7 +244,7 @@ class RedisBudgets:
         self._reserve = redis.register_script(_RESERVE)
         self._release = redis.register_script(_RELEASE)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._fallback = MemoryBudgets(lease_seconds=lease_seconds)
+        self._fallback = MemoryBudgets()
 
     def _keys(self, account: str) -> list[str]:
         base = self._prefix + account
@@ -284,7 +284,8 @@ class RedisBudgets:
     async def _send_release(self, hold: BudgetHold, actual: int) -> None:
         try:
             await self._release(
-                keys=self._keys(hold.account), args=[hold.request_id, max(actual, 0)]
+                keys=self._keys(hold.account),
+                args=[hold.request_id, max(actual, 0), max(self._idle, self._lease_ms // 1000)],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             self._report(exc)

@@ -21,10 +21,10 @@ from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
+from sluice.pipeline.costs import Rates, completion_ceiling, cost_usd
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
 from sluice.store.keys import KeyRecord
 
-_BYTES_PER_TOKEN = 4  # a deliberate over-estimate of prompt tokens from the JSON body size
 _MAX_CACHED_SCOPES = 50_000
 
 
@@ -37,7 +37,7 @@ class Guard:
         default_max_tokens: int,
         lease_seconds: float,
         budgets: BudgetLedger,
-        prices: dict[str, tuple[float, float]],
+        prices: dict[str, Rates],
     ) -> None:
         self._auth = authenticator
         self._limiter = limiter
@@ -82,18 +82,8 @@ class Guard:
             principal.authorize(model)  # raises the 403
         if key.budget_usd is not None and key.spend_usd >= key.budget_usd:
             raise _over_budget(key)
-        # The estimate, inline (it runs for every limited request): the body's size in
-        # tokens, plus the completion's ceiling unless this is an embedding.
-        tokens = size // _BYTES_PER_TOKEN or 1
-        if ctx.route != "embeddings":
-            completion = body.get("max_completion_tokens") or body.get("max_tokens")
-            if not isinstance(completion, int) or completion < 1:
-                completion = self._default_max_tokens
-            n = body.get("n")
-            if isinstance(n, int) and n > 1:
-                completion *= n
-            ctx.completion_allowance = completion
-            tokens += completion
+        completion, _ = completion_ceiling(ctx.route, body, self._default_max_tokens)
+        tokens = ctx.prompt_estimate + completion
         cached = self._scopes.get((key.id, model))
         if cached is not None and cached[0] is key:
             scopes = cached[1]
@@ -109,29 +99,44 @@ class Guard:
         admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease))
         return None
 
-    def reserve_budget(self, ctx: RequestContext, model: str) -> Awaitable[None] | None:
+    def reserve_budget(
+        self, ctx: RequestContext, model: str, body: dict[str, Any], size: int
+    ) -> Awaitable[bool] | None:
         """For a key with a budget, hold the request's worst-case cost in the ledger (the
         caller awaits it; 429 ``budget_exceeded`` when it does not fit). None for every
-        other request. Runs after `admit`, which sets the completion's ceiling."""
+        other request. The awaitable's True says ``body`` was changed: a request that set
+        no completion ceiling is sent the one its hold assumed (``max_tokens``), so that
+        the hold really bounds what the upstream may write."""
         principal = ctx.principal
         if principal is None or principal.key is None or principal.key.budget_usd is None:
             return None
-        return self._reserve(ctx, principal.key, model)
+        return self._reserve(ctx, principal.key, model, body, size)
 
-    async def _reserve(self, ctx: RequestContext, key: KeyRecord, model: str) -> None:
+    async def _reserve(
+        self, ctx: RequestContext, key: KeyRecord, model: str, body: dict[str, Any], size: int
+    ) -> bool:
         assert key.budget_usd is not None
-        prompt_rate, completion_rate = self._prices.get(model, (0.0, 0.0))
-        worst = ctx.prompt_estimate * prompt_rate + ctx.completion_allowance * completion_rate
+        completion, explicit = completion_ceiling(ctx.route, body, self._default_max_tokens)
+        # The prompt at its bound (one token per byte), not the rate limiter's estimate.
+        worst = cost_usd(self._prices.get(model), size, completion)
+        budget = to_nano(key.budget_usd)
+        # Only the comparison with the budget matters: past it, any amount refuses alike
+        # (and an absurd max_tokens cannot overflow the ledger's integers).
+        amount = min(to_nano(worst, up=True), budget + 1)
         hold = await self._budgets.reserve(
             account_name(key.id, key.period_started_at),
             ctx.request_id,
-            to_nano(worst / 1_000_000, up=True),
-            to_nano(key.budget_usd),
+            amount,
+            budget,
             to_nano(key.spend_usd),
         )
         if hold is None:
             raise _over_budget(key, in_flight=True)
         ctx.budget_hold = hold
+        if explicit:
+            return False
+        body["max_tokens"] = self._default_max_tokens
+        return True
 
 
 def admitted(ctx: RequestContext, admission: Admission) -> None:
