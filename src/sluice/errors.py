@@ -8,6 +8,8 @@
     ├── NotFoundError                404 not_found_error         (unknown route)
     │   └── ModelNotFoundError       404 (unknown model; code model_not_found)
     ├── PayloadTooLargeError         413 invalid_request_error
+    ├── UnsupportedMediaTypeError    415 invalid_request_error   (a body that is not JSON)
+    ├── MisdirectedRequestError      421 invalid_request_error   (a Host not served)
     ├── RateLimitError               429 rate_limit_error        (carries Retry-After)
     ├── ServiceUnavailableError      503 service_unavailable     (draining, overloaded)
     └── UpstreamError                502 upstream_error          (anything from a backend)
@@ -108,6 +110,18 @@ class PayloadTooLargeError(SluiceError):
     status = 413
     type = "invalid_request_error"
     default_code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(SluiceError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class MisdirectedRequestError(SluiceError):
+    status = 421
+    type = "invalid_request_error"
+    default_code = "host_not_allowed"
 
 
 class RateLimitError(SluiceError):

@@ -26,7 +26,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.api.edge import is_loopback, send_error
+from sluice.api.edge import is_loopback
+from sluice.api.errors import send_error
 from sluice.errors import (
     AuthenticationError,
     NotFoundError,

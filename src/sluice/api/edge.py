@@ -25,25 +25,14 @@ import ipaddress
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sluice.errors import SluiceError
+from sluice.api.errors import send_error
+from sluice.errors import MisdirectedRequestError, SluiceError, UnsupportedMediaTypeError
 from sluice.settings import ServerSettings
 
 _LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON = b"application/json"
 _REMEMBERED_HOSTS = 64
-
-
-class UnsupportedMediaTypeError(SluiceError):
-    status = 415
-    type = "invalid_request_error"
-    default_code = "unsupported_media_type"
-
-
-class MisdirectedRequestError(SluiceError):
-    status = 421
-    type = "invalid_request_error"
-    default_code = "host_not_allowed"
 
 
 def is_loopback(host: str) -> bool:
@@ -133,16 +122,3 @@ class EdgeChecks:
                     param="Content-Type",
                 )
         return None
-
-
-async def send_error(send: Send, error: SluiceError, close: bool = False) -> None:
-    """Answer with ``error``'s envelope without reading the request's body."""
-    body = error.body()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if close:
-        headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

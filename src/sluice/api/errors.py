@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ExceptionHandler
+from starlette.types import ExceptionHandler, Send
 
 from sluice.api.context import SCOPE_KEY, RequestContext
 from sluice.errors import InvalidRequestError, NotFoundError, SluiceError
@@ -28,6 +28,20 @@ class MethodNotAllowedError(SluiceError):
     status = 405
     type = "invalid_request_error"
     default_code = "method_not_allowed"
+
+
+async def send_error(send: Send, error: SluiceError, *, close: bool = False) -> None:
+    """Answer with ``error``'s envelope straight from ASGI middleware (no body read)."""
+    body = error.body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def render(error: SluiceError) -> Response:

@@ -20,6 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.api.context import SCOPE_KEY, RequestContext
+from sluice.api.errors import send_error
 from sluice.errors import ServiceUnavailableError
 from sluice.http_protocol import HEADER_BLOCK
 from sluice.lifecycle import Lifecycle
@@ -102,7 +103,7 @@ class ObserveRequests:
             error = ServiceUnavailableError(
                 "The server is shutting down; retry on another replica."
             )
-            await _send_error(send_with_id, error)
+            await send_error(send_with_id, error, close=True)
             ctx.error_kind = error.kind
             self._record(ctx, path, status, time.perf_counter() - ctx.started)
             return
@@ -158,19 +159,3 @@ class ObserveRequests:
         if ctx.principal is not None:
             record["key_id"] = ctx.principal.key_id or "master"
         self.access_log.write(record)
-
-
-async def _send_error(send: Send, error: ServiceUnavailableError) -> None:
-    body = error.body()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": error.http_status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
