@@ -22,6 +22,7 @@ from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
+from sluice.protocol import completion_ceiling
 from sluice.store.keys import KeyRecord
 
 _BYTES_PER_TOKEN = 4  # a deliberate over-estimate of prompt tokens from the JSON body size
@@ -86,12 +87,7 @@ class Guard:
         # tokens, plus the completion's ceiling unless this is an embedding.
         tokens = size // _BYTES_PER_TOKEN or 1
         if ctx.route != "embeddings":
-            completion = body.get("max_completion_tokens") or body.get("max_tokens")
-            if not isinstance(completion, int) or completion < 1:
-                completion = self._default_max_tokens
-            n = body.get("n")
-            if isinstance(n, int) and n > 1:
-                completion *= n
+            completion = completion_ceiling(ctx.route, body, self._default_max_tokens)
             ctx.completion_allowance = completion
             tokens += completion
         cached = self._scopes.get((key.id, model))
