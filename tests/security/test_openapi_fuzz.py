@@ -253,7 +253,7 @@ def _json(value: Any) -> bytes:
 
 
 @settings(
-    max_examples=EXAMPLES * 2,
+    max_examples=EXAMPLES,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
