@@ -147,6 +147,7 @@ def build_app(settings: Settings) -> Starlette:
     # Everything the hot routes do not match (a 405 still wins) goes to FastAPI, through
     # the gate that checks the master key before any admin body is read.
     app.router.default = AdminGate(api, services.master_key, docs, server.max_admin_body_bytes)
+    app.state.api = api  # the FastAPI app: its openapi() is the whole document
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router

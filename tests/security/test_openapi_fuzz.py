@@ -59,7 +59,7 @@ def served_document() -> dict[str, Any]:
     os.environ[MASTER_ENV] = MASTER
     os.environ.setdefault("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream-secret")  # as running_gateway
     app = build_app(Settings(**gateway_config("http://127.0.0.1:9", Path("unused"))))
-    return app.router.default.openapi()  # type: ignore[no-any-return]
+    return app.state.api.openapi()  # type: ignore[no-any-return]
 
 
 DOCUMENT = served_document()

@@ -259,7 +259,9 @@ def limited(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
 def _post(gateway: Limited, route: Route, body: dict[str, Any]) -> httpx.Response:
     body.pop("mock", None)  # the mock upstream's control field: never asked to fail here
     # stdlib json writes integers of any size, as a hostile client may.
-    return gateway.client.post(f"/{route}", content=json.dumps(body))
+    return gateway.client.post(
+        f"/{route}", content=json.dumps(body), headers={"content-type": "application/json"}
+    )
 
 
 @settings(
