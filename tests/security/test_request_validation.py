@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -230,10 +232,11 @@ def test_refusals_found_by_the_fuzz(route: Route, body: dict[str, Any], param: s
 
 
 class Limited:
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, budgeted: str) -> None:
         self.client = httpx.Client(
             base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=10
         )
+        self.budgeted = budgeted  # a key with a $1 budget: 500 completion tokens' worth
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +244,7 @@ def limited(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
     os.environ["SLUICE_VALIDATION_MASTER_KEY"] = MASTER
     config = config_for(upstream.url)
     data_dir: Path = tmp_path_factory.mktemp("validation")
+    config["models"][0]["pricing"] = {"prompt_per_million": 0, "completion_per_million": 2000}
     config.update(
         auth={"master_key": "os.environ/SLUICE_VALIDATION_MASTER_KEY"},
         limits={"default_max_tokens": DEFAULT_MAX_TOKENS},
@@ -251,7 +255,9 @@ def limited(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory) ->
         admin_url = f"{url.removesuffix('/v1')}/admin/keys"
         created = httpx.post(admin_url, json={"tpm": TPM}, headers=admin)
         assert created.status_code == 201, created.text
-        gateway = Limited(url, created.json()["key"])
+        budgeted = httpx.post(admin_url, json={"budget_usd": 1}, headers=admin)
+        assert budgeted.status_code == 201, budgeted.text
+        gateway = Limited(url, created.json()["key"], budgeted.json()["key"])
         with gateway.client:
             yield gateway
 
@@ -315,3 +321,31 @@ def test_requests_that_may_use_more_than_the_limit_are_refused(
     response = _post(limited, route, {**BASES[route], **change})
     assert response.status_code == 429, response.text
     assert response.json()["error"]["code"] == "rate_limit_tpm"
+
+
+@pytest.mark.parametrize(
+    ("route", "change"),
+    [
+        ("chat/completions", {"max_completion_tokens": 1, "max_tokens": 1000}),
+        ("completions", {"best_of": 10, "max_tokens": 100}),
+        ("completions", {"prompt": ["a"] * 10, "max_tokens": 100}),
+    ],
+)
+def test_budget_holds_the_same_ceiling(
+    limited: Limited, route: Route, change: dict[str, Any]
+) -> None:
+    """A $1 budget at $2,000 per million completion tokens covers 500 tokens. While a
+    small request is held in flight (the mock answers it after 1 s), each of these, which
+    may produce 1,000 tokens, does not fit; each was held as 1 or 100 tokens before. (A
+    request that finds nothing held is admitted whatever its cost: the budget's rule.)"""
+    headers = {"Authorization": f"Bearer {limited.budgeted}"}
+    slow = {**BASES["chat/completions"], "max_tokens": 1, "mock": {"latency_ms": 1000}}
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(limited.client.post, "/chat/completions", json=slow, headers=headers)
+        time.sleep(0.3)
+        response = limited.client.post(
+            f"/{route}", json={**BASES[route], **change}, headers=headers
+        )
+        assert held.result().status_code == 200
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "budget_exceeded"
