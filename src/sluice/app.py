@@ -23,6 +23,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from sluice.api.admin import AdminGate, admin_router, docs_access
+from sluice.api.document import install_openapi
 from sluice.api.edge import EdgeChecks, served_hosts
 from sluice.api.errors import ERROR_HANDLERS, install_error_handlers
 from sluice.api.health import HealthRoutes
@@ -112,6 +113,7 @@ def build_app(settings: Settings) -> Starlette:
         key_service = KeyService(services.keys, services.invalidation)
         api.include_router(admin_router(key_service, services.usage, services.master_key))
     install_error_handlers(api)
+    install_openapi(api, router.model_names)
 
     health_routes = health.routes()
     if server.metrics_port is not None:
@@ -145,6 +147,7 @@ def build_app(settings: Settings) -> Starlette:
     # Everything the hot routes do not match (a 405 still wins) goes to FastAPI, through
     # the gate that checks the master key before any admin body is read.
     app.router.default = AdminGate(api, services.master_key, docs, server.max_admin_body_bytes)
+    app.state.api = api  # the FastAPI app: its openapi() is the whole document
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sluice.pipeline import apikeys
 from sluice.pipeline.invalidation import KeyInvalidation
@@ -16,6 +17,50 @@ Period = Literal["daily", "weekly", "monthly"]
 
 
 INT32_MAX = 2**31 - 1  # the columns are 32-bit integers on PostgreSQL
+
+
+def to_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC, a naive one taken as UTC. A moment that leaves datetime's range
+    once converted (the year 9999 west of UTC, the year 1 east of it) is refused as a
+    validation error, not left to overflow where it is stored or compared."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the date is out of range once converted to UTC") from None
+
+
+UtcMoment = Annotated[datetime, AfterValidator(to_utc)]
+
+MAX_NESTING = 32
+"""Levels of objects and arrays in a key's metadata."""
+
+
+def storable(value: Any) -> Any:
+    """``value`` if the database and the JSON answer can hold it: no string that is not
+    Unicode text (JSON's ``\\u`` escapes can carry lone surrogates, which neither UTF-8
+    nor the answer can encode), no infinite number (``1e400`` parses as one; PostgreSQL's
+    JSON refuses it) and no nesting past `MAX_NESTING` (the answer's serialiser stops at a
+    depth the request's parser accepts)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise ValueError("strings must be Unicode text (no lone surrogates)") from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite")
+        elif isinstance(item, dict | list):
+            if depth >= MAX_NESTING:
+                raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+    return value
 
 
 class ModelLimit(BaseModel):
@@ -29,18 +74,26 @@ class KeySettings(BaseModel):
     """What a key may do. Every field is optional; absent means unlimited."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[str] | None = Field(None, description="allowed models; null for all")
-    model_limits: dict[str, ModelLimit] | None = Field(None, description="limits per model")
+    models: Annotated[list[str] | None, AfterValidator(storable)] = Field(
+        None, description="allowed models; null for all"
+    )
+    model_limits: Annotated[dict[str, ModelLimit] | None, AfterValidator(storable)] = Field(
+        None, description="limits per model"
+    )
     rpm: int | None = Field(None, ge=1, le=INT32_MAX, description="requests per minute")
     tpm: int | None = Field(None, ge=1, le=INT32_MAX, description="tokens per minute")
     max_parallel: int | None = Field(None, ge=1, le=INT32_MAX, description="concurrent requests")
-    budget_usd: float | None = Field(None, ge=0, description="spend limit in USD")
+    budget_usd: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="spend limit in USD"
+    )
     budget_period: Period | None = Field(None, description="budget resets; null: lifetime")
-    expires_at: datetime | None = None
+    expires_at: UtcMoment | None = None
     priority: int = Field(
         0, ge=-100, le=100, description="queue order on the embedded model (higher first)"
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="user, team, …")
+    metadata: Annotated[dict[str, Any], AfterValidator(storable)] = Field(
+        default_factory=dict, description="user, team, …"
+    )
 
 
 class KeyService:

@@ -35,7 +35,7 @@ from sluice.errors import (
     PermissionDeniedError,
     SluiceError,
 )
-from sluice.keys import KeyService, KeySettings
+from sluice.keys import KeyService, KeySettings, UtcMoment
 from sluice.pipeline.auth import credential
 from sluice.settings import ConfigError
 from sluice.store.keys import KeyRecord
@@ -232,8 +232,8 @@ def admin_router(service: KeyService, usage: UsageStore, master_key: str | None)
     async def read_usage(
         key_id: str | None = None,
         model: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: UtcMoment | None = None,
+        until: UtcMoment | None = None,
         group_by: Annotated[list[Literal["key", "model", "day"]] | None, Query()] = None,
     ) -> UsageList:
         rows = await usage.query(

@@ -11,12 +11,11 @@ Token counts before the upstream has answered:
   chat template's few tokens per message are paid for by the JSON around each message).
   Not covered: images and audio, which cost many tokens for few bytes of URL;
 - *ceiling* of the completion: what the request allows the upstream to write, times the
-  choices it asks for.
+  choices it asks for (`sluice.protocol.completion_ceiling`, beside the validation that
+  bounds those fields).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from sluice.settings import ModelSettings
 
@@ -42,33 +41,3 @@ def cost_usd(rates: Rates | None, prompt_tokens: int, completion_tokens: int) ->
 def prompt_estimate(size: int) -> int:
     """A rough count of the prompt's tokens, from the body's size in bytes."""
     return size // BYTES_PER_TOKEN or 1
-
-
-def completion_ceiling(route: str, body: dict[str, Any], default: int) -> tuple[int, bool]:
-    """The completion tokens the request may use in all its choices, and whether the client
-    set the ceiling itself (False: ``default`` was assumed, and nothing stops an upstream
-    from writing more unless the gateway sends it). Embeddings complete nothing.
-
-    Chat takes the larger of ``max_completion_tokens`` and ``max_tokens`` (upstreams differ
-    in which wins); legacy completions know only ``max_tokens``. Only integers of at least 1
-    count (a bool is not a count); choices are ``n``, or ``best_of`` on completions, which
-    generates that many and bills them all."""
-    if route == "embeddings":
-        return 0, True
-    names = ("max_tokens",) if route == "completions" else ("max_completion_tokens", "max_tokens")
-    ceiling = 0
-    for name in names:
-        value = body.get(name)
-        if type(value) is int and value > ceiling:
-            ceiling = value
-    explicit = ceiling > 0
-    if not explicit:
-        ceiling = default
-    choices = _count(body.get("n"))
-    if route == "completions":
-        choices = max(choices, _count(body.get("best_of")))
-    return ceiling * choices, explicit
-
-
-def _count(value: Any) -> int:
-    return value if type(value) is int and value > 1 else 1

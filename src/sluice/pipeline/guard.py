@@ -21,8 +21,9 @@ from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
 from sluice.pipeline.auth import Authenticator, Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
-from sluice.pipeline.costs import Rates, completion_ceiling, cost_usd
+from sluice.pipeline.costs import Rates, cost_usd
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
+from sluice.protocol import completion_ceiling
 from sluice.store.keys import KeyRecord
 
 _MAX_CACHED_SCOPES = 50_000

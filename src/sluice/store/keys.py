@@ -89,6 +89,12 @@ class KeyRecord:
         return self.budget_usd - self.rolled(now).spend_usd
 
 
+def storable_text(text: str) -> bool:
+    """Could ``text`` be stored in a text column? PostgreSQL's cannot hold NUL (asyncpg
+    raises on the query), so an id or name with one is known to be absent without asking."""
+    return "\x00" not in text
+
+
 def _record(row: RowMapping) -> KeyRecord:
     values = dict(row)
     values["metadata"] = values["metadata"] or {}
@@ -118,6 +124,8 @@ class KeyStore:
             raise KeyConflictError(f"key {record.id!r} or its secret already exists") from exc
 
     async def get(self, key_id: str, *, now: datetime | None = None) -> KeyRecord | None:
+        if not storable_text(key_id):
+            return None
         return await self._one(api_keys.c.id == key_id, now)
 
     async def get_by_hash(self, key_hash: str, *, now: datetime | None = None) -> KeyRecord | None:
@@ -140,6 +148,8 @@ class KeyStore:
 
         Changing ``budget_period`` starts a new period at ``now`` (spend is kept).
         """
+        if not storable_text(key_id):
+            return None
         unknown = set(fields) - MUTABLE_FIELDS
         if unknown:
             raise ValueError(f"cannot update {sorted(unknown)}; mutable: {sorted(MUTABLE_FIELDS)}")
@@ -164,6 +174,8 @@ class KeyStore:
 
     async def revoke(self, key_id: str, *, now: datetime | None = None) -> bool:
         """Revoke a key; False if it is unknown or already revoked."""
+        if not storable_text(key_id):
+            return False
         stmt = (
             update(api_keys)
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))

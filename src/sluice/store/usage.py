@@ -18,6 +18,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sluice.store.database import Database
+from sluice.store.keys import storable_text
 from sluice.store.periods import as_utc, current_period_start
 from sluice.store.schema import api_keys, usage_records
 from sluice.store.types import UTCDateTime
@@ -384,6 +385,8 @@ class UsageStore:
         Each row has ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``
         and the grouped columns: ``key_id``, ``model``, ``day`` ('YYYY-MM-DD', UTC).
         """
+        if not all(storable_text(v) for v in (key_id, model) if v is not None):
+            return []  # no record has such a key or model
         t = usage_records
         columns: dict[str, ColumnElement[Any]] = {"key_id": t.c.key_id, "model": t.c.model}
         columns["day"] = self._day(t.c.created_at)
