@@ -80,7 +80,9 @@ def build_app(settings: Settings) -> Starlette:
     api = FastAPI(title="Sluice", summary="OpenAI-compatible LLM gateway", redoc_url=None)
     if services.keys is not None and services.usage is not None:
         key_service = KeyService(services.keys, services.invalidation)
-        api.include_router(admin_router(key_service, services.usage, services.master_key))
+        api.include_router(
+            admin_router(key_service, services.usage, services.master_key, services.auth_lockout)
+        )
     install_error_handlers(api)
 
     app = Starlette(

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from sluice.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from sluice.keys import KeyService, KeySettings
 from sluice.pipeline.auth import credential
+from sluice.pipeline.auth_failures import AddressLockout
 from sluice.store.keys import KeyRecord
 from sluice.store.usage import UsageStore
 
@@ -69,7 +70,12 @@ class UsageList(BaseModel):
     data: list[dict[str, Any]]
 
 
-def admin_router(service: KeyService, usage: UsageStore, master_key: str | None) -> APIRouter:
+def admin_router(
+    service: KeyService,
+    usage: UsageStore,
+    master_key: str | None,
+    lockout: AddressLockout | None = None,
+) -> APIRouter:
     async def require_master(request: Request) -> None:
         if master_key is None:
             raise PermissionDeniedError(
@@ -78,7 +84,12 @@ def admin_router(service: KeyService, usage: UsageStore, master_key: str | None)
         secret = credential(request.scope["headers"], request.scope["query_string"])
         if secret is None:
             raise AuthenticationError("The admin API needs the master key.", code="missing_api_key")
+        address = request.client.host if request.client else None
+        if lockout is not None:
+            lockout.check(address)  # 429 for an address that failed too often: no more guesses
         if not hmac.compare_digest(secret.encode(), master_key.encode()):
+            if lockout is not None:
+                lockout.failed(address)
             raise PermissionDeniedError(
                 "Only the master key may use the admin API.", code="not_admin"
             )
