@@ -187,6 +187,8 @@ class Authenticator:
             if record is None or record.revoked_at is not None or deadline <= self._clock():
                 principal = await self._identify(secret, key_hash, client)
                 record = principal.key
+                # the deadline of the key-hash entry (set by _read when it went to the store)
+                deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
             if record is not None and _expired(record):
                 raise AuthenticationError(
                     f"The API key {record.display} has expired.", code="key_expired"
@@ -199,10 +201,8 @@ class Authenticator:
         if record is not None:
             by_header = self._by_bearer if name == b"authorization" else self._by_api_key
             header_hash = hash(value)
-            if by_header.pop(header_hash, None) is None and len(by_header) >= _MAX_CACHED:
+            if len(by_header) >= _MAX_CACHED and header_hash not in by_header:
                 _make_room(by_header, self._clock())
-            # the deadline of the key-hash entry (set by _read when it went to the store)
-            deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
             by_header[header_hash] = (deadline, principal)
         return principal
 
@@ -286,10 +286,11 @@ class Authenticator:
 
 def _make_room(entries: dict[int, tuple[float, Principal]], now: float) -> None:
     """Room in a full header cache: the expired entries go, and when fewer than a quarter
-    had expired, the oldest of the rest too, down to three quarters full. The dict is
-    rebuilt at most once per quarter of its size in inserts, a constant cost per insert on
-    average, where taking its first entry one at a time would scan the holes that deletions
-    leave at the front of a dict."""
+    had expired, the oldest of the rest too (by first insertion: an entry renewed in place
+    keeps its place), down to three quarters full. The dict is rebuilt at most once per
+    quarter of its size in inserts, a constant cost per insert on average, where taking its
+    first entry one at a time would scan the holes that deletions leave at the front of a
+    dict."""
     keep = _MAX_CACHED * 3 // 4
     fresh = [(k, entry) for k, entry in entries.items() if entry[0] > now]
     entries.clear()
