@@ -4,7 +4,7 @@
 Cases (one call each): ``recognise`` a cached key (the hot path); ``authenticate`` a key
 from the key cache (the header cache missed: once per TTL per key); a made-up key that is
 ``remembered`` as unknown; a made-up key from a ``locked`` address; a ``fresh`` made-up key
-read from an in-memory store (a task per read; a real store adds its round trip). Without
+read from an in-memory store (a task per read) and from SQLite (timed only). Without
 ``--only``: ns per call (best of ``--repeat``) for every case the tree on PYTHONPATH can
 run, and the memory (tracemalloc) of a full unknown-key cache and address table. With
 ``--only CASE --calls N``: just N calls, for an instruction count (callgrind at two N, the
@@ -22,15 +22,18 @@ import argparse
 import asyncio
 import contextlib
 import json
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sluice.errors import SluiceError
 from sluice.pipeline import apikeys
 from sluice.pipeline.auth import Authenticator
-from sluice.store.keys import KeyRecord
+from sluice.store.database import Database, default_database_url
+from sluice.store.keys import KeyRecord, KeyStore
 
 try:
     from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
@@ -117,6 +120,28 @@ class Bench:
         return cases
 
 
+def sqlite_fresh_ns(repeat: int) -> float:
+    """A made-up key read from a real (empty) SQLite key store, as `sluice serve` opens it."""
+
+    async def measure() -> float:
+        with tempfile.TemporaryDirectory() as directory:
+            db = Database(default_database_url(Path(directory)))
+            await db.start()
+            auth = Authenticator(KeyStore(db), MASTER)
+            best = float("inf")
+            for _ in range(repeat):
+                keys = made_up(500)
+                started = time.perf_counter()
+                for headers in keys:
+                    with contextlib.suppress(SluiceError):
+                        await auth.authenticate(headers)
+                best = min(best, (time.perf_counter() - started) / len(keys) * 1e9)
+            await db.close()
+            return best
+
+    return asyncio.run(measure())
+
+
 def best_ns(run: Callable[[int], None], n: int, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -131,9 +156,11 @@ CALLS = {"recognise": 200_000, "authenticate": 20_000, "remembered": 20_000, "lo
 
 def timings(repeat: int) -> dict[str, float]:
     bench = Bench(most_calls=2_000 * repeat)
-    return {
+    result = {
         name: best_ns(case, CALLS.get(name, 2_000), repeat) for name, case in bench.cases().items()
     }
+    result["fresh, SQLite store"] = sqlite_fresh_ns(repeat)
+    return result
 
 
 def memory() -> dict[str, float]:
