@@ -111,7 +111,9 @@ def build_app(settings: Settings) -> Starlette:
     )
     if services.keys is not None and services.usage is not None:
         key_service = KeyService(services.keys, services.invalidation)
-        api.include_router(admin_router(key_service, services.usage, services.master_key))
+        api.include_router(
+            admin_router(key_service, services.usage, services.master_key, services.auth_lockout)
+        )
     install_error_handlers(api)
     install_openapi(api, router.model_names)
 
@@ -146,7 +148,9 @@ def build_app(settings: Settings) -> Starlette:
     )
     # Everything the hot routes do not match (a 405 still wins) goes to FastAPI, through
     # the gate that checks the master key before any admin body is read.
-    app.router.default = AdminGate(api, services.master_key, docs, server.max_admin_body_bytes)
+    app.router.default = AdminGate(
+        api, services.master_key, docs, server.max_admin_body_bytes, services.auth_lockout
+    )
     app.state.api = api  # the FastAPI app: its openapi() is the whole document
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics

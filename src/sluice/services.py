@@ -25,6 +25,7 @@ from sluice.observability.metrics import GatewayMetrics
 from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.auth import Authenticator
+from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
 from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
 from sluice.pipeline.costs import price_table
 from sluice.pipeline.guard import Guard
@@ -61,6 +62,7 @@ class Services:
     master_key: str | None = None
     limiter_outages: OutageLog | None = None  # the Redis limiter's failures, throttled
     budgets: BudgetLedger | None = None
+    auth_lockout: AddressLockout | None = None  # failed authentications per client address
 
     async def start(self) -> None:
         if self.database is not None:
@@ -136,9 +138,18 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     guard = None
     authenticator = None
     budgets: BudgetLedger | None = None
+    lockout = None
     if master_key is not None:
         budgets = _budgets(settings, redis, metrics, outages)
-        authenticator = Authenticator(keys, master_key, settings.auth.key_cache_ttl)
+        auth = settings.auth
+        lockout = AddressLockout(auth.failure_limit, auth.failure_window, auth.failure_addresses)
+        authenticator = Authenticator(
+            keys,
+            master_key,
+            auth.key_cache_ttl,
+            unknown_keys=UnknownKeys(auth.unknown_key_cache, auth.unknown_key_ttl),
+            lockout=lockout,
+        )
         guard = Guard(
             authenticator,
             limiter,
@@ -162,6 +173,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         recorder=recorder,
         guard=guard,
         master_key=master_key,
+        auth_lockout=lockout,
         limiter_outages=outages,
         budgets=budgets,
     )

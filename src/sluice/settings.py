@@ -238,6 +238,23 @@ class AuthSettings(_Strict):
         None, description="os.environ/NAME or file:/path; when set, every /v1 request needs a key"
     )
     key_cache_ttl: float = Field(5.0, ge=0, description="seconds a key lookup is cached")
+    unknown_key_cache: int = Field(
+        10_000, ge=0, description="unknown keys remembered, so that repeating one costs no lookup"
+    )
+    unknown_key_ttl: float = Field(60.0, ge=0, description="seconds an unknown key is remembered")
+    failure_limit: int = Field(
+        20,
+        ge=0,
+        description="failed authentications one client address may make per failure_window "
+        "before it is answered 429 (0: no limit)",
+    )
+    failure_window: float = Field(10.0, gt=0, description="seconds; see failure_limit")
+    failure_addresses: int = Field(
+        10_000,
+        ge=1,
+        description="client addresses (IPv6: /64 networks) whose failures are counted at once; "
+        "past it the oldest is forgotten",
+    )
 
 
 class LimitsSettings(_Strict):

@@ -37,6 +37,7 @@ from sluice.errors import (
 )
 from sluice.keys import KeyService, KeySettings, UtcMoment
 from sluice.pipeline.auth import credential
+from sluice.pipeline.auth_failures import AddressLockout
 from sluice.settings import ConfigError
 from sluice.store.keys import KeyRecord
 from sluice.store.usage import UsageStore
@@ -104,8 +105,14 @@ def docs_access(policy: str, master_key: str | None, host: str) -> DocsAccess:
     return policy  # type: ignore[return-value]
 
 
-def check_master(scope: Scope, master_key: str | None, what: str = "admin API") -> None:
-    """Raise unless the request carries the master key (headers only; no body is read)."""
+def check_master(
+    scope: Scope,
+    master_key: str | None,
+    what: str = "admin API",
+    lockout: AddressLockout | None = None,
+) -> None:
+    """Raise unless the request carries the master key (headers only; no body is read).
+    An address that failed too often gets 429 without its guess being compared."""
     if master_key is None:
         raise PermissionDeniedError(
             f"The {what} is disabled: set auth.master_key.", code="admin_disabled"
@@ -113,7 +120,13 @@ def check_master(scope: Scope, master_key: str | None, what: str = "admin API") 
     secret = credential(scope["headers"], scope["query_string"])
     if secret is None:
         raise AuthenticationError(f"The {what} needs the master key.", code="missing_api_key")
+    client = scope.get("client")
+    address = client[0] if client else None
+    if lockout is not None:
+        lockout.check(address)
     if not hmac.compare_digest(secret.encode(), master_key.encode()):
+        if lockout is not None:
+            lockout.failed(address)
         raise PermissionDeniedError(f"Only the master key may use the {what}.", code="not_admin")
 
 
@@ -122,12 +135,18 @@ class AdminGate:
     cap on admin bodies, and the docs policy. Hot routes never pass through it."""
 
     def __init__(
-        self, app: ASGIApp, master_key: str | None, docs: DocsAccess, max_body_bytes: int
+        self,
+        app: ASGIApp,
+        master_key: str | None,
+        docs: DocsAccess,
+        max_body_bytes: int,
+        lockout: AddressLockout | None = None,
     ) -> None:
         self.app = app
         self.master_key = master_key
         self.docs = docs
         self.max_body = max_body_bytes
+        self.lockout = lockout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -136,13 +155,13 @@ class AdminGate:
         path: str = scope["path"]
         try:
             if path == "/admin" or path.startswith("/admin/"):
-                check_master(scope, self.master_key)
+                check_master(scope, self.master_key, lockout=self.lockout)
                 _check_declared_length(scope, self.max_body)
                 capped = _CappedBody(receive, send, self.max_body)
                 await self.app(scope, capped.receive, capped.send)
                 return
             if path in DOCS_PATHS and self.docs == "master_key":
-                check_master(scope, self.master_key, "API documentation")
+                check_master(scope, self.master_key, "API documentation", self.lockout)
         except SluiceError as error:
             await send_error(send, error, close=True)
             return
@@ -189,10 +208,15 @@ class _CappedBody:
             await self._send(message)
 
 
-def admin_router(service: KeyService, usage: UsageStore, master_key: str | None) -> APIRouter:
+def admin_router(
+    service: KeyService,
+    usage: UsageStore,
+    master_key: str | None,
+    lockout: AddressLockout | None = None,
+) -> APIRouter:
     async def require_master(request: Request) -> None:
         # AdminGate has checked already; kept so the router is safe wherever it is mounted.
-        check_master(request.scope, master_key)
+        check_master(request.scope, master_key, lockout=lockout)
 
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_master)])
 

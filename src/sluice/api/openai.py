@@ -97,7 +97,10 @@ class OpenAIService:
         if self._guard is None:
             return None
         ctx: RequestContext = request.scope[SCOPE_KEY]
-        await self._guard.identify(ctx, request.scope["headers"], request.scope["query_string"])
+        scope = request.scope
+        await self._guard.identify(
+            ctx, scope["headers"], scope["query_string"], scope.get("client")
+        )
         key = ctx.principal.key if ctx.principal is not None else None
         return set(key.models) if key is not None and key.models is not None else None
 
@@ -107,7 +110,9 @@ class OpenAIService:
         if guard is not None:
             scope = request.scope
             if not guard.recognise(ctx, scope["headers"], scope["query_string"]):
-                await guard.identify(ctx, scope["headers"], scope["query_string"])
+                await guard.identify(
+                    ctx, scope["headers"], scope["query_string"], scope.get("client")
+                )
         raw = await self._read_body(request)
         body = parse_json_object(raw)
         model = validate(route, body)

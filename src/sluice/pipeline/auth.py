@@ -6,13 +6,19 @@ The master key is compared in constant time. Virtual keys are looked up by their
 hash (the secret is never stored or logged) through a short-lived memory cache, which
 ``invalidate`` clears on revocation (across replicas through Redis pub/sub, see
 `sluice.pipeline.invalidation`).
+
+Unknown keys are remembered apart from valid ones, and failures are counted per client
+address (`sluice.pipeline.auth_failures`): a flood of made-up keys neither evicts valid
+keys from the cache nor costs more than a bounded number of store reads per address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +26,7 @@ from urllib.parse import parse_qsl
 
 from sluice.errors import AuthenticationError, PermissionDeniedError
 from sluice.pipeline import apikeys
+from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
 from sluice.store.keys import KeyRecord, KeyStore
 
 _MAX_CACHED = 50_000
@@ -91,13 +98,23 @@ class Authenticator:
         master_key: str,
         cache_ttl: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        unknown_keys: UnknownKeys | None = None,
+        lockout: AddressLockout | None = None,
     ) -> None:
         self._keys = keys
         self._master = master_key.encode()
         self._ttl = cache_ttl
         self._clock = clock
-        # key hash -> (deadline, principal; None for an unknown key)
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        # Unknown key hashes (no store read while remembered) and failures per client
+        # address; None: neither. Apart from `_cache`, so unknown keys never evict valid ones.
+        self._unknown = unknown_keys
+        self._lockout = lockout
+        # key hash -> (deadline, principal) of the keys the store knows, least recently read
+        # first: when full, the oldest entry goes. An entry past its deadline stays until
+        # then: it marks a key this replica has verified, which a locked-out address may
+        # still have looked up.
+        self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
         # hash() of the credential header's value as sent, one dict per header name ->
         # (deadline, a virtual key's principal): `recognise` answers a key seen within the
         # TTL without parsing the header or hashing the key. hash() of bytes is SipHash-1-3
@@ -106,13 +123,15 @@ class Authenticator:
         # a 64-bit collision under a key they do not know (a guess hits one of the at most
         # 50,000 entries with a chance below 2**-48; every miss goes on to `authenticate`,
         # SHA-256 and the store). It costs a few hundred instructions, against 5.6k for
-        # BLAKE2b and 8.9k for SHA-256 (the store's hash).
+        # BLAKE2b and 8.9k for SHA-256 (the store's hash). Plain dicts, not OrderedDicts:
+        # they are read on the hot path, where a dict's look-up is the cheaper one.
         self._by_bearer: dict[int, tuple[float, Principal]] = {}
         self._by_api_key: dict[int, tuple[float, Principal]] = {}
         # key hash -> the store read in flight: concurrent misses of one key (every request
-        # of a busy key, each time its entry expires) share one read instead of each
-        # opening its own. ``_generation`` changes on invalidation, so a read that began
-        # before a revocation does not put its (stale) answer in the cache.
+        # of a busy key, each time its entry expires; or a flood of one unknown key) share
+        # one read instead of each opening its own. ``_generation`` changes on invalidation,
+        # so a read that began before a revocation does not put its (stale) answer in the
+        # cache.
         self._reads: dict[str, asyncio.Task[Principal | None]] = {}
         self._generation = 0
 
@@ -143,8 +162,13 @@ class Authenticator:
         return principal
 
     async def authenticate(
-        self, headers: list[tuple[bytes, bytes]], query_string: bytes = b""
+        self,
+        headers: list[tuple[bytes, bytes]],
+        query_string: bytes = b"",
+        client: str | None = None,
     ) -> Principal:
+        """The caller's principal, or the 401; ``client`` is the peer's address, whose failed
+        attempts are counted (429 once it has failed too often, see `AddressLockout`)."""
         _refuse_key_in_query(query_string)
         found = _credential_header(headers)
         if found is None:
@@ -159,30 +183,44 @@ class Authenticator:
         key_hash = apikeys.hash_key(secret)
         deadline, principal = self._cache.get(key_hash, _NOT_CACHED)
         record = None if principal is None else principal.key
-        if record is None or record.revoked_at is not None or deadline <= self._clock():
-            principal = await self._identify(secret, key_hash)
-            record = principal.key
+        try:
+            if record is None or record.revoked_at is not None or deadline <= self._clock():
+                principal = await self._identify(secret, key_hash, client)
+                record = principal.key
+                # the deadline of the key-hash entry (set by _read when it went to the store)
+                deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
+            if record is not None and _expired(record):
+                raise AuthenticationError(
+                    f"The API key {record.display} has expired.", code="key_expired"
+                )
+        except AuthenticationError:
+            if self._lockout is not None:
+                self._lockout.failed(client)
+            raise
         assert principal is not None
-        if record is not None and _expired(record):
-            raise AuthenticationError(
-                f"The API key {record.display} has expired.", code="key_expired"
-            )
         if record is not None:
             by_header = self._by_bearer if name == b"authorization" else self._by_api_key
-            if len(by_header) >= _MAX_CACHED:
-                by_header.clear()
-            # the deadline of the key-hash entry (set by _lookup when it went to the store)
-            deadline = self._cache.get(key_hash, _NOT_CACHED)[0]
-            by_header[hash(value)] = (deadline, principal)
+            header_hash = hash(value)
+            if len(by_header) >= _MAX_CACHED and header_hash not in by_header:
+                _make_room(by_header, self._clock())
+            by_header[header_hash] = (deadline, principal)
         return principal
 
-    async def _identify(self, secret: str, key_hash: str) -> Principal:
-        """The principal of a key not in the cache (or cached as unknown)."""
+    async def _identify(self, secret: str, key_hash: str, client: str | None) -> Principal:
+        """The principal of a key not in the cache (or past its deadline there)."""
+        if self._lockout is not None and key_hash not in self._cache:
+            # Refused while the address is locked out, before any work: the master key
+            # (a guessable secret), malformed keys and every key this replica has not
+            # verified. A key it has verified is looked up as usual.
+            self._lockout.check(client)
         if hmac.compare_digest(secret.encode(), self._master):
             return MASTER
         if not apikeys.well_formed(secret):
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
-        principal = await self._lookup(key_hash)
+        if self._unknown is not None and key_hash in self._unknown:
+            principal = None
+        else:
+            principal = await self._lookup(key_hash)
         if principal is None:
             raise AuthenticationError(
                 f"Incorrect API key provided: {apikeys.display(secret)}.", code="invalid_api_key"
@@ -195,6 +233,8 @@ class Authenticator:
         if key_hash is None:
             self._cache.clear()
             self._reads.clear()
+            if self._unknown is not None:
+                self._unknown.clear()
         else:
             self._cache.pop(key_hash, None)
             self._reads.pop(key_hash, None)
@@ -206,7 +246,7 @@ class Authenticator:
         """The key's principal (None: unknown), through the cache; 401 for a revoked key."""
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > self._clock():
-            principal = cached[1]
+            principal: Principal | None = cached[1]
         else:
             read = self._reads.get(key_hash)
             if read is None:
@@ -227,9 +267,14 @@ class Authenticator:
         record = await self._keys.get_by_hash(key_hash)
         principal = None if record is None else Principal(record)
         if generation == self._generation:
-            if len(self._cache) >= _MAX_CACHED:
-                self._cache.clear()
-            self._cache[key_hash] = (self._clock() + self._ttl, principal)
+            if principal is None:
+                if self._unknown is not None:
+                    self._unknown.add(key_hash)
+            else:
+                cache = self._cache
+                if cache.pop(key_hash, None) is None and len(cache) >= _MAX_CACHED:
+                    cache.popitem(last=False)
+                cache[key_hash] = (self._clock() + self._ttl, principal)
         return principal
 
     def _read_done(self, key_hash: str, read: asyncio.Task[Principal | None]) -> None:
@@ -237,3 +282,16 @@ class Authenticator:
             del self._reads[key_hash]
         if not read.cancelled():
             read.exception()  # retrieved: every waiter got it (a caller may have left)
+
+
+def _make_room(entries: dict[int, tuple[float, Principal]], now: float) -> None:
+    """Room in a full header cache: the expired entries go, and when fewer than a quarter
+    had expired, the oldest of the rest too (by first insertion: an entry renewed in place
+    keeps its place), down to three quarters full. The dict is rebuilt at most once per
+    quarter of its size in inserts, a constant cost per insert on average, where taking its
+    first entry one at a time would scan the holes that deletions leave at the front of a
+    dict."""
+    keep = _MAX_CACHED * 3 // 4
+    fresh = [(k, entry) for k, entry in entries.items() if entry[0] > now]
+    entries.clear()
+    entries.update(itertools.islice(fresh, max(len(fresh) - keep, 0), None))

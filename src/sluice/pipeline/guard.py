@@ -62,11 +62,17 @@ class Guard:
         return True
 
     async def identify(
-        self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
+        self,
+        ctx: RequestContext,
+        headers: list[tuple[bytes, bytes]],
+        query_string: bytes,
+        client: tuple[str, int] | None = None,
     ) -> None:
-        """Set ``ctx.principal``, through the cache when it can answer; raises the 401."""
+        """Set ``ctx.principal``, through the cache when it can answer; raises the 401 (429
+        for a ``client``, the ASGI peer, that failed too often)."""
         if not self.recognise(ctx, headers, query_string):
-            ctx.principal = await self._auth.authenticate(headers, query_string)
+            address = client[0] if client else None
+            ctx.principal = await self._auth.authenticate(headers, query_string, address)
 
     def admit(
         self, ctx: RequestContext, model: str, body: dict[str, Any], size: int
