@@ -154,7 +154,7 @@ def soak(
         before = answered(port)
         base = sum(before.values())
         r["start"] = {"rss_kib": rss_kib(proc.popen.pid), "answered": 0}
-        log(f"{v.name}: {args.requests:,} requests at c={args.conns}, RSS {r['start']} KiB")
+        log(f"{v.name}: {args.requests:,} requests at c={args.conns}")
         samples: list[Any] = []
         done = threading.Event()
         sampler = threading.Thread(
@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     gb.NGINX_PORT = args.nginx_port
     gb.OUT = ab.OUT = OUT
     OUT.mkdir(parents=True, exist_ok=True)
+    facts = gb.machine_facts()
     os.sched_setaffinity(0, {int(gb.AUX_CORE)})
     signal.signal(signal.SIGTERM, gb._raise_sigterm)
     pm = gb.ProcessManager()
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         pm.stop_all()
     la = os.getloadavg()
     results["machine"] = {
-        **gb.machine_facts(),
+        **facts,
         "load_average_at_end": f"{la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f}",
     }
     results["args"] = {k: v for k, v in vars(args).items()}
