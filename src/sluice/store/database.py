@@ -25,6 +25,8 @@ _ASYNC_DRIVERS = {
     "postgresql+asyncpg": "postgresql+asyncpg",
 }
 _SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_MEMORY_LIMIT = 8 * 1024 * 1024
+"""Bytes of memory SQLite may keep for the whole process (page caches above all)."""
 _WRITE_OPTION = "sluice_write"
 
 
@@ -131,8 +133,14 @@ def _sqlite_on_connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> No
         _set_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
-        # 64 MiB of page cache: usage inserts stay cheap once the table outgrows the 2 MiB default.
-        cursor.execute("PRAGMA cache_size=-65536")
+        # The page cache grows with the usage table up to its size limit, and every pooled
+        # connection has its own: bounded per connection (cache_size) and for the whole
+        # process (soft_heap_limit: past it, SQLite reuses cache pages instead of allocating
+        # more), so the gateway's memory stays flat however many records it writes. Random
+        # request ids make the primary-key index's working set the whole index, which no
+        # affordable cache holds; a bigger cache saved little (docs/security/memory.md).
+        cursor.execute(f"PRAGMA cache_size=-{SQLITE_MEMORY_LIMIT // 1024}")
+        cursor.execute(f"PRAGMA soft_heap_limit={SQLITE_MEMORY_LIMIT}")
     finally:
         cursor.close()
 
