@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from sluice.services import database_for
+from sluice.settings import Settings
 from sluice.store.database import Database
 from sluice.store.usage import UsageStore
 from sluice.testing.mock_upstream import MockUpstream
@@ -34,27 +38,47 @@ def create_key(base_url: str, **spec: Any) -> str:
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_three_replicas_share_one_rpm_limit(upstream: MockUpstream, tmp_path: Path) -> None:
-    redis_url = require_redis()
-    with fresh_postgres_database() as database_url:
-        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
-        replicas = []
-        try:
-            for index in range(3):
-                folder = tmp_path / f"replica{index}"
-                folder.mkdir()
-                replicas.append(GatewayProcess(config, folder, env=ENV).start())
-            key = create_key(replicas[0].url, rpm=600)
-            statuses, retry_afters = asyncio.run(
-                _spread([r.url for r in replicas], key, total=1200, concurrency=48)
-            )
-        finally:
-            for replica in replicas:
-                replica.stop()
+    with _replicas(upstream, tmp_path) as (replicas, _):
+        key = create_key(replicas[0].url, rpm=600)
+        statuses, retry_afters = asyncio.run(
+            _spread([r.url for r in replicas], key, total=1200, concurrency=48)
+        )
     assert set(statuses) <= {200, 429}, statuses
     assert 600 <= statuses[200] <= 606, statuses
     assert statuses[429] == 1200 - statuses[200]
     assert retry_afters
     assert all(1 <= value <= 61 for value in retry_afters), sorted(set(retry_afters))
+
+
+@contextmanager
+def _replicas(
+    upstream: MockUpstream, tmp_path: Path, count: int = 3
+) -> Iterator[tuple[list[GatewayProcess], Database]]:
+    """``count`` replicas sharing Redis and a fresh PostgreSQL database (handed over
+    unstarted; it is dropped when the block ends)."""
+    redis_url = require_redis()
+    with fresh_postgres_database() as database_url:
+        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
+        replicas: list[GatewayProcess] = []
+        try:
+            for index in range(count):
+                folder = tmp_path / f"replica{index}"
+                folder.mkdir()
+                replicas.append(GatewayProcess(config, folder, env=ENV).start())
+            yield replicas, Database(database_url)
+        finally:
+            for replica in replicas:
+                replica.stop()
+
+
+async def _stored_usage(database: Database) -> tuple[int, list[dict[str, Any]]]:
+    """Usage rows stored, and their totals per key."""
+    await database.start()
+    try:
+        usage = UsageStore(database)
+        return await usage.count(), await usage.query(group_by=("key",))
+    finally:
+        await database.close()
 
 
 async def _spread(
@@ -117,19 +141,7 @@ def _run_durability(upstream: MockUpstream, tmp_path: Path, config: dict[str, An
         gateway.stop()
     assert accepted == 200
 
-    async def stored() -> tuple[int, list[dict[str, Any]]]:
-        from sluice.services import database_for
-        from sluice.settings import Settings
-
-        database: Database = database_for(Settings(**config))
-        await database.start()
-        try:
-            usage = UsageStore(database)
-            return await usage.count(), await usage.query(group_by=("key",))
-        finally:
-            await database.close()
-
-    rows, totals = asyncio.run(stored())
+    rows, totals = asyncio.run(_stored_usage(database_for(Settings(**config))))
     assert rows == accepted
     assert totals[0]["requests"] == accepted
     assert totals[0]["completion_tokens"] == completion_tokens == 200 * 15
@@ -180,33 +192,14 @@ def test_three_replicas_spend_at_most_the_budget_plus_one_request(
     # auth_config's prices: $1000/M prompt, $2000/M completion tokens: 200 completion
     # tokens cost $0.40, plus a few prompt tokens. A $1 budget, 30 requests at a time.
     body = {**CHAT, "max_tokens": 200, "mock": {"completion_tokens": 200, "latency_ms": 150}}
-    redis_url = require_redis()
-    with fresh_postgres_database() as database_url:
-        config = auth_config(upstream.url, tmp_path, database_url=database_url, redis_url=redis_url)
-        replicas = []
-        try:
-            for index in range(3):
-                folder = tmp_path / f"replica{index}"
-                folder.mkdir()
-                replicas.append(GatewayProcess(config, folder, env=ENV).start())
-            key = create_key(replicas[0].url, budget_usd=1.0)
-            statuses: Counter[int] = Counter()
-            for _ in range(3):  # three waves of 30
-                statuses += asyncio.run(_wave([r.url for r in replicas], key, body, 30))
-        finally:
-            for replica in replicas:
-                replica.stop()
-
-        async def stored() -> tuple[int, list[dict[str, Any]]]:
-            database = Database(database_url)
-            await database.start()
-            try:
-                usage = UsageStore(database)
-                return await usage.count(), await usage.query(group_by=("key",))
-            finally:
-                await database.close()
-
-        rows, totals = asyncio.run(stored())
+    with _replicas(upstream, tmp_path) as (replicas, database):
+        key = create_key(replicas[0].url, budget_usd=1.0)
+        statuses: Counter[int] = Counter()
+        for _ in range(3):  # three waves of 30
+            statuses += asyncio.run(_wave([r.url for r in replicas], key, body, 30))
+        for replica in replicas:
+            assert replica.terminate() == 0  # drained: every usage record written
+        rows, totals = asyncio.run(_stored_usage(database))  # before the database goes
     assert set(statuses) <= {200, 429}, statuses
     served = statuses[200]
     assert rows == served  # every served request has its row
