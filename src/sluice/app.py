@@ -120,7 +120,7 @@ def build_app(settings: Settings) -> Starlette:
     health_routes = health.routes()
     if server.metrics_port is not None:
         health_routes = [route for route in health_routes if route.path != "/metrics"]
-    edge = [Middleware(EdgeChecks, hosts=served_hosts(server))]
+    edge: list[Middleware] = []  # after the door's checks (`EdgeChecks`, in ObserveRequests)
     if server.cors_origins:
         edge.append(
             Middleware(
@@ -142,6 +142,7 @@ def build_app(settings: Settings) -> Starlette:
                 metrics=metrics,
                 access_log=access_log,
                 accounting=services.accounting,
+                edge=EdgeChecks(served_hosts(server)),
             ),
             *edge,
         ],

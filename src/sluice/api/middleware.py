@@ -4,7 +4,8 @@ It is the outermost layer of Sluice's own code: it gives each request its id (al
 by the server: it keys the usage record and the parallel slot), keeps the client's
 well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or the
 server's id when the client sent none) with the key's ``x-ratelimit-*`` headers, refuses
-new work with 503 once the process stops accepting, and after the last byte (or the
+new work with 503 once the process stops accepting and, at the door, a Host not served
+or a body that is not JSON (`sluice.api.edge`), and after the last byte (or the
 client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
 writes one access record, and hands the request to accounting (usage record, limiter and
 budget reconciliation).
@@ -20,8 +21,9 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.api.context import SCOPE_KEY, RequestContext
+from sluice.api.edge import EdgeChecks
 from sluice.api.errors import send_error
-from sluice.errors import ServiceUnavailableError
+from sluice.errors import ServiceUnavailableError, SluiceError
 from sluice.http_protocol import HEADER_BLOCK
 from sluice.lifecycle import Lifecycle
 from sluice.observability.logging import AccessLog
@@ -44,14 +46,13 @@ def new_request_id() -> str:
     return os.urandom(16).hex()
 
 
-def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+def client_request_id(value: bytes | None) -> str | None:
     """The client's ``X-Request-ID`` when well formed: kept for correlation and echoed
     back, never used as a key."""
-    for name, value in headers:
-        if name == b"x-request-id":
-            text = value.decode("latin-1")
-            return text if _VALID_ID.fullmatch(text) else None
-    return None
+    if value is None:
+        return None
+    text = value.decode("latin-1")
+    return text if _VALID_ID.fullmatch(text) else None
 
 
 class ObserveRequests:
@@ -62,8 +63,10 @@ class ObserveRequests:
         metrics: GatewayMetrics,
         access_log: AccessLog,
         accounting: Accounting | None = None,
+        edge: EdgeChecks | None = None,
     ) -> None:
         self.app = app
+        self.edge = edge
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.access_log = access_log
@@ -74,11 +77,14 @@ class ObserveRequests:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        # One C-level pass over the headers for everything read here (cheaper than
+        # comparing names in a Python loop, once per header looked for).
+        headers = dict(scope["headers"])
         ctx = RequestContext(
             request_id=new_request_id(),
             started=time.perf_counter(),
             route=_API_ROUTES.get(path, "other"),
-            client_request_id=client_request_id(scope["headers"]),
+            client_request_id=client_request_id(headers.get(b"x-request-id")),
         )
         scope[SCOPE_KEY] = ctx
         id_header = (b"x-request-id", (ctx.client_request_id or ctx.request_id).encode())
@@ -99,10 +105,15 @@ class ObserveRequests:
                 message["headers"] = headers
             await send(message)
 
+        error: SluiceError | None = None
         if not self.lifecycle.accepting and path not in _QUIET_PATHS:
             error = ServiceUnavailableError(
                 "The server is shutting down; retry on another replica."
             )
+        elif self.edge is not None:
+            error = self.edge.refusal(scope["method"], headers)
+        if error is not None:
+            # Closing spares the server reading a body nobody will use.
             await send_error(send_with_id, error, close=True)
             ctx.error_kind = error.kind
             self._record(ctx, path, status, time.perf_counter() - ctx.started)
