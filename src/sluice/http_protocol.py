@@ -148,6 +148,7 @@ class SluiceHttpProtocol(HttpToolsProtocol):
         self._phase = _IDLE
         self._deadline: TimerHandle | None = None
         self._write_stall: TimerHandle | None = None
+        self._stalled_at = 0  # bytes waiting to be written when the stall was last looked at
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -172,6 +173,7 @@ class SluiceHttpProtocol(HttpToolsProtocol):
         # holding its upstream call, its slot and its budget hold, its usage unrecorded.
         super().pause_writing()
         if self._write_stall is None:
+            self._stalled_at = self.transport.get_write_buffer_size()
             self._write_stall = self.loop.call_later(
                 self.limits.write_timeout, self._client_stalled
             )
@@ -183,7 +185,17 @@ class SluiceHttpProtocol(HttpToolsProtocol):
         super().resume_writing()
 
     def _client_stalled(self) -> None:
-        # abort(), not close(): close() would wait to flush what the client won't read.
+        # A client still reading (the buffer shrank since the last look, though not yet
+        # below the low-water mark: a large answer to a slow link) gets another period.
+        # One that read nothing is cut: abort(), as close() would wait to flush what the
+        # client won't read.
+        waiting = self.transport.get_write_buffer_size()
+        if waiting < self._stalled_at:
+            self._stalled_at = waiting
+            self._write_stall = self.loop.call_later(
+                self.limits.write_timeout, self._client_stalled
+            )
+            return
         self._write_stall = None
         self.transport.abort()
 

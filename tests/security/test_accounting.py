@@ -204,3 +204,65 @@ def test_a_client_that_stops_reading_a_stream_is_cut_and_billed(
             admin.close()
     assert rows[0]["requests"] == 1
     assert rows[0]["completion_tokens"] > 0
+
+
+def test_a_stream_left_early_is_billed_its_prompt_at_the_bound(gw: Gateway) -> None:
+    # Without the upstream's usage the prompt was counted at bytes / 4: 2,000 token ids
+    # in ~6 kB came to ~1,500 tokens, less than the upstream was paid for.
+    created = gw.new_key(budget_usd=1000.0)
+    body = {
+        "model": "gpt-4o-mini",
+        "prompt": [1] * 2000,
+        "stream": True,
+        "max_tokens": 50,
+        "mock": {"completion_tokens": 50, "tokens_per_second": 20},
+    }
+    headers = {"Authorization": f"Bearer {created['key']}"}
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("POST", f"{gw.url}/completions", json=body, headers=headers) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # the client leaves after the first event
+    usage = _usage_total(gw, created["id"], 1)
+    assert usage["prompt_tokens"] >= 2000
+
+
+async def test_a_request_is_charged_to_the_budget_period_it_was_made_in() -> None:
+    # The auth cache's key record may still carry yesterday's period and spend; the hold
+    # and the usage record both belong to the period of the moment of admission.
+    from datetime import UTC, datetime, timedelta
+
+    from sluice.api.context import RequestContext
+    from sluice.pipeline.auth import Principal
+    from sluice.pipeline.budgets import MemoryBudgets
+    from sluice.pipeline.guard import Guard
+    from sluice.pipeline.limits import MemoryLimiter
+    from sluice.store.keys import KeyRecord
+    from sluice.store.periods import current_period_start
+    from sluice.store.usage import from_micros
+
+    now = datetime.now(UTC)
+    yesterday = current_period_start("daily", now - timedelta(days=1))
+    key = KeyRecord(
+        id="key_roll", key_hash="h", display="sk-…", budget_usd=1.0, budget_period="daily",
+        spend_usd=0.95, period_started_at=yesterday,
+    )  # fmt: skip
+    guard = Guard(
+        None,  # type: ignore[arg-type]
+        MemoryLimiter(),
+        default_max_tokens=10,
+        lease_seconds=60,
+        budgets=MemoryBudgets(),
+        prices={"m": (0.0, 40_000.0)},  # 10 completion tokens: $0.40
+    )
+    for n in range(2):  # $0.80 of today's $1: both fit; yesterday's $0.95 would refuse one
+        ctx = RequestContext(request_id=f"r{n}", started=0.0, route="chat/completions")
+        ctx.principal = Principal(key)
+        reserving = guard.reserve_budget(ctx, "m", {"max_tokens": 10}, 0)
+        assert reserving is not None
+        await reserving
+        assert ctx.budget_hold is not None
+        assert ctx.budget_hold.account.endswith(current_period_start("daily", now).isoformat())
+        assert from_micros(ctx.created_us) >= now

@@ -7,12 +7,18 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
-from sluice.http_protocol import ConnectionLimits, check_uvicorn, protocol_factory
+from sluice.http_protocol import (
+    ConnectionLimits,
+    SluiceHttpProtocol,
+    check_uvicorn,
+    protocol_factory,
+)
 from sluice.server import _uvicorn_options
 from sluice.settings import Settings
 from sluice.testing.mock_upstream import MockUpstream
@@ -183,3 +189,43 @@ def test_a_body_trickle_to_the_gateway_is_cut_and_the_gateway_carries_on(
         assert answer.count(b"HTTP/1.1") == 1  # the app's own answer is dropped
         chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(f"{url}/chat/completions", json=chat).status_code == 200
+
+
+class _Transport:
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.aborted = False
+
+    def get_write_buffer_size(self) -> int:
+        return self.sizes.pop(0)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.armed = 0
+
+    def call_later(self, delay: float, callback: Any) -> object:
+        self.armed += 1
+        return object()
+
+
+def test_a_client_still_reading_is_given_more_time_one_that_stopped_is_cut() -> None:
+    # A large answer to a slow but steady reader stays above the low-water mark for longer
+    # than the write deadline: the deadline is time without progress, not time paused.
+    stalled = SimpleNamespace(
+        transport=_Transport([900_000, 500_000, 500_000]),
+        loop=_Loop(),
+        limits=ConnectionLimits(write_timeout=1),
+        _stalled_at=1_000_000,
+        _write_stall=None,
+        _client_stalled=lambda: None,  # what the timer would call
+    )
+    SluiceHttpProtocol._client_stalled(stalled)  # type: ignore[arg-type]
+    assert (stalled.loop.armed, stalled.transport.aborted) == (1, False)
+    SluiceHttpProtocol._client_stalled(stalled)  # type: ignore[arg-type]
+    assert (stalled.loop.armed, stalled.transport.aborted) == (2, False)
+    SluiceHttpProtocol._client_stalled(stalled)  # type: ignore[arg-type]
+    assert stalled.transport.aborted  # nothing read for a whole period

@@ -33,6 +33,12 @@ class RequestContext:
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
     prompt_estimate: int = 0
+    body_bytes: int = 0
+    """The request body's size: the bound on its prompt tokens (`sluice.pipeline.costs`),
+    at which the prompt is counted when the upstream reports no usage."""
+    created_us: int = 0
+    """When the request was made (µs since the epoch, UTC): its usage record's time, hence
+    the budget period it is charged to (the budget step sets it at admission)."""
     principal: Principal | None = None
     admission: Admission | None = None
     ticket: Ticket | None = None

@@ -85,6 +85,7 @@ class ObserveRequests:
             started=time.perf_counter(),
             route=_API_ROUTES.get(path, "other"),
             client_request_id=client_request_id(headers.get(b"x-request-id")),
+            created_us=time.time_ns() // 1000,
         )
         scope[SCOPE_KEY] = ctx
         id_header = (b"x-request-id", (ctx.client_request_id or ctx.request_id).encode())

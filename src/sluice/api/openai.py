@@ -120,6 +120,7 @@ class OpenAIService:
         ctx.model = model
         ctx.deployment = deployment.id
         ctx.prompt_estimate = prompt_estimate(len(raw))
+        ctx.body_bytes = len(raw)
         forward: bytes | None = raw
         if guard is not None:
             waiting = guard.admit(ctx, model, body, len(raw))

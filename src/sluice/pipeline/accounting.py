@@ -2,13 +2,12 @@
 
 Runs once per request from the request middleware, after the last byte (or the client's
 departure), so streams are settled with what they really used. When the upstream reported
-no usage (a stream cut short), the prompt is counted at its estimate and the completion as
-the number of content events relayed.
+no usage (a stream cut short), the prompt is counted at its bound (one token per byte of
+the body, as its budget hold was) and the completion as the number of content events
+relayed (which undercounts events that carry several tokens).
 """
 
 from __future__ import annotations
-
-import time
 
 from sluice.api.context import RequestContext
 from sluice.pipeline.budgets import BudgetLedger, to_nano
@@ -40,7 +39,9 @@ class Accounting:
         if not ctx.accepted:
             self._give_back(ctx)
             return
-        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.prompt_estimate
+        # Without the upstream's usage (a stream cut short, an upstream that reports none)
+        # the prompt is counted at its bound, as its budget hold was: never less than it was.
+        prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.body_bytes
         completion = (
             ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
         )
@@ -54,7 +55,7 @@ class Accounting:
                     (
                         ctx.request_id,
                         ctx.model or "",
-                        time.time_ns() // 1000,  # created_us: store.usage.now_micros, inline
+                        ctx.created_us,
                         ctx.principal.key_id if ctx.principal is not None else None,
                         ctx.deployment,
                         prompt,

@@ -161,9 +161,12 @@ class MemoryBudgets:
         ]
         for name in idle:
             del self._accounts[name]
-        if len(self._accounts) >= self._max_accounts:  # still full: the least recently used
-            by_age = sorted(self._accounts, key=lambda name: self._accounts[name].touched)
-            for name in by_age[: len(by_age) - self._max_accounts // 2]:
+        if len(self._accounts) >= self._max_accounts:
+            # Still full: the least recently used that hold nothing (an account with holds
+            # is kept, whatever the cap: forgetting it would forget what is in flight).
+            quiet = [name for name, state in self._accounts.items() if not state.holds]
+            quiet.sort(key=lambda name: self._accounts[name].touched)
+            for name in quiet[: len(self._accounts) - self._max_accounts // 2]:
                 del self._accounts[name]
 
 

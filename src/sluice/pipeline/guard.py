@@ -14,6 +14,7 @@ an estimate of the tokens (prompt size + ``max_tokens``). For a key with a budge
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Awaitable
 from typing import Any
 
@@ -25,6 +26,7 @@ from sluice.pipeline.costs import Rates, cost_usd
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
 from sluice.protocol import completion_ceiling
 from sluice.store.keys import KeyRecord
+from sluice.store.usage import from_micros
 
 _MAX_CACHED_SCOPES = 50_000
 
@@ -130,12 +132,17 @@ class Guard:
         # Only the comparison with the budget matters: past it, any amount refuses alike
         # (and an absurd max_tokens cannot overflow the ledger's integers).
         amount = min(to_nano(worst, up=True), budget + 1)
+        # The period is the one the request is made in, and its usage record is dated the
+        # same instant: a request that ends after the period rolls over is charged to the
+        # period that held its cost. (The cached key record may predate the roll-over.)
+        ctx.created_us = time.time_ns() // 1000
+        current = key.rolled(from_micros(ctx.created_us))
         hold = await self._budgets.reserve(
-            account_name(key.id, key.period_started_at),
+            account_name(key.id, current.period_started_at),
             ctx.request_id,
             amount,
             budget,
-            to_nano(key.spend_usd),
+            to_nano(current.spend_usd),
         )
         if hold is None:
             raise _over_budget(key, in_flight=True)
