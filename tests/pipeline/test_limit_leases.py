@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,32 +17,11 @@ from sluice.pipeline.limits import LimitSpec, RedisLimiter, Scope
 from sluice.pipeline.limits.wire import PipelinedRedis
 from sluice.services import build_services
 from sluice.settings import AuthSettings, Settings, UsageSettings
-from tests.pipeline.test_limits_redis import HOST, PORT, _client, _wire, take, ticket_of
+from tests.pipeline.test_limits_redis import HOST, PORT, _wire, take, ticket_of
 
 pytestmark = pytest.mark.redis
 
 ONE_SLOT = Scope("key:a", LimitSpec(max_parallel=1))
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    client = _client()
-    try:
-        await client.ping()
-    except Exception as exc:
-        await client.aclose()
-        pytest.skip(f"Redis not reachable at {HOST}:{PORT}: {exc}")
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def prefix(redis: aioredis.Redis) -> AsyncIterator[str]:
-    value = f"sluice:test:leases:{uuid.uuid4().hex}:"
-    yield value
-    keys = [key async for key in redis.scan_iter(match=value + "*", count=1000)]
-    if keys:
-        await redis.delete(*keys)
 
 
 async def wait_for(condition: Callable[[], object], within: float) -> float:
