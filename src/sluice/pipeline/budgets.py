@@ -176,13 +176,13 @@ def _fits(spent: int, reserved: int, amount: int, budget: int) -> bool:
 
 # KEYS: the account hash (s: spent, r: reserved), its holds' expiries (zset id -> ms), its
 #       holds' amounts (hash id -> nano-dollars)
-# reserve ARGV: request id, amount, budget, stored spend, lease ms, idle ttl s
+# reserve ARGV: request id, amount, budget, stored spend, lease ms, keys' ttl s
 # Returns 1 (held) or 0 (refused). Every amount is an integer (nano-dollars).
 _RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local rid, amount, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local stored, lease, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local stored, lease, keep = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for _, id in ipairs(lapsed) do
   local held = redis.call('HGET', KEYS[3], id)
@@ -202,12 +202,11 @@ if ok then
   redis.call('ZADD', KEYS[2], now + lease, rid)
   redis.call('HSET', KEYS[3], rid, amount)
 end
-local keep = math.max(ttl, math.ceil(lease / 1000) + 60)
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], keep) end
 return ok and 1 or 0
 """
 
-# release ARGV: request id, actual cost, idle ttl s. A hold that lapsed meanwhile is not
+# release ARGV: request id, actual cost, keys' ttl s. A hold that lapsed meanwhile is not
 # subtracted twice; the real cost is counted either way (and the account kept alive).
 _RELEASE = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
@@ -241,7 +240,8 @@ class RedisBudgets:
         self._redis = redis
         self._prefix = prefix
         self._lease_ms = max(round(lease_seconds * 1000), 1)
-        self._idle = max(round(idle_seconds), 1)
+        # An account's keys outlive its idle time and its longest hold.
+        self._keep = max(round(idle_seconds), round(lease_seconds) + 60, 1)
         self._failure_mode = failure_mode
         self._on_failure = on_failure
         self._reserve = redis.register_script(_RESERVE)
@@ -259,7 +259,7 @@ class RedisBudgets:
         try:
             held = await self._reserve(
                 keys=self._keys(account),
-                args=[request_id, amount, budget, stored_spend, self._lease_ms, self._idle],
+                args=[request_id, amount, budget, stored_spend, self._lease_ms, self._keep],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             self._report(exc)
@@ -288,7 +288,7 @@ class RedisBudgets:
         try:
             await self._release(
                 keys=self._keys(hold.account),
-                args=[hold.request_id, max(actual, 0), max(self._idle, self._lease_ms // 1000)],
+                args=[hold.request_id, max(actual, 0), self._keep],
             )
         except (RedisError, OSError, TimeoutError) as exc:
             self._report(exc)

@@ -91,8 +91,6 @@ class Guard:
             principal.authorize(model)  # raises the 403
         if key.budget_usd is not None and key.spend_usd >= key.budget_usd:
             raise _over_budget(key)
-        completion, _ = completion_ceiling(ctx.route, body, self._default_max_tokens)
-        tokens = ctx.prompt_estimate + completion
         cached = self._scopes.get((key.id, model))
         if cached is not None and cached[0] is key:
             scopes = cached[1]
@@ -103,6 +101,8 @@ class Guard:
             self._scopes[(key.id, model)] = (key, scopes)
         if not scopes:
             return None
+        completion, _ = completion_ceiling(ctx.route, body, self._default_max_tokens)
+        tokens = ctx.prompt_estimate + completion
         if self._acquire_now is None:
             return self._limiter.acquire(scopes, tokens, ctx.request_id, self._lease)
         admitted(ctx, self._acquire_now(scopes, tokens, ctx.request_id, self._lease))
