@@ -14,9 +14,9 @@ same machine can reach 127.0.0.1. Two browser tricks are shut here:
   ``Host: evil.example``. Only the names in ``server.allowed_hosts`` are served (by
   default the loopback names on a loopback bind): others get 421.
 
-Both checks look up bytes in the scope's headers; a Host value once found good is
-remembered, so a client's repeated requests cost one set look-up (about 1-2 µs a request
-in all; docs/security/edge.md).
+Both checks look up bytes in the headers the request middleware has already read; a Host
+value once found good is remembered, so a client's repeated requests cost one set look-up
+(measured in docs/security/edge.md).
 """
 
 from __future__ import annotations
