@@ -23,8 +23,8 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-from sluice.api.context import RequestContext
-from sluice.api.sse import relay_events
+from sluice.pipeline.context import RequestContext
+from sluice.pipeline.sse import relay_events
 from sluice.backends.http1 import HTTP1Pool
 
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "20000"))

@@ -29,14 +29,20 @@ from sluice.api.errors import ERROR_HANDLERS, install_error_handlers
 from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
-from sluice.backends.factory import BackendFactory
+from sluice.backends.registry import default_providers
 from sluice.keys import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
+from sluice.pipeline.attempts import Attempts
+from sluice.pipeline.backend import call_backend
+from sluice.pipeline.plan import MakePlan
+from sluice.pipeline.request import ReadRequest
+from sluice.pipeline.steps import Handler, Step, compose
 from sluice.routing.router import Router
-from sluice.services import build_services
+from sluice.routing.table import build_table
+from sluice.services import Services, build_services
 from sluice.settings import Settings, load_settings
 
 CONFIG_ENV = "SLUICE_CONFIG"
@@ -60,9 +66,15 @@ def build_app(settings: Settings) -> Starlette:
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(BackendFactory(registry).deployments(settings))
+    router = Router(build_table(settings, default_providers(registry)))
     services = build_services(settings, metrics)
-    openai = OpenAIService(router, metrics, settings.server.max_body_bytes, services.guard)
+    openai = OpenAIService(
+        build_pipeline(services, router, metrics),
+        router.model_names,
+        metrics,
+        settings.server.max_body_bytes,
+        services.identify,
+    )
     health = HealthRoutes(lifecycle, registry)
     access_log = AccessLog(settings.logging.access_log)
     server = settings.server
@@ -158,6 +170,21 @@ def build_app(settings: Settings) -> Starlette:
     app.state.router = router
     app.state.services = services
     return app
+
+
+def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) -> Handler:
+    """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
+    configuration does not use are left out, not skipped per request."""
+    steps: list[Step] = []
+    if services.identify is not None:
+        steps.append(services.identify)
+    steps.append(ReadRequest(router.knows))
+    if services.admit is not None:
+        steps.append(services.admit)
+    # The cache step goes here: after admission (hits are still limited and recorded),
+    # before planning (a hit needs no deployment).
+    steps += [MakePlan(router), Attempts(metrics)]
+    return compose(steps, call_backend)
 
 
 def app_from_environment() -> Starlette:

@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 
 import click
+from prometheus_client import CollectorRegistry
 
+from sluice.backends.registry import ProviderRegistry, default_providers
 from sluice.settings import (
     ConfigError,
-    LocalDeployment,
-    OpenAIDeployment,
     Settings,
     load_settings,
     resolve_secret,
@@ -55,7 +55,8 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
 def check_config(config_path: str) -> None:
     """Validate a settings file and print the resolved model table."""
     settings = _load_or_exit(config_path)
-    problems = _missing_secrets(settings)
+    providers = default_providers(CollectorRegistry())
+    problems = _missing_secrets(settings, providers)
     click.echo(
         f"server: {settings.server.host}:{settings.server.port} "
         f"workers={settings.server.workers} max_body_bytes={settings.server.max_body_bytes}"
@@ -73,15 +74,10 @@ def check_config(config_path: str) -> None:
     for model in settings.models:
         for index, spec in enumerate(model.deployments):
             name = spec.id or f"{model.name}/{index}"
-            if isinstance(spec, OpenAIDeployment):
-                target, upstream = spec.api_base, spec.model or model.name
-            elif isinstance(spec, LocalDeployment):
-                target, upstream = spec.model_path or "(packaged SmolLM2 GGUF)", model.name
-            else:
-                target, upstream = spec.model_path or "(packaged all-MiniLM-L6-v2)", model.name
+            described = providers.describe(spec, model.name)
             click.echo(
-                f"{model.name:<28} {name:<28} {spec.provider:<15} {target:<44} "
-                f"{upstream:<24} {spec.weight:g}"
+                f"{model.name:<28} {name:<28} {spec.provider:<15} {described.target:<44} "
+                f"{described.upstream_model:<24} {spec.weight:g}"
             )
     if problems:
         for problem in problems:
@@ -153,7 +149,7 @@ def _describe_url(value: str | None) -> str | None:
     return scheme + sep + rest
 
 
-def _missing_secrets(settings: Settings) -> list[str]:
+def _missing_secrets(settings: Settings, providers: ProviderRegistry) -> list[str]:
     problems = []
     for name, reference in (
         ("auth.master_key", settings.auth.master_key),
@@ -166,12 +162,11 @@ def _missing_secrets(settings: Settings) -> list[str]:
             problems.append(f"{name}: {exc}")
     for model in settings.models:
         for spec in model.deployments:
-            if not isinstance(spec, OpenAIDeployment):
-                continue
-            try:
-                resolve_secret(spec.api_key)
-            except ConfigError as exc:
-                problems.append(f"model {model.name}: {exc}")
+            for reference in providers[spec.provider].secrets(spec):
+                try:
+                    resolve_secret(reference)
+                except ConfigError as exc:
+                    problems.append(f"model {model.name}: {exc}")
     return problems
 
 

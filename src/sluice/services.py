@@ -2,8 +2,8 @@
 
     database  ─ KeyStore, UsageStore ─ UsageRecorder (batched, durable writes)
     redis     ─ RedisLimiter, KeyInvalidation (pub/sub)      (MemoryLimiter without Redis)
-    auth      ─ Authenticator ─ Guard (identify, admit)      (only with auth.master_key)
-              ─ Accounting (settle reservations, record usage)
+    auth      ─ Authenticator ─ Identify, Admit (pipeline steps) (only with auth.master_key)
+              ─ Accounting (usage records)
 
 The database is opened when keys are enabled or usage is recorded; Redis only when
 ``redis_url`` is set. Shutdown order matters: the recorder drains into the database before
@@ -24,11 +24,12 @@ from redis.backoff import NoBackoff
 from sluice.observability.metrics import GatewayMetrics
 from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
+from sluice.pipeline.admit import Admit
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
 from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
 from sluice.pipeline.costs import price_table
-from sluice.pipeline.guard import Guard
+from sluice.pipeline.identify import Identify
 from sluice.pipeline.invalidation import KeyInvalidation
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
 from sluice.pipeline.limits.wire import PipelinedRedis
@@ -58,7 +59,8 @@ class Services:
     keys: KeyStore | None = None
     usage: UsageStore | None = None
     recorder: UsageRecorder | None = None
-    guard: Guard | None = None
+    identify: Identify | None = None
+    admit: Admit | None = None
     master_key: str | None = None
     limiter_outages: OutageLog | None = None  # the Redis limiter's failures, throttled
     budgets: BudgetLedger | None = None
@@ -111,7 +113,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         return Services(
             limiter,
             KeyInvalidation(redis, lambda _: None),
-            Accounting(None, None, prices),
+            Accounting(None, prices),
             redis=redis,
             limiter_redis=limiter_redis,
             limiter_outages=outages,
@@ -135,7 +137,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             on_dead_letter=metrics.usage_dead_letter.inc,
             on_restart=metrics.usage_writer_restarts.inc,
         )
-    guard = None
+    identify = admit = None
     authenticator = None
     budgets: BudgetLedger | None = None
     lockout = None
@@ -150,8 +152,8 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             unknown_keys=UnknownKeys(auth.unknown_key_cache, auth.unknown_key_ttl),
             lockout=lockout,
         )
-        guard = Guard(
-            authenticator,
+        identify = Identify(authenticator)
+        admit = Admit(
             limiter,
             default_max_tokens=settings.limits.default_max_tokens,
             lease_seconds=lease_seconds,
@@ -164,14 +166,15 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
     return Services(
         limiter=limiter,
         invalidation=invalidation,
-        accounting=Accounting(recorder, limiter, prices, budgets),
+        accounting=Accounting(recorder, prices),
         database=database,
         redis=redis,
         limiter_redis=limiter_redis,
         keys=keys,
         usage=usage,
         recorder=recorder,
-        guard=guard,
+        identify=identify,
+        admit=admit,
         master_key=master_key,
         auth_lockout=lockout,
         limiter_outages=outages,

@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sluice.routing.settings import AliasSettings, Balancing, ResilienceSettings
+
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 _ENV_REF = "os.environ/"
 _FILE_REF = "file:"
@@ -158,7 +160,7 @@ class LocalEmbeddingDeployment(_Strict):
     weight: float = Field(1.0, gt=0)
 
 
-Deployment = Annotated[
+DeploymentSettings = Annotated[
     OpenAIDeployment | LocalDeployment | LocalEmbeddingDeployment, Field(discriminator="provider")
 ]
 
@@ -173,8 +175,22 @@ class PricingSettings(_Strict):
 
 class ModelSettings(_Strict):
     name: str = Field(min_length=1, description="the model name clients send")
-    deployments: list[Deployment] = Field(min_length=1)
+    deployments: list[DeploymentSettings] = Field(min_length=1)
     pricing: PricingSettings = PricingSettings()
+    balancing: Balancing = Field(
+        "least_outstanding",
+        description="how a deployment is chosen: weighted (random by weight), "
+        "least_outstanding (power of two choices), latency (EWMA of time to first byte)",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list, description="models tried in order once every deployment failed"
+    )
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="models tried when the prompt exceeds the context"
+    )
+    content_policy_fallbacks: list[str] = Field(
+        default_factory=list, description="models tried when the upstream refuses the content"
+    )
 
 
 class ServerSettings(_Strict):
@@ -322,14 +338,35 @@ class Settings(BaseSettings):
             ModelSettings(name=DEFAULT_LOCAL_MODEL, deployments=[LocalDeployment(provider="local")])
         ]
     )
+    aliases: list[AliasSettings] = Field(
+        default_factory=list, description="public names split across model versions (canary)"
+    )
+    resilience: ResilienceSettings = ResilienceSettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
         seen: set[str] = set()
+        for name in [model.name for model in self.models] + [a.name for a in self.aliases]:
+            if name in seen:
+                raise ValueError(f"model name {name!r} is defined twice")
+            seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _references_are_models(self) -> Settings:
+        models = {model.name for model in self.models}
         for model in self.models:
-            if model.name in seen:
-                raise ValueError(f"model name {model.name!r} is defined twice")
-            seen.add(model.name)
+            for field in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+                for name in getattr(model, field):
+                    if name not in models:
+                        raise ValueError(f"model {model.name!r}: {field} names unknown {name!r}")
+        for alias in self.aliases:
+            named = [v.model for v in alias.versions]
+            if alias.shadow is not None:
+                named.append(alias.shadow.model)
+            for name in named:
+                if name not in models:
+                    raise ValueError(f"alias {alias.name!r} names unknown model {name!r}")
         return self
 
     @classmethod

@@ -180,7 +180,7 @@ class ExplodingBackend:
 
 def test_unexpected_exceptions_become_a_bare_500(upstream: MockUpstream) -> None:
     def break_backend(app: Starlette) -> None:
-        app.state.router.route("gpt-4o-mini").backend = ExplodingBackend()
+        app.state.router.deployments("gpt-4o-mini")[0].backend = ExplodingBackend()
 
     with running_gateway(config_for(upstream.url), prepare=break_backend) as url:
         response = httpx.post(f"{url}/chat/completions", json=CHAT)

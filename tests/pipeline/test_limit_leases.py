@@ -47,8 +47,8 @@ def test_the_gateway_leases_parallel_slots_for_seconds_not_minutes(
         data_dir=str(tmp_path),
     )
     services = build_services(settings, GatewayMetrics(CollectorRegistry()))
-    assert services.guard is not None
-    assert services.guard._lease == settings.limits.redis_lease_seconds == 30.0
+    assert services.admit is not None
+    assert services.admit._lease == settings.limits.redis_lease_seconds == 30.0
 
 
 async def test_a_lease_not_renewed_expires_after_its_short_time(

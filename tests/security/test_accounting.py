@@ -234,10 +234,10 @@ async def test_a_request_is_charged_to_the_budget_period_it_was_made_in() -> Non
     # and the usage record both belong to the period of the moment of admission.
     from datetime import UTC, datetime, timedelta
 
-    from sluice.api.context import RequestContext
+    from sluice.pipeline.admit import Admit
     from sluice.pipeline.auth import Principal
     from sluice.pipeline.budgets import MemoryBudgets
-    from sluice.pipeline.guard import Guard
+    from sluice.pipeline.context import RequestContext
     from sluice.pipeline.limits import MemoryLimiter
     from sluice.store.keys import KeyRecord
     from sluice.store.periods import current_period_start
@@ -249,8 +249,7 @@ async def test_a_request_is_charged_to_the_budget_period_it_was_made_in() -> Non
         id="key_roll", key_hash="h", display="sk-…", budget_usd=1.0, budget_period="daily",
         spend_usd=0.95, period_started_at=yesterday,
     )  # fmt: skip
-    guard = Guard(
-        None,  # type: ignore[arg-type]
+    admit = Admit(
         MemoryLimiter(),
         default_max_tokens=10,
         lease_seconds=60,
@@ -260,7 +259,7 @@ async def test_a_request_is_charged_to_the_budget_period_it_was_made_in() -> Non
     for n in range(2):  # $0.80 of today's $1: both fit; yesterday's $0.95 would refuse one
         ctx = RequestContext(request_id=f"r{n}", started=0.0, route="chat/completions")
         ctx.principal = Principal(key)
-        reserving = guard.reserve_budget(ctx, "m", {"max_tokens": 10}, 0)
+        reserving = admit.reserve_budget(ctx, "m", {"max_tokens": 10}, 0)
         assert reserving is not None
         await reserving
         assert ctx.budget_hold is not None

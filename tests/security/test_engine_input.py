@@ -437,13 +437,14 @@ def test_one_bad_field_among_good_ones_is_400_or_a_job(kind: Kind, data: st.Data
 def test_the_setting_reaches_the_engine() -> None:
     from prometheus_client import CollectorRegistry
 
-    from sluice.backends.factory import BackendFactory
+    from sluice.backends.registry import default_providers
+    from sluice.routing.table import build_table
     from sluice.settings import Settings
 
     deployment = {"provider": "local", "max_sequences_per_request": 4}
     settings = Settings(models=[{"name": "local", "deployments": [deployment]}])
-    [(_, [built])] = BackendFactory(CollectorRegistry()).deployments(settings)
+    [(_, [built])] = build_table(settings, default_providers(CollectorRegistry()))
     assert built.backend.engine.config.max_sequences_per_request == 4  # type: ignore[attr-defined]
     default = Settings(models=[{"name": "local", "deployments": [{"provider": "local"}]}])
-    [(_, [built])] = BackendFactory(CollectorRegistry()).deployments(default)
+    [(_, [built])] = build_table(default, default_providers(CollectorRegistry()))
     assert built.backend.engine.config.max_sequences_per_request == 16  # type: ignore[attr-defined]

@@ -42,7 +42,7 @@ class Recording:
 
 def gateway(config: dict[str, Any], recorded: list[Recording]) -> Any:
     def prepare(app: Starlette) -> None:
-        deployment = app.state.router.route("gpt-4o-mini")
+        deployment = app.state.router.deployments("gpt-4o-mini")[0]
         deployment.backend = Recording(deployment.backend)
         recorded.append(deployment.backend)
 

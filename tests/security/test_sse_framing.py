@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.api.context import RequestContext
-from sluice.api.sse import DONE, MAX_EVENT_BYTES, relay_events
-from sluice.api.usage import MAX_REPORTED_TOKENS, read_body_usage
 from sluice.errors import UpstreamError
+from sluice.pipeline.context import RequestContext
+from sluice.pipeline.sse import DONE, MAX_EVENT_BYTES, relay_events
+from sluice.pipeline.usage import MAX_REPORTED_TOKENS, read_body_usage
 
 
 async def _chunks(

@@ -18,8 +18,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ExceptionHandler, Send
 
-from sluice.api.context import SCOPE_KEY, RequestContext
 from sluice.errors import InvalidRequestError, NotFoundError, SluiceError
+from sluice.pipeline.context import SCOPE_KEY, RequestContext
 
 log = logging.getLogger("sluice.error")
 

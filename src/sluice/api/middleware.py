@@ -7,8 +7,8 @@ server's id when the client sent none) with the key's ``x-ratelimit-*`` headers,
 new work with 503 once the process stops accepting and, at the door, a Host not served
 or a body that is not JSON (`sluice.api.edge`), and after the last byte (or the
 client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
-writes one access record, and hands the request to accounting (usage record, limiter and
-budget reconciliation).
+runs what the pipeline's steps left for the end (a stream's settlement, `RequestContext.at_end`),
+writes one access record, and hands the request to accounting (its usage record).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sluice.api.context import SCOPE_KEY, RequestContext
 from sluice.api.edge import EdgeChecks
 from sluice.api.errors import send_error
 from sluice.errors import ServiceUnavailableError, SluiceError
@@ -29,7 +28,8 @@ from sluice.lifecycle import Lifecycle
 from sluice.observability.logging import AccessLog
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.accounting import Accounting
-from sluice.pipeline.guard import ratelimit_header_block, ratelimit_headers
+from sluice.pipeline.context import SCOPE_KEY, RequestContext
+from sluice.pipeline.limits.headers import ratelimit_header_block, ratelimit_headers
 
 _API_ROUTES = {
     f"{prefix}/{route}": route
@@ -126,6 +126,9 @@ class ObserveRequests:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - ctx.started
+            if ctx.at_end is not None:
+                for finish in ctx.at_end:
+                    finish(ctx)
             self._record(ctx, path, status, elapsed)
             if self.accounting is not None:
                 self.accounting.finish(ctx, status, elapsed)

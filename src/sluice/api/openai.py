@@ -1,17 +1,17 @@
 """The OpenAI routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
 
-Every route reads the raw body, validates what the gateway needs (`sluice.protocol`),
-routes the model to a deployment and hands the backend the client's own bytes whenever
-nothing had to change. Non-streaming answers go back as the upstream's bytes; streams are
-relayed event by event (`sluice.api.sse`). Errors are raised from `sluice.errors` and
-rendered by the app's one handler.
+The HTTP side of a request only: each route hands the request to the pipeline
+(`sluice.pipeline.steps`) with a reader for its body, and sends back what the pipeline
+returns: a complete answer as the upstream's bytes, a stream event by event. Errors are
+raised from `sluice.errors` and rendered by the app's one handler; a stream that fails
+after its first byte ends with an SSE error event.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack
+from functools import partial
 
 import orjson
 from starlette.background import BackgroundTask
@@ -19,16 +19,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 
-from sluice.api.context import SCOPE_KEY, RequestContext
-from sluice.api.sse import error_event, relay_events
-from sluice.api.usage import read_body_usage
-from sluice.backends.base import Route, UpstreamCall
 from sluice.errors import PayloadTooLargeError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
-from sluice.pipeline.costs import prompt_estimate
-from sluice.pipeline.guard import Guard, admitted
-from sluice.protocol import parse_json_object, validate, wants_usage
-from sluice.routing.router import Deployment, Router
+from sluice.pipeline.attempts import upstream_failed
+from sluice.pipeline.context import SCOPE_KEY, RequestContext
+from sluice.pipeline.identify import Identify
+from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.request import model_not_found
+from sluice.pipeline.sse import error_event
+from sluice.pipeline.steps import Handler
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
@@ -39,19 +38,20 @@ class OpenAIService:
 
     def __init__(
         self,
-        router: Router,
+        pipeline: Handler,
+        model_names: list[str],
         metrics: GatewayMetrics,
         max_body_bytes: int,
-        guard: Guard | None = None,
+        identify: Identify | None = None,
     ) -> None:
-        self._router = router
+        self._pipeline = pipeline
         self._metrics = metrics
         self._max_body = max_body_bytes
-        self._guard = guard
+        self._identify = identify
         created = int(time.time())
         self._models = [
             {"id": name, "object": "model", "created": created, "owned_by": "sluice"}
-            for name in router.model_names
+            for name in model_names
         ]
         self._models_body = orjson.dumps({"object": "list", "data": self._models})
 
@@ -88,112 +88,53 @@ class OpenAIService:
         allowed = await self._allowed_models(request)
         if allowed is not None and name not in allowed:
             name = ""  # a model the key may not use does not exist for it
-        self._router.route(name)  # raises the 404 for an unknown model
-        model = next(m for m in self._models if m["id"] == name)
+        model = next((m for m in self._models if m["id"] == name), None)
+        if model is None:
+            raise model_not_found(name)
         return Response(orjson.dumps(model), media_type=JSON)
 
     async def _allowed_models(self, request: Request) -> set[str] | None:
         """The model names the caller may see; None for all."""
-        if self._guard is None:
+        if self._identify is None:
             return None
         ctx: RequestContext = request.scope[SCOPE_KEY]
-        scope = request.scope
-        await self._guard.identify(
-            ctx, scope["headers"], scope["query_string"], scope.get("client")
-        )
+        _describe_client(ctx, request)
+        await self._identify.identify(ctx)
         key = ctx.principal.key if ctx.principal is not None else None
         return set(key.models) if key is not None and key.models is not None else None
 
-    async def _proxy(self, request: Request, route: Route) -> Response:
+    async def _proxy(self, request: Request, route: str) -> Response:
         ctx: RequestContext = request.scope[SCOPE_KEY]
-        guard = self._guard
-        if guard is not None:
-            scope = request.scope
-            if not guard.recognise(ctx, scope["headers"], scope["query_string"]):
-                await guard.identify(
-                    ctx, scope["headers"], scope["query_string"], scope.get("client")
-                )
-        raw = await self._read_body(request)
-        body = parse_json_object(raw)
-        model = validate(route, body)
-        deployment = self._router.route(model)
-        ctx.model = model
-        ctx.deployment = deployment.id
-        ctx.prompt_estimate = prompt_estimate(len(raw))
-        ctx.body_bytes = len(raw)
-        forward: bytes | None = raw
-        if guard is not None:
-            waiting = guard.admit(ctx, model, body, len(raw))
-            if waiting is not None:
-                admitted(ctx, await waiting)
-            reserving = guard.reserve_budget(ctx, model, body, len(raw))
-            if reserving is not None and await reserving:
-                forward = None  # the body now carries the completion ceiling its hold assumed
-        ctx.accepted = True
-
-        if "priority" in body:  # queue order is the key's (the call's priority), not the client's
-            del body["priority"]
-            forward = None
-        if deployment.upstream_model != model:
-            body["model"] = deployment.upstream_model
-            forward = None
-        stream = route != "embeddings" and body.get("stream") is True
-        strip_usage = False
-        if stream and deployment.stream_usage and not wants_usage(body):
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            forward, strip_usage = None, True
-        ctx.stream = stream
-        call = UpstreamCall(route, body, forward, ctx.request_id, stream)
-        if ctx.principal is not None and ctx.principal.key is not None:
-            call.priority = ctx.principal.key.priority  # the key's, never the body's
-        if stream:
-            return await self._stream(ctx, deployment, call, strip_usage)
-
-        started = time.perf_counter()
-        try:
-            reply = await deployment.backend.send(call)
-        except UpstreamError as exc:
-            self._upstream_failed(ctx, exc)
-            raise
-        finally:
-            ctx.upstream_seconds = time.perf_counter() - started
-        read_body_usage(reply.body, ctx)
+        _describe_client(ctx, request)
+        ctx.route = route
+        ctx.read_body = partial(self._read_body, request)
+        reply = await self._pipeline(ctx)
+        if isinstance(reply, StreamReply):
+            return self._stream(ctx, reply)
         return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
 
-    async def _stream(
-        self, ctx: RequestContext, deployment: Deployment, call: UpstreamCall, strip_usage: bool
-    ) -> Response:
-        stack = AsyncExitStack()
-        started = time.perf_counter()
-        try:
-            chunks = await stack.enter_async_context(deployment.backend.stream(call))
-        except UpstreamError as exc:
-            ctx.upstream_seconds = time.perf_counter() - started
-            self._upstream_failed(ctx, exc)
-            await stack.aclose()
-            raise
-
+    def _stream(self, ctx: RequestContext, reply: StreamReply) -> Response:
         async def events() -> AsyncIterator[bytes]:
             ended = False
             try:
-                async for data in relay_events(chunks, ctx, strip_usage=strip_usage):
+                async for data in reply.events:
                     yield data
                 ended = True
             except UpstreamError as exc:
                 ended = True
-                self._upstream_failed(ctx, exc)
+                upstream_failed(self._metrics, ctx, exc)
                 yield error_event(exc)
             finally:
-                ctx.upstream_seconds = time.perf_counter() - started
+                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
                 ctx.client_disconnected = not ended
-                await stack.aclose()
+                await reply.close()
 
         # The background task closes the upstream even if the body never started.
         return StreamingResponse(
             events(),
             media_type="text/event-stream",
             headers=STREAM_HEADERS,
-            background=BackgroundTask(stack.aclose),
+            background=BackgroundTask(reply.close),
         )
 
     async def _read_body(self, request: Request) -> bytes:
@@ -220,6 +161,9 @@ class OpenAIService:
     def _too_large(self) -> str:
         return f"The request body is larger than the limit of {self._max_body} bytes."
 
-    def _upstream_failed(self, ctx: RequestContext, exc: UpstreamError) -> None:
-        ctx.error_kind = exc.kind
-        self._metrics.upstream_errors_for(ctx.model or "-", ctx.deployment or "-", exc.kind).inc()
+
+def _describe_client(ctx: RequestContext, request: Request) -> None:
+    scope = request.scope
+    ctx.headers = scope["headers"]
+    ctx.query_string = scope["query_string"]
+    ctx.client = scope.get("client")

@@ -32,6 +32,9 @@ class UpstreamCall:
     priority: int = 0
     """Queue order in the embedded engine (higher first), from the caller's key; 0 for
     everyone without one. Never read from the request body."""
+    strip_usage: bool = False
+    """The gateway asked for a stream's usage chunk that the client did not: the relay
+    reads it and removes it."""
 
 
 @dataclass(slots=True)

@@ -128,7 +128,7 @@ class RedisLimiter:
             loop.call_soon(self._send)
         batch.keys.append(plan.keys)
         batch.n_keys += plan.n_keys
-        if lease_seconds != self._lease_seconds:  # the guard's lease: constant in practice
+        if lease_seconds != self._lease_seconds:  # the admit step's lease: constant in practice
             self._lease_seconds = lease_seconds
             self._lease = bulk(b"%d" % max(round(lease_seconds * 1000), 1))
             self.leases.saw(lease_seconds)
@@ -279,7 +279,7 @@ class RedisLimiter:
         task.add_done_callback(self._tasks.discard)
 
     def _plan(self, scopes: Sequence[Scope]) -> _Plan:
-        """What a call over ``scopes`` sends, built once per scopes object (the guard keeps
+        """What a call over ``scopes`` sends, built once per scopes object (the admit step keeps
         one per key and model; `acquire` looks it up inline)."""
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()

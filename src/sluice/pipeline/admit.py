@@ -1,14 +1,13 @@
-"""Admission for one request: who is calling, may they use this model, within budget and limits.
+"""The admit step: may this caller use this model now, within its budget and limits; and,
+in the same step, settling what was reserved once the request's real usage is known.
 
-`identify` runs before the body is read (401 costs nothing; its first step, `recognise`,
-answers a cached key without a coroutine); `admit` runs once the model is known, without a
-coroutine (with Redis the caller awaits the limiter's answer and hands it to `admitted`):
 403 for a model the key may not use, 429 ``budget_exceeded`` (``x-should-retry: false``)
 once spend reaches the budget, then one limiter call over the key's scopes that reserves
-an estimate of the tokens (prompt size + ``max_tokens``). For a key with a budget,
-`reserve_budget` then holds the request's worst-case cost in the budget ledger
-(`sluice.pipeline.budgets`). Both reservations are reconciled with the real usage by
-`sluice.pipeline.accounting` when the request ends.
+an estimate of the tokens (prompt size + ``max_tokens``): decided without a coroutine in
+memory, awaited on Redis. For a key with a budget the request's worst-case cost is then
+held in the budget ledger (`sluice.pipeline.budgets`). Both reservations are settled with
+the real usage (`sluice.pipeline.accounting.charged`) when the request ends: in this
+step's ``finally`` for a complete answer, after the last byte for a stream.
 """
 
 from __future__ import annotations
@@ -18,12 +17,15 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
-from sluice.pipeline.auth import Authenticator, Principal
+from sluice.pipeline.accounting import charged
+from sluice.pipeline.auth import Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
+from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import Rates, cost_usd
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
+from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.steps import Handler, Reply
 from sluice.protocol import completion_ceiling
 from sluice.store.keys import KeyRecord
 from sluice.store.usage import from_micros
@@ -31,10 +33,11 @@ from sluice.store.usage import from_micros
 _MAX_CACHED_SCOPES = 50_000
 
 
-class Guard:
+class Admit:
+    next: Handler
+
     def __init__(
         self,
-        authenticator: Authenticator,
         limiter: Limiter,
         *,
         default_max_tokens: int,
@@ -42,7 +45,6 @@ class Guard:
         budgets: BudgetLedger,
         prices: dict[str, Rates],
     ) -> None:
-        self._auth = authenticator
         self._limiter = limiter
         self._budgets = budgets
         self._prices = prices  # model -> USD per million prompt / completion tokens
@@ -52,29 +54,40 @@ class Guard:
         self._lease = lease_seconds
         self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[Scope]]] = {}
 
-    def recognise(
-        self, ctx: RequestContext, headers: list[tuple[bytes, bytes]], query_string: bytes
-    ) -> bool:
-        """Set ``ctx.principal`` from the auth cache, without a coroutine: True for a virtual
-        key authenticated within the cache TTL; False sends the caller to `identify`."""
-        principal = None if query_string else self._auth.recognise(headers)
-        if principal is None:
-            return False
-        ctx.principal = principal
-        return True
+    async def __call__(self, ctx: RequestContext) -> Reply:
+        model = ctx.model
+        assert model is not None
+        waiting = self.admit(ctx, model, ctx.body, ctx.body_bytes)
+        if waiting is not None:
+            admitted(ctx, await waiting)
+        try:
+            reserving = self.reserve_budget(ctx, model, ctx.body, ctx.body_bytes)
+            if reserving is not None and await reserving:
+                ctx.raw = None  # the body now carries the completion ceiling its hold assumed
+            reply = await self.next(ctx)
+        except BaseException:
+            self.settle(ctx)
+            raise
+        if isinstance(reply, StreamReply):
+            ctx.then_at_end(self.settle)  # a stream's usage is known after its last event
+        else:
+            self.settle(ctx)
+        return reply
 
-    async def identify(
-        self,
-        ctx: RequestContext,
-        headers: list[tuple[bytes, bytes]],
-        query_string: bytes,
-        client: tuple[str, int] | None = None,
-    ) -> None:
-        """Set ``ctx.principal``, through the cache when it can answer; raises the 401 (429
-        for a ``client``, the ASGI peer, that failed too often)."""
-        if not self.recognise(ctx, headers, query_string):
-            address = client[0] if client else None
-            ctx.principal = await self._auth.authenticate(headers, query_string, address)
+    def settle(self, ctx: RequestContext) -> None:
+        """Replace the reservations with what the request really used (nothing, for one
+        refused or failed before it reached a backend); never waits."""
+        if ctx.accepted:
+            prompt, completion, cost = charged(ctx, self._prices)
+            if ctx.ticket is not None:
+                self._limiter.settle_nowait(ctx.ticket, prompt + completion)
+            if ctx.budget_hold is not None:
+                self._budgets.release_nowait(ctx.budget_hold, to_nano(cost))
+            return
+        if ctx.ticket is not None:
+            self._limiter.settle_nowait(ctx.ticket, 0)
+        if ctx.budget_hold is not None:
+            self._budgets.release_nowait(ctx.budget_hold, 0)
 
     def admit(
         self, ctx: RequestContext, model: str, body: dict[str, Any], size: int
@@ -82,7 +95,7 @@ class Guard:
         """Admit the request or raise its 403/429. None when decided at once (the master
         key, a key without limits, the memory limiter: no coroutine per request); otherwise
         the limiter's pending answer (Redis), which the caller awaits and hands to
-        `admitted` (no coroutine of the guard's in between)."""
+        `admitted` (no coroutine of the step's in between)."""
         principal: Principal | None = ctx.principal
         if principal is None or principal.key is None:
             return None  # the master key is not limited
@@ -212,50 +225,3 @@ def _refusal(admission: Admission) -> RateLimitError:
             "retry-after-ms": str(math.ceil(wait * 1000)),
         },
     )
-
-
-_REQUEST_LINES = (
-    b"x-ratelimit-limit-requests: %d\r\n"
-    b"x-ratelimit-remaining-requests: %d\r\n"
-    b"x-ratelimit-reset-requests: %.3fs\r\n"
-)
-_TOKEN_LINES = (
-    b"x-ratelimit-limit-tokens: %d\r\n"
-    b"x-ratelimit-remaining-tokens: %d\r\n"
-    b"x-ratelimit-reset-tokens: %.3fs\r\n"
-)
-_BOTH_LINES = _REQUEST_LINES + _TOKEN_LINES
-
-
-def ratelimit_header_block(admission: Admission) -> bytes:
-    """OpenAI's x-ratelimit-* headers for ``admission`` as HTTP header lines, for servers
-    with the ``sluice.header_block`` extension (`sluice.http_protocol`): one formatting
-    operation, as it runs for every response of a limited key."""
-    a = admission
-    if a.limit_requests is not None:
-        if a.limit_tokens is not None:
-            return _BOTH_LINES % (
-                a.limit_requests,
-                a.remaining_requests or 0,
-                a.reset_requests or 0,
-                a.limit_tokens,
-                a.remaining_tokens or 0,
-                a.reset_tokens or 0,
-            )
-        return _REQUEST_LINES % (
-            a.limit_requests,
-            a.remaining_requests or 0,
-            a.reset_requests or 0,
-        )
-    if a.limit_tokens is not None:
-        return _TOKEN_LINES % (a.limit_tokens, a.remaining_tokens or 0, a.reset_tokens or 0)
-    return b""
-
-
-def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> None:
-    """Append the headers of `ratelimit_header_block` to ``out`` as ASGI header pairs, for
-    servers without the extension (their one source is the block's format)."""
-    for line in ratelimit_header_block(admission).split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b": ")
-            out.append((name, value))

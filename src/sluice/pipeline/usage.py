@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from sluice.api.context import RequestContext
+from sluice.pipeline.context import RequestContext
 
 MAX_REPORTED_TOKENS = 100_000_000
 """Above any real request (the largest contexts hold about 10 M tokens) and far below

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from sluice.api.context import RequestContext
-from sluice.api.usage import plausible_tokens
 from sluice.errors import SluiceError, UpstreamConnectError, UpstreamError
+from sluice.pipeline.context import RequestContext
+from sluice.pipeline.usage import plausible_tokens
 
 DONE = b"data: [DONE]\n\n"
 MAX_EVENT_BYTES = 1024 * 1024

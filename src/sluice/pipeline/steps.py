@@ -1,0 +1,37 @@
+"""The per-request pipeline: an ordered list of steps, each wrapping the next.
+
+    identify → read → admit (settles at the end) → cache → plan → attempts → backend
+
+A step is an object with one job; `compose` links each to the one after it (``next``), so
+running a request is one call per step and no step knows which others exist. The app
+chooses the list once, at start-up (`sluice.app.build_app`): a gateway without keys has no
+identify or admit step, and pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from sluice.backends.base import UpstreamReply
+from sluice.pipeline.context import RequestContext
+from sluice.pipeline.reply import StreamReply
+
+Reply = UpstreamReply | StreamReply
+Handler = Callable[[RequestContext], Awaitable[Reply]]
+
+
+class Step(Protocol):
+    next: Handler
+    """The rest of the pipeline; set by `compose`."""
+
+    async def __call__(self, ctx: RequestContext) -> Reply: ...
+
+
+def compose(steps: Sequence[Step], last: Handler) -> Handler:
+    """Link ``steps`` in order in front of ``last``; the returned handler runs them all."""
+    handler = last
+    for step in reversed(steps):
+        step.next = handler
+        handler = step
+    return handler
