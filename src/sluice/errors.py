@@ -136,6 +136,13 @@ class ServiceUnavailableError(SluiceError):
     default_code = "service_unavailable"
 
 
+class DeploymentBusyError(ServiceUnavailableError):
+    """A deployment's concurrency cap and its queue are full (or the wait ran out): the
+    attempts step moves on to the next candidate without an upstream call."""
+
+    default_code = "deployment_busy"
+
+
 class UpstreamError(SluiceError):
     status = 502
     type = "upstream_error"
