@@ -25,9 +25,15 @@ boundary, so callers above them see only these classes.
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 import orjson
+
+MAX_RETRY_AFTER = 3600.0
+"""Seconds: the longest wait an upstream's Retry-After is taken at (a larger one is cut)."""
 
 
 class SluiceError(Exception):
@@ -167,13 +173,24 @@ class UpstreamAuthError(UpstreamError):
 
 
 class UpstreamStatusError(UpstreamError):
-    """The upstream answered with an error status; its body is relayed unchanged."""
+    """The upstream answered with an error status; its body is relayed unchanged, and a 429's
+    or 503's Retry-After (``retry_after``, seconds) with it."""
 
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-        super().__init__(f"upstream returned HTTP {status}")
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "application/json",
+        retry_after: float | None = None,
+    ) -> None:
+        headers = None
+        if retry_after is not None and status in (429, 503):
+            headers = {"Retry-After": str(math.ceil(retry_after))}
+        super().__init__(f"upstream returned HTTP {status}", headers=headers)
         self.upstream_status = status
         self.upstream_body = body
         self.content_type = content_type
+        self.retry_after = retry_after
 
     @property
     def http_status(self) -> int:
@@ -203,6 +220,41 @@ class UpstreamStatusError(UpstreamError):
                 }
             }
         )
+
+
+def retry_after_seconds(
+    value: str | bytes | None, now: datetime | None = None, *, millis: bool = False
+) -> float | None:
+    """The wait a Retry-After value asks for, in seconds: delta-seconds or an HTTP-date
+    (``millis``: a number of milliseconds, as ``retry-after-ms`` carries).
+
+    None when absent or unreadable; a negative or non-finite number is unreadable, a date in
+    the past is 0, and anything longer than `MAX_RETRY_AFTER` is cut to it. Whatever an
+    upstream writes, the answer is a small finite number or None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    value = value.strip()
+    if not value or len(value) > 64:
+        return None
+    if value[0].isdigit():
+        try:
+            seconds = float(value) / (1000 if millis else 1)
+        except ValueError:
+            return None
+        return min(seconds, MAX_RETRY_AFTER) if math.isfinite(seconds) else None
+    if millis:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read as such
+        when = when.replace(tzinfo=UTC)
+    seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def _snake(name: str) -> str:

@@ -35,6 +35,7 @@ from sluice.errors import (
     UpstreamError,
     UpstreamStatusError,
     UpstreamTimeoutError,
+    retry_after_seconds,
 )
 from sluice.observability.logging import scrub
 from sluice.settings import OpenAIDeployment, resolve_url
@@ -107,7 +108,7 @@ class OpenAIHTTPBackend:
             body = _decoded(self.name, body, encoding, self._settings.max_response_bytes)
         content_type = reply.headers.get(b"content-type", b"application/json").decode("latin-1")
         if reply.status >= 400:
-            raise self._status_error(reply.status, body, content_type)
+            raise self._status_error(reply.status, body, content_type, reply.headers)
         return UpstreamReply(reply.status, body, content_type)
 
     @asynccontextmanager
@@ -136,16 +137,18 @@ class OpenAIHTTPBackend:
                 if encoding is not None:
                     body = _decoded(self.name, body, encoding, _ERROR_BODY_LIMIT)
                 content_type = conn.headers.get(b"content-type", b"").decode("latin-1")
-                raise self._status_error(conn.status, body, content_type)
+                raise self._status_error(conn.status, body, content_type, conn.headers)
             if conn.headers.get(b"content-encoding", b"identity").lower() != b"identity":
                 raise _bad_encoding(self.name, conn.headers[b"content-encoding"], "a stream")
             yield chunks
         finally:
             pool.finish(conn)  # incomplete: the connection is dropped, aborting the upstream
 
-    def _status_error(self, status: int, body: bytes, content_type: str) -> UpstreamError:
+    def _status_error(
+        self, status: int, body: bytes, content_type: str, headers: dict[bytes, bytes]
+    ) -> UpstreamError:
         if status not in (401, 403):
-            return UpstreamStatusError(status, body, content_type)
+            return UpstreamStatusError(status, body, content_type, _retry_after(headers))
         text = scrub(body[: _LOGGED_BODY * 2].decode("utf-8", "replace"))
         if self._api_key:
             text = text.replace(self._api_key, "[redacted]")
@@ -170,6 +173,15 @@ class OpenAIHTTPBackend:
         if self._pool is None:
             raise UpstreamConnectError(f"deployment {self.name} is not started")
         return self._pool
+
+
+def _retry_after(headers: dict[bytes, bytes]) -> float | None:
+    """The wait an error answer asks for: ``retry-after-ms`` (OpenAI, Azure) when readable,
+    else ``Retry-After`` (seconds or an HTTP-date); bounded (`retry_after_seconds`)."""
+    seconds = retry_after_seconds(headers.get(b"retry-after-ms"), millis=True)
+    if seconds is not None:
+        return seconds
+    return retry_after_seconds(headers.get(b"retry-after"))
 
 
 def _payload(call: UpstreamCall) -> bytes:
