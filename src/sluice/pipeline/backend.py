@@ -1,12 +1,13 @@
 """The last step: one call to the deployment the attempt chose (``ctx.target``).
 
 A complete answer comes back as the upstream's bytes, its usage read from the body's
-tail; a stream comes back open (the upstream accepted it) with its events framed and its
-usage read as they pass (`sluice.pipeline.sse`).
+tail; a stream comes back open, once its first event has arrived, with its events framed
+and its usage read as they pass (`sluice.pipeline.sse`).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 
 from sluice.pipeline.context import RequestContext
@@ -33,7 +34,36 @@ async def call_backend(ctx: RequestContext) -> Reply:
     stack = AsyncExitStack()
     try:
         chunks = await stack.enter_async_context(deployment.backend.stream(call))
+        events = relay_events(chunks, ctx, strip_usage=call.strip_usage)
+        # The first event is part of the attempt: a failure or a stall before it can still
+        # be retried elsewhere, because the client has not been sent a byte.
+        first = await anext(events, None)
     except BaseException:
         await stack.aclose()
         raise
-    return StreamReply(relay_events(chunks, ctx, strip_usage=call.strip_usage), stack.aclose)
+    return StreamReply(Prefetched(first, events), stack.aclose)
+
+
+class Prefetched:
+    """A stream's events with its first one, already read, put back in front. After the
+    first, each step is the relay's own (no coroutine of this class's in between)."""
+
+    __slots__ = ("_first", "_rest")
+
+    def __init__(self, first: bytes | None, rest: AsyncIterator[bytes]) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> Prefetched:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        first = self._first
+        if first is None:
+            return self._rest.__anext__()
+        self._first = None
+        return _ready(first)
+
+
+async def _ready(value: bytes) -> bytes:
+    return value
