@@ -37,6 +37,7 @@ from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.attempts import Attempts
 from sluice.pipeline.backend import call_backend
+from sluice.pipeline.costs import price_table
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.steps import Handler, Step, compose
@@ -52,6 +53,9 @@ _GC_YOUNG_THRESHOLD = 20_000
 _EXPOSED_HEADERS = [
     "x-request-id",
     "retry-after",
+    "x-sluice-deployment",
+    "x-sluice-model",
+    "x-sluice-attempts",
     *(
         f"x-ratelimit-{part}-{unit}"
         for part in ("limit", "remaining", "reset")
@@ -69,7 +73,7 @@ def build_app(settings: Settings) -> Starlette:
     router = Router(build_table(settings, default_providers(registry)))
     services = build_services(settings, metrics)
     openai = OpenAIService(
-        build_pipeline(services, router, metrics),
+        build_pipeline(services, router, metrics, settings),
         router.model_names,
         metrics,
         settings.server.max_body_bytes,
@@ -172,7 +176,9 @@ def build_app(settings: Settings) -> Starlette:
     return app
 
 
-def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) -> Handler:
+def build_pipeline(
+    services: Services, router: Router, metrics: GatewayMetrics, settings: Settings
+) -> Handler:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
     configuration does not use are left out, not skipped per request."""
     steps: list[Step] = []
@@ -183,7 +189,8 @@ def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) 
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),
     # before planning (a hit needs no deployment).
-    steps += [MakePlan(router), Attempts(metrics)]
+    attempts = Attempts(metrics, router, settings.resilience.retries, price_table(settings.models))
+    steps += [MakePlan(router), attempts]
     return compose(steps, call_backend)
 
 

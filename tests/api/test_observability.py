@@ -79,7 +79,10 @@ def test_metrics(gateway: str) -> None:
     grew("sluice_gateway_overhead_seconds_count", 3, route="chat/completions")
     grew("sluice_time_to_first_token_seconds_count", 1, model="gpt-4o-mini")
     grew("sluice_tokens_total", 16, model="gpt-4o-mini", kind="completion")
-    grew("sluice_upstream_errors_total", 1, kind="upstream_http_5xx")
+    # The 503 was retried (resilience.retries.attempts = 3): each call failed and is counted.
+    grew("sluice_upstream_errors_total", 3, kind="upstream_http_5xx")
+    grew("sluice_retries_total", 2, deployment="gpt-4o-mini/0", reason="upstream_http_5xx")
+    grew("sluice_upstream_attempts_count", 1)
     assert metric(text, "sluice_in_flight_requests") == 1.0  # the /metrics request itself
 
 

@@ -51,11 +51,11 @@ def test_withdrawals_leave_the_window_too() -> None:
 def test_budgets_are_per_deployment_and_report_their_balance() -> None:
     reported: list[tuple[str, float]] = []
     budgets = RetryBudgets(0.5, 0, on_balance=lambda d, b: reported.append((d, b)))
-    budgets.deposit("a", 1.0)
-    budgets.deposit("a", 1.0)
+    budgets["a"].deposit(1.0)
+    budgets["a"].deposit(1.0)
     assert budgets.try_withdraw("a", 1.0)
     assert not budgets.try_withdraw("b", 1.0)
     assert ("a", 0.0) in reported
     assert reported[-1] == ("b", 0.0)
-    budgets.deposit("a", 2.0)  # the window moves on: reported without a withdrawal
+    budgets["a"].deposit(2.0)  # the window moves on: reported without a withdrawal
     assert reported[-1] == ("a", 0.0)

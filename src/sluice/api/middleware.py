@@ -3,7 +3,8 @@
 It is the outermost layer of Sluice's own code: it gives each request its id (always made
 by the server: it keys the usage record and the parallel slot), keeps the client's
 well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or the
-server's id when the client sent none) with the key's ``x-ratelimit-*`` headers, refuses
+server's id when the client sent none) with the key's ``x-ratelimit-*`` headers and the
+``x-sluice-*`` headers of the attempts (`RequestContext.response_headers`), refuses
 new work with 503 once the process stops accepting and, at the door, a Host not served
 or a body that is not JSON (`sluice.api.edge`), and after the last byte (or the
 client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
@@ -96,6 +97,8 @@ class ObserveRequests:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
+                if ctx.response_headers is not None:  # x-sluice-*: which deployment served
+                    headers += ctx.response_headers
                 if ctx.admission is not None:
                     # A server with Sluice's header-block extension takes the x-ratelimit-*
                     # headers as ready-made lines (sluice.http_protocol), any other as headers.

@@ -31,6 +31,8 @@ _LATENCY_BUCKETS = (
     120.0, 300.0,
 )  # fmt: skip
 
+_ATTEMPT_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10)
+
 
 class GatewayMetrics:
     """Every metric the request path records, created once per app."""
@@ -117,6 +119,49 @@ class GatewayMetrics:
         self.ttft_for = ChildCache(self.ttft)
         self.tokens_for = ChildCache(self.tokens)
         self.upstream_errors_for = ChildCache(self.upstream_errors)
+        self._retry_metrics(registry)
+
+    def _retry_metrics(self, registry: CollectorRegistry) -> None:
+        """Retries and fallbacks (`sluice.pipeline.attempts`, docs/resilience.md)."""
+        self.retries = Counter(
+            "sluice_retries_total",
+            "Upstream calls repeated after a failure, by the model and deployment that failed "
+            "and the failure's kind.",
+            ["model", "deployment", "reason"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "sluice_fallbacks_total",
+            "Requests moved to a fallback model, by requested model, the model that failed, "
+            "the fallback and the list it came from (generic, context_window, content_policy).",
+            ["model", "from", "to", "kind"],
+            registry=registry,
+        )
+        self.retry_budget_exhausted = Counter(
+            "sluice_retry_budget_exhausted_total",
+            "Retries not sent because the deployment's retry budget was empty.",
+            ["deployment"],
+            registry=registry,
+        )
+        self.retry_budget = Gauge(
+            "sluice_retry_budget_available",
+            "Retries a deployment's budget allows now (updated at most once a second while "
+            "requests flow, and at each retry).",
+            ["deployment"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.attempts = Histogram(
+            "sluice_upstream_attempts",
+            "Upstream calls per request, observed for requests that made other than one "
+            "(the rest are sluice_requests_total less this count).",
+            buckets=_ATTEMPT_BUCKETS,
+            registry=registry,
+        )
+        self.retries_for = ChildCache(self.retries)
+        self.fallbacks_for = ChildCache(self.fallbacks)
+        self.retry_budget_exhausted_for = ChildCache(self.retry_budget_exhausted)
+        self.retry_budget_for = ChildCache(self.retry_budget)
 
 
 class ChildCache(Generic[M]):

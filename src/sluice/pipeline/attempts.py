@@ -1,40 +1,361 @@
-"""The attempts step: send the request to the plan's deployments.
+"""The attempts step: send the request to the plan's deployments, then to its fallback
+models, until one answers. It is the only retry loop between a client and an upstream: one
+client request makes at most ``resilience.retries.attempts`` upstream calls.
 
-One attempt, to the plan's first candidate.
+The order, after a failure (what each failure means: `sluice.pipeline.failures`):
+
+1. the plan's other candidates, at once (a deployment not tried yet is likelier to answer
+   than one that just failed, and needs no backoff);
+2. the fallback models, in order, each with its own plan: ``fallbacks`` after a failure of
+   the upstream's, ``context_window_fallbacks`` after a prompt too long for the context
+   window, ``content_policy_fallbacks`` after a refusal of the content;
+3. again the deployments whose failure was safe to repeat (connect errors, resets,
+   timeouts, 5xx, 408, 429), in the order they were first tried, each after a backoff
+   with full jitter (a random wait up to ``backoff_initial * 2^n``, capped at
+   ``backoff_max``) and never before a 429's Retry-After has passed (a deployment that
+   asks for a longer wait than ``backoff_max`` is not waited for).
+
+Every call counts toward ``attempts`` except one refused by load shedding
+(`DeploymentBusyError`: no call was made). No attempt starts ``deadline`` seconds after the
+first, and no backoff sleeps past it. Every call after the request's first is a retry
+taken from its deployment's retry budget (`sluice.pipeline.retry_budget`); a deployment
+whose budget is empty is skipped. The client then gets the last upstream failure (a busy
+503 only when no call was made), with ``x-should-retry: false`` when the gateway did the
+retrying, so that the official SDKs do not multiply it.
+
+A fallback model must be one the caller's key may use, and, for a request holding part of
+a budget, no dearer per token than the model its hold was priced at; its call is sent with
+the fallback's name in ``model`` and the request is charged at the fallback's prices
+(``ctx.model`` is the model that served). Every answer says what happened:
+``x-sluice-deployment``, ``x-sluice-model`` and ``x-sluice-attempts``.
+
+Each attempt calls ``deployment.begin()`` and then ``end()`` exactly once: at once for a
+complete answer or a failure, when the last byte is relayed for a stream (FAILED if it
+broke mid-stream). ``end(OK, None)`` means no verdict: the attempt was refused by load
+shedding, cancelled, or failed in the gateway itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from functools import partial
 
-from sluice.errors import UpstreamError
+from sluice.errors import SluiceError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.context import RequestContext
+from sluice.pipeline.costs import Rates
+from sluice.pipeline.failures import Failure, Next, judge
+from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.retry_budget import RetryBudgets
 from sluice.pipeline.steps import Handler, Reply
+from sluice.routing.deployment import Deployment, Outcome
+from sluice.routing.plan import Plan
+from sluice.routing.router import Router
+from sluice.routing.settings import RetrySettings
+
+Headers = list[tuple[bytes, bytes]]
+_MAX_CACHED_HEADERS = 4096
 
 
 class Attempts:
     next: Handler
 
-    def __init__(self, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics,
+        router: Router,
+        settings: RetrySettings,
+        prices: dict[str, Rates],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self._metrics = metrics
+        self._router = router
+        self._settings = settings
+        self._prices = prices
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._budgets = RetryBudgets(
+            settings.budget_ratio, settings.budget_min_per_second, on_balance=self._budget_left
+        )
+        # The headers of an answer served at the first call, per deployment: (model, headers).
+        self._first_headers: dict[str, tuple[str, Headers]] = {}
 
     async def __call__(self, ctx: RequestContext) -> Reply:
-        assert ctx.plan is not None
-        deployment = ctx.plan.candidates[0]
+        plan = ctx.plan
+        assert plan is not None
+        deployment = plan.candidates[0]
+        ctx.accepted = True
         ctx.target = deployment
         ctx.deployment = deployment.id
-        ctx.attempts = 1
-        ctx.accepted = True
-        ctx.upstream_started = started = time.perf_counter()
+        ctx.upstream_started = started = self._clock()
+        self._budgets[deployment.id].deposit(started)
+        # The first attempt is written out here, not awaited through `_attempt`: the
+        # request served at once (nearly all of them) pays for no coroutine of its own.
+        deployment.begin()
         try:
-            return await self.next(ctx)
-        except UpstreamError as exc:
-            upstream_failed(self._metrics, ctx, exc)
-            raise
+            try:
+                reply = await self.next(ctx)
+            except SluiceError as error:
+                failure = self._failed(ctx, deployment, error, started)
+            except BaseException:
+                self._interrupted(ctx, deployment)
+                raise
+            else:
+                self._served(ctx, deployment, reply, started)
+                ctx.response_headers = self._served_headers(deployment.id, plan.model)
+                return reply
+            return await self._recover(ctx, plan, deployment, failure, started)
         finally:
             # A stream's upstream time runs until its last event (the HTTP layer sets it).
-            ctx.upstream_seconds = time.perf_counter() - started
+            ctx.upstream_seconds = self._clock() - started
+            if ctx.attempts != 1:
+                self._metrics.attempts.observe(ctx.attempts)
+
+    async def _attempt(
+        self, ctx: RequestContext, deployment: Deployment, now: float
+    ) -> Reply | Failure:
+        """One call to ``deployment``: its reply, or what its failure means."""
+        ctx.target = deployment
+        ctx.deployment = deployment.id
+        deployment.begin()
+        try:
+            reply = await self.next(ctx)
+        except SluiceError as error:
+            return self._failed(ctx, deployment, error, now)
+        except BaseException:
+            self._interrupted(ctx, deployment)
+            raise
+        self._served(ctx, deployment, reply, now)
+        return reply
+
+    def _served(
+        self, ctx: RequestContext, deployment: Deployment, reply: Reply, now: float
+    ) -> None:
+        ctx.attempts += 1
+        first_byte = self._clock() - now
+        if type(reply) is StreamReply:
+            ctx.then_at_end(partial(_stream_ended, deployment, first_byte))
+        else:
+            deployment.end(Outcome.OK, first_byte)
+
+    def _failed(
+        self, ctx: RequestContext, deployment: Deployment, error: SluiceError, now: float
+    ) -> Failure:
+        failure = judge(error)
+        first_byte = self._clock() - now if failure.responded else None
+        throttled = failure.outcome is Outcome.THROTTLED
+        deployment.end(failure.outcome, first_byte, failure.retry_after if throttled else None)
+        if failure.next is not Next.BUSY:
+            ctx.attempts += 1
+            if isinstance(error, UpstreamError):
+                upstream_failed(self._metrics, ctx, error)
+        return failure
+
+    def _interrupted(self, ctx: RequestContext, deployment: Deployment) -> None:
+        deployment.end(Outcome.OK, None)  # no verdict: cancelled, or the gateway's fault
+        ctx.attempts += 1
+
+    async def _recover(
+        self,
+        ctx: RequestContext,
+        plan: Plan,
+        failed: Deployment,
+        failure: Failure,
+        started: float,
+    ) -> Reply:
+        """After the first call failed: the rest of the attempts, or the client's error."""
+        assert ctx.model is not None
+        settings = self._settings
+        deadline = started + settings.deadline
+        requested, body, raw = ctx.model, ctx.body, ctx.raw  # as admitted and planned
+        course = _Course(plan, self._router, partial(self._may_fall_back, ctx, requested))
+        model = current = plan.model  # the model of the failed attempt, of the next one
+        called = {model}
+        answer, answer_model = failure, model
+        while True:
+            if failure.next is not Next.BUSY or answer.next is Next.BUSY:
+                answer, answer_model, cause = failure, model, failed
+            if failure.next is Next.ANSWER:
+                break
+            now = self._clock()
+            course.failed(failure, model, failed, now)
+            choice = self._choose(ctx, course, now, deadline)
+            if choice is None:
+                break
+            model, failed, wait = choice
+            if model not in called:
+                called.add(model)
+                self._metrics.fallbacks_for(plan.model, answer_model, model, course.kind).inc()
+            elif ctx.attempts:
+                self._metrics.retries_for(answer_model, cause.id, answer.error.kind).inc()
+            if wait > 0:
+                await self._sleep(wait)
+            if model != current:
+                current = ctx.model = model
+                if model == plan.model:
+                    ctx.model, ctx.body, ctx.raw = requested, body, raw
+                else:  # the fallback's name, for its deployments' rewrite (Deployment.call)
+                    ctx.body, ctx.raw = {**body, "model": model}, None
+            ctx.prompt_tokens = ctx.completion_tokens = None
+            ctx.content_events = 0
+            result = await self._attempt(ctx, failed, self._clock())
+            if not isinstance(result, Failure):
+                ctx.error_kind = None  # the request succeeded; the failures are in the metrics
+                ctx.response_headers = _headers(failed.id, model, ctx.attempts)
+                return result
+            failure = result
+        raise self._give_up(ctx, answer, answer_model, cause)
+
+    def _choose(
+        self, ctx: RequestContext, course: _Course, now: float, deadline: float
+    ) -> tuple[str, Deployment, float] | None:
+        """The next attempt (its model, deployment and the wait before it), within the
+        attempt cap, the deadline and the retry budgets; None when there is none."""
+        settings = self._settings
+        while ctx.attempts < settings.attempts and now < deadline:
+            choice = course.next(now, deadline, self._backoff, settings.backoff_max)
+            if choice is None:
+                return None
+            deployment = choice[1]
+            if ctx.attempts == 0 or self._budgets.try_withdraw(deployment.id, now):
+                return choice
+            self._metrics.retry_budget_exhausted_for(deployment.id).inc()
+        return None
+
+    def _give_up(
+        self, ctx: RequestContext, answer: Failure, model: str, deployment: Deployment
+    ) -> SluiceError:
+        """The error the client gets: ``answer``, the failure of ``deployment`` (``model``)."""
+        error = answer.error
+        if ctx.attempts == 0:
+            ctx.accepted = False  # load shedding refused every candidate: nothing to charge
+        ctx.error_kind = error.kind
+        headers = _headers(deployment.id, model, ctx.attempts)
+        if (
+            ctx.attempts
+            and self._settings.attempts > 1
+            and answer.next in (Next.RETRY, Next.ELSEWHERE)
+            and answer.outcome is not Outcome.THROTTLED
+        ):
+            headers.append((b"x-should-retry", b"false"))  # the gateway has retried already
+        ctx.response_headers = headers
+        return error
+
+    def _backoff(self, retry: int) -> float:
+        """Full jitter: a random wait up to ``backoff_initial * 2^retry``, capped."""
+        settings = self._settings
+        cap = min(settings.backoff_max, settings.backoff_initial * 2**retry)
+        return self._rng.uniform(0.0, cap)
+
+    def _may_fall_back(self, ctx: RequestContext, held_for: str, model: str) -> bool:
+        """May this request go to ``model``: one its key may use and, when it holds part of a
+        budget, no dearer per token than ``held_for`` (the hold's worst case stays true)."""
+        principal = ctx.principal
+        key = principal.key if principal is not None else None
+        if key is not None and key.models is not None and model not in key.models:
+            return False
+        if ctx.budget_hold is not None:
+            held = self._prices.get(held_for) or (0.0, 0.0)
+            rates = self._prices.get(model) or (0.0, 0.0)
+            if rates[0] > held[0] or rates[1] > held[1]:
+                return False
+        return self._router.knows(model)
+
+    def _served_headers(self, deployment: str, model: str) -> Headers:
+        cached = self._first_headers.get(deployment)
+        if cached is not None and cached[0] == model:
+            return cached[1]
+        headers = _headers(deployment, model, 1)
+        if len(self._first_headers) >= _MAX_CACHED_HEADERS:
+            self._first_headers.clear()
+        self._first_headers[deployment] = (model, headers)
+        return headers
+
+    def _budget_left(self, deployment: str, balance: float) -> None:
+        self._metrics.retry_budget_for(deployment).set(balance)
+
+
+class _Course:
+    """Where a request may still go after a failure: the plan's other candidates, then its
+    fallback models' candidates, then again (after a backoff) the deployments whose
+    failure was safe to repeat."""
+
+    def __init__(self, plan: Plan, router: Router, allowed: Callable[[str], bool]) -> None:
+        self._plan = plan
+        self._router = router
+        self._allowed = allowed
+        self._fresh = deque((plan.model, d) for d in plan.candidates[1:])
+        self._chain = deque(plan.fallbacks)
+        self.kind = "generic"
+        """The fallback list being followed: generic, context_window or content_policy."""
+        self._planned = {plan.model}
+        self._again: deque[tuple[str, Deployment]] = deque()
+        self._until: dict[str, float] = {}  # deployment id -> when its Retry-After ends
+        self._backoffs = 0
+
+    def failed(self, failure: Failure, model: str, deployment: Deployment, now: float) -> None:
+        step = failure.next
+        if step is Next.RETRY:
+            self._again.append((model, deployment))
+            if failure.retry_after is not None:
+                self._until[deployment.id] = now + failure.retry_after
+        elif step is Next.CONTEXT_WINDOW or step is Next.CONTENT_POLICY:
+            # The request itself does not suit these models: only that list is left.
+            self._fresh.clear()
+            self._again.clear()
+            plan = self._plan
+            self._chain = deque(
+                plan.context_window_fallbacks
+                if step is Next.CONTEXT_WINDOW
+                else plan.content_policy_fallbacks
+            )
+            self.kind = step.value
+
+    def next(
+        self, now: float, deadline: float, backoff: Callable[[int], float], patience: float
+    ) -> tuple[str, Deployment, float] | None:
+        if self._fresh:
+            model, deployment = self._fresh.popleft()
+            return model, deployment, 0.0
+        while self._chain:
+            model = self._chain.popleft()
+            if model in self._planned or not self._allowed(model):
+                continue
+            self._planned.add(model)
+            candidates = self._router.plan(model).candidates
+            self._fresh.extend((model, d) for d in candidates[1:])
+            return model, candidates[0], 0.0
+        while self._again:
+            model, deployment = self._again.popleft()
+            held = self._until.pop(deployment.id, now) - now
+            if held > patience:
+                continue  # it asked for a longer wait than a backoff may be
+            wait = max(backoff(self._backoffs), held)
+            if now + wait > deadline:
+                return None
+            self._backoffs += 1
+            return model, deployment, wait
+        return None
+
+
+def _headers(deployment: str, model: str, attempts: int) -> Headers:
+    return [
+        (b"x-sluice-deployment", deployment.encode()),
+        (b"x-sluice-model", model.encode()),
+        (b"x-sluice-attempts", str(attempts).encode()),
+    ]
+
+
+def _stream_ended(deployment: Deployment, first_byte: float, ctx: RequestContext) -> None:
+    deployment.end(Outcome.FAILED if ctx.error_kind is not None else Outcome.OK, first_byte)
 
 
 def upstream_failed(metrics: GatewayMetrics, ctx: RequestContext, exc: UpstreamError) -> None:

@@ -59,6 +59,9 @@ class RequestContext:
     client_disconnected: bool = False
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
+    response_headers: list[tuple[bytes, bytes]] | None = None
+    """Headers for the client's response, set by the attempts step (``x-sluice-*``); the
+    list may be shared between requests: never changed in place."""
 
     # Admission and what is charged.
     prompt_estimate: int = 0

@@ -8,8 +8,8 @@ there on top, so a deployment with little traffic can still retry now and then. 
 defaults (20%, 5 a second, 10 s) a deployment serving 100 requests a second takes at most
 about 25 retries a second; one serving 2 a second, at most 5.
 
-The request path calls `RetryBudgets.deposit` once per request: a clock read already made,
-a dictionary lookup and two integer additions; the slots move on at most once a second.
+The request path deposits once per request: a clock value already read, a dictionary
+lookup, one call and two integer additions; the slots move on at most once a second.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class RetryBudget:
     __slots__ = (
         "_deposited",
         "_deposits",
+        "_index",
         "_on_roll",
         "_ratio",
         "_reserve",
@@ -48,24 +49,23 @@ class RetryBudget:
         self._deposited = 0  # sums over the window
         self._withdrawn = 0
         self._slot = 0
+        self._index = 0  # the current slot's place in the lists
         self._on_roll = on_roll
         """Called with the balance when the window moves on (at most once a second)."""
 
     def deposit(self, now: float) -> None:
-        slot = int(now)
-        if slot != self._slot:
-            self._roll(slot)
-        self._deposits[slot % len(self._deposits)] += 1
+        if int(now) != self._slot:
+            self._roll(int(now))
+        self._deposits[self._index] += 1
         self._deposited += 1
 
     def try_withdraw(self, now: float) -> bool:
         """Take one retry from the budget: False, and nothing taken, when it is empty."""
-        slot = int(now)
-        if slot != self._slot:
-            self._roll(slot)
+        if int(now) != self._slot:
+            self._roll(int(now))
         if self.balance() < 1:
             return False
-        self._withdrawals[slot % len(self._withdrawals)] += 1
+        self._withdrawals[self._index] += 1
         self._withdrawn += 1
         return True
 
@@ -78,6 +78,7 @@ class RetryBudget:
         size = len(self._deposits)
         passed = slot - self._slot
         self._slot = slot
+        self._index = slot % size
         if passed >= size or passed < 0:
             self._deposits[:] = [0] * size
             self._withdrawals[:] = [0] * size
@@ -92,8 +93,9 @@ class RetryBudget:
             self._on_roll(self.balance())
 
 
-class RetryBudgets:
-    """One `RetryBudget` per deployment id, made on first use (a handful per process)."""
+class RetryBudgets(dict[str, RetryBudget]):
+    """One `RetryBudget` per deployment id, made on first use (a handful per process):
+    ``budgets[deployment].deposit(now)`` is a dictionary lookup and one call."""
 
     def __init__(
         self,
@@ -102,31 +104,14 @@ class RetryBudgets:
         window: int = WINDOW_SECONDS,
         on_balance: Callable[[str, float], None] | None = None,
     ) -> None:
+        super().__init__()
         self._ratio = ratio
         self._min_per_second = min_per_second
         self._window = window
         self._on_balance = on_balance
         """Told a deployment's balance when its window moves on and after a withdrawal."""
-        self._budgets: dict[str, RetryBudget] = {}
 
-    def deposit(self, deployment: str, now: float) -> None:
-        budget = self._budgets.get(deployment)
-        if budget is None:
-            budget = self._budget(deployment)
-        budget.deposit(now)
-
-    def try_withdraw(self, deployment: str, now: float) -> bool:
-        budget = self._budgets.get(deployment) or self._budget(deployment)
-        taken = budget.try_withdraw(now)
-        if self._on_balance is not None:
-            self._on_balance(deployment, budget.balance())
-        return taken
-
-    def balance(self, deployment: str) -> float:
-        budget = self._budgets.get(deployment)
-        return budget.balance() if budget is not None else self._min_per_second * self._window
-
-    def _budget(self, deployment: str) -> RetryBudget:
+    def __missing__(self, deployment: str) -> RetryBudget:
         on_roll = None
         if self._on_balance is not None:
             report = self._on_balance
@@ -134,7 +119,14 @@ class RetryBudgets:
             def on_roll(balance: float) -> None:
                 report(deployment, balance)
 
-        budget = self._budgets[deployment] = RetryBudget(
+        budget = self[deployment] = RetryBudget(
             self._ratio, self._min_per_second, self._window, on_roll
         )
         return budget
+
+    def try_withdraw(self, deployment: str, now: float) -> bool:
+        budget = self[deployment]
+        taken = budget.try_withdraw(now)
+        if self._on_balance is not None:
+            self._on_balance(deployment, budget.balance())
+        return taken
