@@ -69,10 +69,9 @@ def build_app(settings: Settings) -> Starlette:
     router = Router(build_table(settings, default_providers(registry)))
     services = build_services(settings, metrics)
     openai = OpenAIService(
-        build_pipeline(services, router, metrics),
+        build_pipeline(services, router, metrics, settings.server.max_body_bytes),
         router.model_names,
         metrics,
-        settings.server.max_body_bytes,
         services.identify,
     )
     health = HealthRoutes(lifecycle, registry)
@@ -172,13 +171,15 @@ def build_app(settings: Settings) -> Starlette:
     return app
 
 
-def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) -> Handler:
+def build_pipeline(
+    services: Services, router: Router, metrics: GatewayMetrics, max_body_bytes: int
+) -> Handler:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
     configuration does not use are left out, not skipped per request."""
     steps: list[Step] = []
     if services.identify is not None:
         steps.append(services.identify)
-    steps.append(ReadRequest(router.knows))
+    steps.append(ReadRequest(router.knows, max_body_bytes))
     if services.admit is not None:
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),

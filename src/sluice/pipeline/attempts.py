@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 
+from sluice.backends.base import UpstreamReply
 from sluice.errors import UpstreamError
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.steps import Handler, Reply
+from sluice.pipeline.usage import read_body_usage
 
 
 class Attempts:
@@ -28,7 +30,10 @@ class Attempts:
         ctx.accepted = True
         ctx.upstream_started = started = time.perf_counter()
         try:
-            return await self.next(ctx)
+            reply = await self.next(ctx)
+            if type(reply) is UpstreamReply:
+                read_body_usage(reply.body, ctx)
+            return reply
         except UpstreamError as exc:
             upstream_failed(self._metrics, ctx, exc)
             raise

@@ -16,9 +16,20 @@ class ModelRoute:
     context_window_fallbacks: tuple[str, ...] = ()
     content_policy_fallbacks: tuple[str, ...] = ()
     _weights: list[float] = field(init=False)
+    fixed: Plan | None = field(init=False)
+    """The plan of every request, when it cannot vary (one deployment)."""
 
     def __post_init__(self) -> None:
         self._weights = [d.weight for d in self.deployments]
+        self.fixed = None
+        if len(self.deployments) == 1:
+            self.fixed = Plan(
+                self.name,
+                self.deployments,
+                self.fallbacks,
+                self.context_window_fallbacks,
+                self.content_policy_fallbacks,
+            )
 
     def order(self, rng: random.Random) -> list[Deployment]:
         """The deployments in the order to try them: a weighted random choice first."""
@@ -30,6 +41,8 @@ class ModelRoute:
 
 @dataclass(slots=True)
 class Plan:
+    """Where one request may go. Never changed once made: requests may share one."""
+
     model: str
     """The public model the client asked for."""
     candidates: list[Deployment]
