@@ -20,12 +20,12 @@ from typing import Any
 
 from sluice.api.context import RequestContext
 from sluice.errors import RateLimitError
+from sluice.keys.store import KeyRecord
 from sluice.pipeline.auth import Authenticator, Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
 from sluice.pipeline.costs import Rates, cost_usd
 from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
 from sluice.protocol import completion_ceiling
-from sluice.store.keys import KeyRecord
 from sluice.store.usage import from_micros
 
 _MAX_CACHED_SCOPES = 50_000
