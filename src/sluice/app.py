@@ -30,7 +30,7 @@ from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.registry import default_providers
-from sluice.keys import KeyService
+from sluice.keys.service import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import AccessLog, configure_logging

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.engine.chat_template import ChatTemplate, ChatTemplateError
-from sluice.engine.oai_params import (
+from sluice.backends.local_params import (
     INT32_MAX,
     MAX_STOP_CHARS,
     Kind,
@@ -26,6 +25,7 @@ from sluice.engine.oai_params import (
     tokenize,
     validate,
 )
+from sluice.engine.chat_template import ChatTemplate, ChatTemplateError
 from sluice.engine.types import RequestLimits
 from sluice.errors import ContextLengthExceededError, InvalidRequestError
 
