@@ -40,6 +40,7 @@ from sluice.pipeline.backend import call_backend
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.steps import Handler, Step, compose
+from sluice.routing.monitor import HealthMonitor
 from sluice.routing.router import Router
 from sluice.routing.table import build_table
 from sluice.services import Services, build_services
@@ -66,7 +67,8 @@ def build_app(settings: Settings) -> Starlette:
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(build_table(settings, default_providers(registry)))
+    router = Router(build_table(settings, default_providers(registry), metrics))
+    monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     services = build_services(settings, metrics)
     openai = OpenAIService(
         build_pipeline(services, router, metrics, settings.server.max_body_bytes),
@@ -90,6 +92,7 @@ def build_app(settings: Settings) -> Starlette:
         backends = router.backends()
         await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
+        monitor.start()
         if listener is not None:
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
@@ -109,6 +112,7 @@ def build_app(settings: Settings) -> Starlette:
             lifecycle.stop()
             if listener is not None:
                 listener.close()
+            await monitor.close()
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
             access_log.flush()
@@ -167,6 +171,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router
+    app.state.health_monitor = monitor
     app.state.services = services
     return app
 
