@@ -30,7 +30,7 @@ from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.registry import default_providers
-from sluice.keys import KeyService
+from sluice.keys.service import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import AccessLog, configure_logging
@@ -41,6 +41,7 @@ from sluice.pipeline.costs import price_table
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.steps import Handler, Step, compose
+from sluice.routing.monitor import HealthMonitor
 from sluice.routing.router import Router
 from sluice.routing.table import build_table
 from sluice.services import Services, build_services
@@ -70,13 +71,13 @@ def build_app(settings: Settings) -> Starlette:
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(build_table(settings, default_providers(registry)))
+    router = Router(build_table(settings, default_providers(registry), metrics))
+    monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     services = build_services(settings, metrics)
     openai = OpenAIService(
         build_pipeline(services, router, metrics, settings),
         router.model_names,
         metrics,
-        settings.server.max_body_bytes,
         services.identify,
     )
     health = HealthRoutes(lifecycle, registry)
@@ -95,6 +96,7 @@ def build_app(settings: Settings) -> Starlette:
         backends = router.backends()
         await services.start()
         await asyncio.gather(*(backend.start() for backend in backends))
+        monitor.start()
         if listener is not None:
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
@@ -114,6 +116,7 @@ def build_app(settings: Settings) -> Starlette:
             lifecycle.stop()
             if listener is not None:
                 listener.close()
+            await monitor.close()
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
             access_log.flush()
@@ -172,6 +175,7 @@ def build_app(settings: Settings) -> Starlette:
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router
+    app.state.health_monitor = monitor
     app.state.services = services
     return app
 
@@ -184,7 +188,7 @@ def build_pipeline(
     steps: list[Step] = []
     if services.identify is not None:
         steps.append(services.identify)
-    steps.append(ReadRequest(router.knows))
+    steps.append(ReadRequest(router.knows, settings.server.max_body_bytes))
     if services.admit is not None:
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),

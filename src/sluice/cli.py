@@ -196,7 +196,7 @@ _config_option = click.option(
 @click.option("--meta", multiple=True, help="Metadata as key=value (repeatable).")
 def keys_create(config_path: str | None, **options: Any) -> None:
     """Create a key and print its secret (shown only now)."""
-    from sluice.admin_cli import create_key
+    from sluice.keys.cli import create_key
 
     settings = _load_or_exit(config_path)
     click.echo(_run(create_key(settings, options)))
@@ -207,7 +207,7 @@ def keys_create(config_path: str | None, **options: Any) -> None:
 @click.option("--all", "include_revoked", is_flag=True, help="Include revoked keys.")
 def keys_list(config_path: str | None, include_revoked: bool) -> None:
     """List keys (never their secrets)."""
-    from sluice.admin_cli import list_keys
+    from sluice.keys.cli import list_keys
 
     click.echo(_run(list_keys(_load_or_exit(config_path), include_revoked)))
 
@@ -217,7 +217,7 @@ def keys_list(config_path: str | None, include_revoked: bool) -> None:
 @click.argument("key_id")
 def keys_revoke(config_path: str | None, key_id: str) -> None:
     """Revoke a key; running replicas drop it from their caches."""
-    from sluice.admin_cli import revoke_key
+    from sluice.keys.cli import revoke_key
 
     click.echo(_run(revoke_key(_load_or_exit(config_path), key_id)))
 
@@ -236,7 +236,7 @@ def usage(
     group_by: str,
 ) -> None:
     """Usage and spend by key, model and day."""
-    from sluice.admin_cli import show_usage
+    from sluice.usage_cli import show_usage
 
     settings = _load_or_exit(config_path)
     click.echo(_run(show_usage(settings, key_id, model, since, group_by.split(","))))

@@ -21,6 +21,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from sluice.keys.invalidation import KeyInvalidation
+from sluice.keys.store import KeyStore
 from sluice.observability.metrics import GatewayMetrics
 from sluice.observability.outages import OutageLog
 from sluice.pipeline.accounting import Accounting
@@ -30,12 +32,10 @@ from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
 from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
 from sluice.pipeline.costs import price_table
 from sluice.pipeline.identify import Identify
-from sluice.pipeline.invalidation import KeyInvalidation
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
 from sluice.pipeline.limits.wire import PipelinedRedis
 from sluice.settings import OpenAIDeployment, Settings, resolve_secret, resolve_url
 from sluice.store.database import Database, default_database_url
-from sluice.store.keys import KeyStore
 from sluice.store.recorder import UsageRecorder
 from sluice.store.spools import adopt_orphans, spool_path
 from sluice.store.usage import UsageStore

@@ -26,6 +26,7 @@ from sluice.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
+from sluice.keys.store import KeyRecord
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.attempts import Attempts
 from sluice.pipeline.auth import Principal
@@ -38,7 +39,6 @@ from sluice.routing.deployment import Deployment, Outcome
 from sluice.routing.plan import ModelRoute, Plan
 from sluice.routing.router import Router
 from sluice.routing.settings import RetrySettings
-from sluice.store.keys import KeyRecord
 
 OK_BODY = (
     b'{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sluice.errors import AuthenticationError, RateLimitError
-from sluice.pipeline import apikeys
+from sluice.keys import format as key_format
+from sluice.keys.store import KeyRecord
 from sluice.pipeline import auth as auth_module
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
-from sluice.store.keys import KeyRecord
 
 MASTER = "sk-master-for-auth-tests-0123"
 
@@ -25,7 +25,7 @@ class FakeKeys:
         self.lookups = 0
 
     def add(self, **fields: object) -> tuple[str, KeyRecord]:
-        new = apikeys.generate()
+        new = key_format.generate()
         record = KeyRecord(
             id=f"key_{len(self.records)}", key_hash=new.key_hash, display=new.display, **fields
         )  # type: ignore[arg-type]
@@ -107,7 +107,7 @@ def test_the_master_key_and_unknown_keys_never_enter_the_header_cache() -> None:
     _, _, auth = setup()
     assert asyncio.run(auth.authenticate(bearer(MASTER))).key is None
     assert auth.recognise(bearer(MASTER)) is None
-    unknown = apikeys.generate().secret
+    unknown = key_format.generate().secret
     with pytest.raises(AuthenticationError):
         asyncio.run(auth.authenticate(bearer(unknown)))
     assert auth.recognise(bearer(unknown)) is None
@@ -202,7 +202,7 @@ def test_an_unknown_key_is_remembered_apart_longer_than_valid_keys() -> None:
         clock=clock,
         unknown_keys=UnknownKeys(capacity=100, ttl=60.0, clock=clock),
     )
-    unknown = apikeys.generate().secret
+    unknown = key_format.generate().secret
     for _ in range(3):
         with pytest.raises(AuthenticationError, match="Incorrect API key"):
             asyncio.run(auth.authenticate(bearer(unknown)))
@@ -242,7 +242,7 @@ async def test_concurrent_misses_of_one_unknown_key_share_one_store_read() -> No
         unknown_keys=UnknownKeys(capacity=100, ttl=60.0),
         lockout=AddressLockout(limit=1000, window=10.0, capacity=100),
     )
-    unknown = apikeys.generate().secret
+    unknown = key_format.generate().secret
     callers = [
         asyncio.create_task(auth.authenticate(bearer(unknown), client="192.0.2.1"))
         for _ in range(32)
@@ -270,7 +270,7 @@ def locked_setup(limit: int = 3) -> tuple[FakeKeys, Clock, Authenticator]:
 def fail(auth: Authenticator, client: str | None, secret: str | None = None) -> Exception:
     """The error of one attempt with ``secret`` (a fresh unknown key by default)."""
     try:
-        asyncio.run(auth.authenticate(bearer(secret or apikeys.generate().secret), b"", client))
+        asyncio.run(auth.authenticate(bearer(secret or key_format.generate().secret), b"", client))
     except (AuthenticationError, RateLimitError) as exc:
         return exc
     raise AssertionError("authenticated")

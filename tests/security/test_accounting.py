@@ -234,12 +234,12 @@ async def test_a_request_is_charged_to_the_budget_period_it_was_made_in() -> Non
     # and the usage record both belong to the period of the moment of admission.
     from datetime import UTC, datetime, timedelta
 
+    from sluice.keys.store import KeyRecord
     from sluice.pipeline.admit import Admit
     from sluice.pipeline.auth import Principal
     from sluice.pipeline.budgets import MemoryBudgets
     from sluice.pipeline.context import RequestContext
     from sluice.pipeline.limits import MemoryLimiter
-    from sluice.store.keys import KeyRecord
     from sluice.store.periods import current_period_start
     from sluice.store.usage import from_micros
 

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sluice.engine.chat_template import ChatTemplate, ChatTemplateError
-from sluice.engine.oai_params import (
+from sluice.backends.local_params import (
     INT32_MAX,
     MAX_STOP_CHARS,
     Kind,
@@ -26,6 +25,7 @@ from sluice.engine.oai_params import (
     tokenize,
     validate,
 )
+from sluice.engine.chat_template import ChatTemplate, ChatTemplateError
 from sluice.engine.types import RequestLimits
 from sluice.errors import ContextLengthExceededError, InvalidRequestError
 
@@ -443,8 +443,10 @@ def test_the_setting_reaches_the_engine() -> None:
 
     deployment = {"provider": "local", "max_sequences_per_request": 4}
     settings = Settings(models=[{"name": "local", "deployments": [deployment]}])
-    [(_, [built])] = build_table(settings, default_providers(CollectorRegistry()))
+    [route] = build_table(settings, default_providers(CollectorRegistry()))
+    [built] = route.deployments
     assert built.backend.engine.config.max_sequences_per_request == 4  # type: ignore[attr-defined]
     default = Settings(models=[{"name": "local", "deployments": [{"provider": "local"}]}])
-    [(_, [built])] = build_table(default, default_providers(CollectorRegistry()))
+    [route] = build_table(default, default_providers(CollectorRegistry()))
+    [built] = route.deployments
     assert built.backend.engine.config.max_sequences_per_request == 16  # type: ignore[attr-defined]

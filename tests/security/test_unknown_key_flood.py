@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from sluice.errors import AuthenticationError, RateLimitError
-from sluice.pipeline import apikeys
+from sluice.keys import format as key_format
 from sluice.pipeline import auth as auth_module
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
@@ -42,11 +42,11 @@ def made_up_keys(count: int, seed: int) -> Iterator[str]:
         for _ in range(6):
             value, digit = divmod(value, 62)
             digits.append(_ALPHABET[digit])
-        yield apikeys.PREFIX + body + "".join(reversed(digits))
+        yield key_format.PREFIX + body + "".join(reversed(digits))
 
 
 def test_made_up_keys_pass_the_checksum() -> None:
-    assert all(apikeys.well_formed(key) for key in made_up_keys(100, seed=1))
+    assert all(key_format.well_formed(key) for key in made_up_keys(100, seed=1))
 
 
 async def flood(

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sluice.keys.store import KeyRecord, KeyStore
 from sluice.store.database import Database
-from sluice.store.keys import KeyRecord, KeyStore
 from sluice.store.recorder import UsageRecorder
 from sluice.store.usage import UsageRecord, UsageStore, micros
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
+from sluice.keys.store import KeyRecord, KeyStore
 from sluice.store.database import Database
-from sluice.store.keys import KeyRecord, KeyStore
 from sluice.store.schema import usage_records
 from sluice.store.usage import UsageRecord, UsageStore, micros
 

@@ -10,16 +10,16 @@ after its first byte ends with an SSE error event.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from functools import partial
+from collections.abc import AsyncIterator, Awaitable
 
 import orjson
 from starlette.background import BackgroundTask
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
+from starlette.types import Receive, Scope, Send
 
-from sluice.errors import PayloadTooLargeError, UpstreamError
+from sluice.errors import UpstreamError
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.attempts import upstream_failed
 from sluice.pipeline.context import SCOPE_KEY, RequestContext
@@ -41,12 +41,10 @@ class OpenAIService:
         pipeline: Handler,
         model_names: list[str],
         metrics: GatewayMetrics,
-        max_body_bytes: int,
         identify: Identify | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._metrics = metrics
-        self._max_body = max_body_bytes
         self._identify = identify
         created = int(time.time())
         self._models = [
@@ -54,6 +52,11 @@ class OpenAIService:
             for name in model_names
         ]
         self._models_body = orjson.dumps({"object": "list", "data": self._models})
+        # Plain ASGI endpoints (not request -> response functions): no framework request
+        # and response objects, nor their wrapping coroutines, on the hot path.
+        self.chat_completions = _Proxy(self, "chat/completions")
+        self.completions = _Proxy(self, "completions")
+        self.embeddings = _Proxy(self, "embeddings")
 
     def routes(self) -> list[HttpRoute]:
         routes: list[HttpRoute] = []
@@ -66,15 +69,6 @@ class OpenAIService:
                 HttpRoute(f"{prefix}/models/{{model:path}}", self.get_model, methods=["GET"]),
             ]
         return routes
-
-    async def chat_completions(self, request: Request) -> Response:
-        return await self._proxy(request, "chat/completions")
-
-    async def completions(self, request: Request) -> Response:
-        return await self._proxy(request, "completions")
-
-    async def embeddings(self, request: Request) -> Response:
-        return await self._proxy(request, "embeddings")
 
     async def list_models(self, request: Request) -> Response:
         allowed = await self._allowed_models(request)
@@ -103,15 +97,29 @@ class OpenAIService:
         key = ctx.principal.key if ctx.principal is not None else None
         return set(key.models) if key is not None and key.models is not None else None
 
-    async def _proxy(self, request: Request, route: str) -> Response:
-        ctx: RequestContext = request.scope[SCOPE_KEY]
-        _describe_client(ctx, request)
+    async def proxy(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
+        ctx: RequestContext = scope[SCOPE_KEY]
+        ctx.headers = scope["headers"]
+        ctx.query_string = scope["query_string"]
+        ctx.client = scope.get("client")
         ctx.route = route
-        ctx.read_body = partial(self._read_body, request)
+        ctx.receive = receive
         reply = await self._pipeline(ctx)
         if isinstance(reply, StreamReply):
-            return self._stream(ctx, reply)
-        return Response(reply.body, status_code=reply.status, media_type=reply.content_type)
+            await self._stream(ctx, reply)(scope, receive, send)
+            return
+        body = reply.body
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": [
+                    (b"content-length", b"%d" % len(body)),
+                    (b"content-type", reply.content_type.encode("latin-1")),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     def _stream(self, ctx: RequestContext, reply: StreamReply) -> Response:
         async def events() -> AsyncIterator[bytes]:
@@ -137,29 +145,16 @@ class OpenAIService:
             background=BackgroundTask(reply.close),
         )
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with 413 past the limit (straight from ASGI ``receive``)."""
-        for name, value in request.scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self._max_body:
-                    raise PayloadTooLargeError(self._too_large())
-                break
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await request.receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnect()
-            part = message.get("body", b"")
-            size += len(part)
-            if size > self._max_body:
-                raise PayloadTooLargeError(self._too_large())
-            parts.append(part)
-            if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _too_large(self) -> str:
-        return f"The request body is larger than the limit of {self._max_body} bytes."
+class _Proxy:
+    """One hot route as an ASGI app (Starlette routes a callable object to it as such)."""
+
+    def __init__(self, service: OpenAIService, route: str) -> None:
+        self._service = service
+        self._route = route
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return self._service.proxy(self._route, scope, receive, send)
 
 
 def _describe_client(ctx: RequestContext, request: Request) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
-from sluice.engine.microbatch import MicroBatcher
+from sluice.backends.microbatch import MicroBatcher
 from sluice.errors import UpstreamError, UpstreamStatusError
 from sluice.settings import EmbeddingBatchSettings
 

@@ -307,10 +307,11 @@ class HTTP1Pool:
             self._slots = asyncio.Semaphore(self.max_connections)
         return self._slots
 
-    async def post(self, path: str, head: bytes, body: bytes) -> Reply:
-        """POST and read the whole answer. ``head`` holds the header lines after Host."""
+    async def post(self, path: str, head: bytes, body: bytes, method: str = "POST") -> Reply:
+        """POST (or ``method``) and read the whole answer. ``head`` holds the header lines
+        after Host."""
         async with self.slots:
-            conn = await self._exchange(path, head, body)
+            conn = await self._exchange(path, head, body, method)
             try:
                 parts = []
                 size = 0
@@ -324,6 +325,10 @@ class HTTP1Pool:
                 raise
             self._release(conn)
             return Reply(conn.status, conn.headers, b"".join(parts))
+
+    async def get(self, path: str, head: bytes) -> Reply:
+        """GET and read the whole answer (a health probe's)."""
+        return await self.post(path, head, b"", "GET")
 
     async def open_stream(
         self, path: str, head: bytes, body: bytes, deadline: float
@@ -370,10 +375,12 @@ class HTTP1Pool:
                 return
             yield chunk
 
-    async def _exchange(self, path: str, head: bytes, body: bytes) -> _Connection:
+    async def _exchange(
+        self, path: str, head: bytes, body: bytes, method: str = "POST"
+    ) -> _Connection:
         request = b"".join(
             (
-                f"POST {self._target}{path} HTTP/1.1\r\n".encode(),
+                f"{method} {self._target}{path} HTTP/1.1\r\n".encode(),
                 self.host_line,
                 head,
                 f"Content-Length: {len(body)}\r\n\r\n".encode(),

@@ -1,6 +1,6 @@
 """Backend over the in-process engine: OpenAI chat/completions served by llama.cpp.
 
-The request body is validated field by field (`sluice.engine.oai_params`) and bounded
+The request body is validated field by field (`sluice.backends.local_params`) and bounded
 before anything is tokenized; a large prompt is rendered and tokenized on the engine's
 tokenizer thread, never on the event loop. Each choice becomes one engine sequence (so
 ``n`` choices decode concurrently), queued at the priority of the caller's key (never a
@@ -17,12 +17,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
+from sluice.backends.local_params import Job, Kind, build, tokenize, validate
+from sluice.backends.local_render import DONE, Choice, Renderer
 from sluice.engine.chat_template import ChatTemplateError
 from sluice.engine.config import EngineConfig
 from sluice.engine.engine import Engine
 from sluice.engine.metrics import EngineMetrics
-from sluice.engine.oai_params import Job, Kind, build, tokenize, validate
-from sluice.engine.oai_render import DONE, Choice, Renderer
 from sluice.engine.sequence import GenerationStream
 from sluice.engine.types import (
     EngineClosedError,

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 import orjson
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
-from sluice.engine.microbatch import BatcherClosedError, MicroBatcher
+from sluice.backends.microbatch import BatcherClosedError, MicroBatcher
 from sluice.errors import (
     InvalidRequestError,
     ServiceUnavailableError,

@@ -111,6 +111,12 @@ class OpenAIHTTPBackend:
             raise self._status_error(reply.status, body, content_type, reply.headers)
         return UpstreamReply(reply.status, body, content_type)
 
+    async def probe(self) -> bool:
+        """An active health probe: whether ``GET /models`` answers without a server error
+        (transport failures raise `UpstreamError`)."""
+        reply = await self._require_pool().get("/models", self._head)
+        return reply.status < 500
+
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
         pool = self._require_pool()

@@ -1,4 +1,4 @@
-"""The local engine: llama.cpp with continuous batching, plus a generic micro-batcher.
+"""The local engine: llama.cpp with continuous batching.
 
 `Engine` and `GenerationStream` need llama-cpp-python (the ``local`` extra); they are
 imported on first use, so the rest of this package works without it.
@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
-from sluice.engine.microbatch import BatcherClosedError, MicroBatcher
 from sluice.engine.types import (
     DecodeError,
     EngineClosedError,
@@ -25,7 +24,6 @@ from sluice.engine.types import (
 )
 
 __all__ = [
-    "BatcherClosedError",
     "DecodeError",
     "Engine",
     "EngineClosedError",
@@ -36,7 +34,6 @@ __all__ = [
     "GenerationEvent",
     "GenerationRequest",
     "GenerationStream",
-    "MicroBatcher",
     "PromptTooLongError",
     "QueueFullError",
     "QueueTimeoutError",

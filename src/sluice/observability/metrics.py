@@ -8,7 +8,7 @@ to files there, and ``/metrics`` aggregates them (see `render_metrics`).
 from __future__ import annotations
 
 import os
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -119,6 +119,41 @@ class GatewayMetrics:
         self.ttft_for = ChildCache(self.ttft)
         self.tokens_for = ChildCache(self.tokens)
         self.upstream_errors_for = ChildCache(self.upstream_errors)
+        # Balancing and health, per deployment: the gauges are published from the live
+        # state once a second (`sluice.routing.monitor`), never on the request path.
+        self.deployment_ejections = Counter(
+            "sluice_deployment_ejections_total",
+            "Ejections by outlier detection, by reason "
+            "(consecutive, error_rate, slow_rate, half_open).",
+            ["model", "deployment", "reason"],
+            registry=registry,
+        )
+        self.deployment_ejected = _deployment_gauge(
+            registry,
+            "sluice_deployment_ejected",
+            "1 while outlier detection keeps the deployment out of rotation "
+            "(ejected, or half-open until a probe succeeds).",
+            "livemax",
+        )
+        self.deployment_cooling = _deployment_gauge(
+            registry,
+            "sluice_deployment_cooling",
+            "1 while the deployment cools after an upstream 429 (for its Retry-After).",
+            "livemax",
+        )
+        self.deployment_outstanding = _deployment_gauge(
+            registry,
+            "sluice_deployment_outstanding",
+            "Attempts under way at the deployment.",
+            "livesum",
+        )
+        self.deployment_ttfb = _deployment_gauge(
+            registry,
+            "sluice_deployment_ttfb_ewma_seconds",
+            "Smoothed time to the first response byte, as latency balancing sees it "
+            "(models with several deployments).",
+            "livemax",
+        )
         self._retry_metrics(registry)
 
     def _retry_metrics(self, registry: CollectorRegistry) -> None:
@@ -190,3 +225,19 @@ def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
         MultiProcessCollector(collecting, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(collecting), CONTENT_TYPE_LATEST
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _deployment_gauge(
+    registry: CollectorRegistry,
+    name: str,
+    documentation: str,
+    mode: Literal["livemax", "livesum"],
+) -> Gauge:
+    """A gauge per (model, deployment); ``mode`` combines the workers' values."""
+    return Gauge(
+        name,
+        documentation,
+        ["model", "deployment"],
+        registry=registry,
+        multiprocess_mode=mode,
+    )

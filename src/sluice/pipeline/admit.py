@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from sluice.errors import RateLimitError
+from sluice.keys.store import KeyRecord
 from sluice.pipeline.accounting import charged
 from sluice.pipeline.auth import Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
@@ -27,7 +28,6 @@ from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter,
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.steps import Handler, Reply
 from sluice.protocol import completion_ceiling
-from sluice.store.keys import KeyRecord
 from sluice.store.usage import from_micros
 
 _MAX_CACHED_SCOPES = 50_000

@@ -52,6 +52,7 @@ from sluice.pipeline.failures import Failure, Next, judge
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.retry_budget import RetryBudgets
 from sluice.pipeline.steps import Handler, Reply
+from sluice.pipeline.usage import read_body_usage
 from sluice.routing.deployment import Deployment, Outcome
 from sluice.routing.plan import Plan
 from sluice.routing.router import Router
@@ -144,6 +145,7 @@ class Attempts:
         if type(reply) is StreamReply:
             ctx.then_at_end(partial(_stream_ended, deployment, first_byte))
         else:
+            read_body_usage(reply.body, ctx)  # type: ignore[union-attr]  # an UpstreamReply
             deployment.end(Outcome.OK, first_byte)
 
     def _failed(

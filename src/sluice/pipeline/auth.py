@@ -5,7 +5,7 @@ query string is refused outright, so it never sits in an access log or a proxy's
 The master key is compared in constant time. Virtual keys are looked up by their SHA-256
 hash (the secret is never stored or logged) through a short-lived memory cache, which
 ``invalidate`` clears on revocation (across replicas through Redis pub/sub, see
-`sluice.pipeline.invalidation`).
+`sluice.keys.invalidation`).
 
 Unknown keys are remembered apart from valid ones, and failures are counted per client
 address (`sluice.pipeline.auth_failures`): a flood of made-up keys neither evicts valid
@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from urllib.parse import parse_qsl
 
 from sluice.errors import AuthenticationError, PermissionDeniedError
-from sluice.pipeline import apikeys
+from sluice.keys import format as key_format
+from sluice.keys.store import KeyRecord, KeyStore
 from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
-from sluice.store.keys import KeyRecord, KeyStore
 
 _MAX_CACHED = 50_000
 _QUERY_KEY_NAMES = frozenset({"key", "api_key", "api-key", "apikey", "access_token"})
@@ -180,7 +180,7 @@ class Authenticator:
         name, value, secret = found
         # A key seen within the cache TTL costs one SHA-256 and a dict look-up (its checksum
         # was verified when it was cached).
-        key_hash = apikeys.hash_key(secret)
+        key_hash = key_format.hash_key(secret)
         deadline, principal = self._cache.get(key_hash, _NOT_CACHED)
         record = None if principal is None else principal.key
         try:
@@ -215,7 +215,7 @@ class Authenticator:
             self._lockout.check(client)
         if hmac.compare_digest(secret.encode(), self._master):
             return MASTER
-        if not apikeys.well_formed(secret):
+        if not key_format.well_formed(secret):
             raise AuthenticationError("Incorrect API key provided.", code="invalid_api_key")
         if self._unknown is not None and key_hash in self._unknown:
             principal = None
@@ -223,7 +223,7 @@ class Authenticator:
             principal = await self._lookup(key_hash)
         if principal is None:
             raise AuthenticationError(
-                f"Incorrect API key provided: {apikeys.display(secret)}.", code="invalid_api_key"
+                f"Incorrect API key provided: {key_format.display(secret)}.", code="invalid_api_key"
             )
         return principal
 

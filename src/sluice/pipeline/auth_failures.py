@@ -1,6 +1,6 @@
 """What failed authentication lately: unknown key hashes, and the client addresses failing.
 
-A virtual key's checksum is public (`sluice.pipeline.apikeys`), so anyone can make
+A virtual key's checksum is public (`sluice.keys.format`), so anyone can make
 well-formed keys, and each new one costs a store read. Two bounded tables keep that cheap:
 
 - `UnknownKeys` remembers the hashes the store did not know, so repeating one costs no

@@ -1,8 +1,9 @@
 """The last step: one call to the deployment the attempt chose (``ctx.target``).
 
-A complete answer comes back as the upstream's bytes, its usage read from the body's
-tail; a stream comes back open, once its first event has arrived, with its events framed
-and its usage read as they pass (`sluice.pipeline.sse`).
+A complete answer comes back as the upstream's bytes (the attempts step reads its usage);
+a stream comes back open, once its first event has arrived, with its events framed and
+its usage read as they pass (`sluice.pipeline.sse`). For a complete answer this returns the
+backend's own coroutine, adding none of its own.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack
 
+from sluice.backends.base import Backend, UpstreamCall
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.sse import relay_events
 from sluice.pipeline.steps import Reply
-from sluice.pipeline.usage import read_body_usage
 
 
-async def call_backend(ctx: RequestContext) -> Reply:
+def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
     deployment = ctx.target
     assert deployment is not None
     assert ctx.model is not None
@@ -28,12 +29,14 @@ async def call_backend(ctx: RequestContext) -> Reply:
     if ctx.principal is not None and ctx.principal.key is not None:
         call.priority = ctx.principal.key.priority  # the key's, never the body's
     if not ctx.stream:
-        reply = await deployment.backend.send(call)
-        read_body_usage(reply.body, ctx)
-        return reply
+        return deployment.backend.send(call)
+    return _open_stream(ctx, deployment.backend, call)
+
+
+async def _open_stream(ctx: RequestContext, backend: Backend, call: UpstreamCall) -> Reply:
     stack = AsyncExitStack()
     try:
-        chunks = await stack.enter_async_context(deployment.backend.stream(call))
+        chunks = await stack.enter_async_context(backend.stream(call))
         events = relay_events(chunks, ctx, strip_usage=call.strip_usage)
         # The first event is part of the attempt: a failure or a stall before it can still
         # be retried elsewhere, because the client has not been sent a byte.

@@ -3,8 +3,8 @@ them, by metrics and the access log, and by the usage record at the end."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,14 +28,14 @@ class RequestContext:
     """The client's ``X-Request-ID``: for correlation only."""
 
     # What the client sent (set by the HTTP layer before the pipeline runs).
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    headers: list[tuple[bytes, bytes]] = ()  # type: ignore[assignment]
     query_string: bytes = b""
     client: tuple[str, int] | None = None
-    read_body: Callable[[], Awaitable[bytes]] | None = None
-    """Reads the request body, refusing it past the size limit (the HTTP layer's)."""
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None
+    """The ASGI ``receive`` the body is read from (`sluice.pipeline.request`)."""
 
     # The request, once read (`sluice.pipeline.request`).
-    body: dict[str, Any] = field(default_factory=dict)
+    body: dict[str, Any] = None  # type: ignore[assignment]
     raw: bytes | None = None
     """The client's bytes while they can be forwarded unchanged; None once ``body`` was
     rewritten (the upstream then gets ``body`` serialised)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.steps import Handler, Reply
@@ -17,9 +19,13 @@ class Identify:
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
 
-    async def __call__(self, ctx: RequestContext) -> Reply:
-        if not self.recognise(ctx):
-            await self.identify(ctx)
+    def __call__(self, ctx: RequestContext) -> Awaitable[Reply]:
+        if self.recognise(ctx):  # a cached key: no coroutine of this step's
+            return self.next(ctx)
+        return self._identify_then_next(ctx)
+
+    async def _identify_then_next(self, ctx: RequestContext) -> Reply:
+        await self.identify(ctx)
         return await self.next(ctx)
 
     def recognise(self, ctx: RequestContext) -> bool:

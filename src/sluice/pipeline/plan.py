@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.steps import Handler, Reply
 from sluice.routing.router import Router
@@ -13,7 +15,7 @@ class MakePlan:
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    async def __call__(self, ctx: RequestContext) -> Reply:
+    def __call__(self, ctx: RequestContext) -> Awaitable[Reply]:
         assert ctx.model is not None
         ctx.plan = self._router.plan(ctx.model)
-        return await self.next(ctx)
+        return self.next(ctx)

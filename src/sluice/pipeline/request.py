@@ -1,13 +1,18 @@
 """Reading the request: the body (after identification, so a 401 costs no read), its
-validation, and the model it names."""
+validation, and the model it names.
+
+The body is read straight from ASGI ``receive`` (no framework request object in between),
+refused with 413 past the limit: announced by ``Content-Length`` before a byte is read,
+or counted as it arrives.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
 
-from sluice.backends.base import Route
-from sluice.errors import ModelNotFoundError
+from starlette.requests import ClientDisconnect
+
+from sluice.errors import ModelNotFoundError, PayloadTooLargeError
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import prompt_estimate
 from sluice.pipeline.steps import Handler, Reply
@@ -20,18 +25,38 @@ class ReadRequest:
 
     next: Handler
 
-    def __init__(self, serves: Callable[[str], bool]) -> None:
+    def __init__(self, serves: Callable[[str], bool], max_body_bytes: int) -> None:
         self._serves = serves
+        self._max_body = max_body_bytes
 
     async def __call__(self, ctx: RequestContext) -> Reply:
-        assert ctx.read_body is not None
-        raw = await ctx.read_body()
+        for name, value in ctx.headers:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self._max_body:
+                    raise PayloadTooLargeError(self._too_large())
+                break
+        receive = ctx.receive
+        assert receive is not None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self._max_body:
+                raise PayloadTooLargeError(self._too_large())
+            parts.append(part)
+            if not message.get("more_body", False):
+                break
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
         body = parse_json_object(raw)
-        route = cast(Route, ctx.route)
-        model = validate(route, body)
+        route = ctx.route
+        model = validate(route, body)  # type: ignore[arg-type]  # a hot route's name
         if not self._serves(model):
             raise model_not_found(model)
-        ctx.upstream_route = route
+        ctx.upstream_route = route  # type: ignore[assignment]
         ctx.model = model
         ctx.body = body
         ctx.raw = raw
@@ -42,6 +67,9 @@ class ReadRequest:
             del body["priority"]
             ctx.raw = None
         return await self.next(ctx)
+
+    def _too_large(self) -> str:
+        return f"The request body is larger than the limit of {self._max_body} bytes."
 
 
 def model_not_found(model: str) -> ModelNotFoundError:

@@ -6,6 +6,12 @@ A step is an object with one job; `compose` links each to the one after it (``ne
 running a request is one call per step and no step knows which others exist. The app
 chooses the list once, at start-up (`sluice.app.build_app`): a gateway without keys has no
 identify or admit step, and pays nothing for them.
+
+A step is called with the context and returns an awaitable of the reply. One that has work
+after the rest of the pipeline (admission settles, attempts retry) is a coroutine; one that
+only prepares the request (planning, a recognised key) is a plain method that returns
+``self.next(ctx)`` itself, so it adds no coroutine to the chain: every coroutine in it is
+passed through again each time the upstream call waits.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ class Step(Protocol):
     next: Handler
     """The rest of the pipeline; set by `compose`."""
 
-    async def __call__(self, ctx: RequestContext) -> Reply: ...
+    def __call__(self, ctx: RequestContext) -> Awaitable[Reply]: ...
 
 
 def compose(steps: Sequence[Step], last: Handler) -> Handler:

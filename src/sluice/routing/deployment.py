@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice.backends.base import Backend, Route, UpstreamCall
 from sluice.protocol import wants_usage
+
+if TYPE_CHECKING:
+    from sluice.routing.health import DeploymentHealth
 
 
 class Outcome(enum.Enum):
@@ -30,12 +33,20 @@ class Deployment:
     weight: float
     stream_usage: bool = False
     """Ask the upstream for a usage chunk on streams (stripped unless the client asked)."""
+    max_concurrency: int | None = None
+    """Attempts it takes at once (None: no cap of its own, e.g. a local engine's queue);
+    one at its cap goes to the back of a plan."""
+    health: DeploymentHealth | None = None
+    """Outlier detection and latency; None when its model has no other deployment (there
+    is nothing to balance or eject, so nothing is measured)."""
     outstanding: int = 0
     """Attempts under way in this process."""
 
     def begin(self) -> None:
         """An attempt starts (the attempts step calls this, then `end` exactly once)."""
         self.outstanding += 1
+        if self.health is not None:
+            self.health.begin()
 
     def end(
         self, outcome: Outcome, first_byte_s: float | None, retry_after_s: float | None = None
@@ -43,6 +54,8 @@ class Deployment:
         """The attempt ended: ``first_byte_s`` is the time to its first response byte (None
         when none came), ``retry_after_s`` an upstream 429's Retry-After."""
         self.outstanding -= 1
+        if self.health is not None:
+            self.health.end(outcome, first_byte_s, retry_after_s)
 
     def call(
         self,

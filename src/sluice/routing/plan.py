@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
+from sluice.routing.balancer import Balancer, Weighted
 from sluice.routing.deployment import Deployment
 
 
@@ -15,21 +17,37 @@ class ModelRoute:
     fallbacks: tuple[str, ...] = ()
     context_window_fallbacks: tuple[str, ...] = ()
     content_policy_fallbacks: tuple[str, ...] = ()
-    _weights: list[float] = field(init=False)
+    balancer: Balancer | None = None
+    """Orders the deployments (`sluice.routing.balancer`); by weight when not given."""
+    fixed: Plan | None = field(init=False)
+    """The plan of every request, when it cannot vary (one deployment)."""
 
     def __post_init__(self) -> None:
-        self._weights = [d.weight for d in self.deployments]
+        if self.balancer is None and len(self.deployments) > 1:
+            self.balancer = Balancer(self.deployments, Weighted(), time.monotonic)
+        self.fixed = None
+        if len(self.deployments) == 1:
+            self.fixed = Plan(
+                self.name,
+                self.deployments,
+                self.fallbacks,
+                self.context_window_fallbacks,
+                self.content_policy_fallbacks,
+            )
 
     def order(self, rng: random.Random) -> list[Deployment]:
-        """The deployments in the order to try them: a weighted random choice first."""
-        if len(self.deployments) == 1:
+        """The deployments in the order to try them: the balancing policy's choice first,
+        those out of rotation left out (never all). A single deployment's list is returned
+        as it is: it has nothing to be balanced against, and no request should pay for it."""
+        if self.balancer is None:
             return self.deployments
-        first = rng.choices(self.deployments, weights=self._weights)[0]
-        return [first, *(d for d in self.deployments if d is not first)]
+        return self.balancer.order(rng)
 
 
 @dataclass(slots=True)
 class Plan:
+    """Where one request may go. Never changed once made: requests may share one."""
+
     model: str
     """The public model the client asked for."""
     candidates: list[Deployment]

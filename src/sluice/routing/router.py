@@ -27,6 +27,8 @@ class Router:
     def plan(self, model: str) -> Plan:
         """The candidates for ``model`` (which `knows` must have accepted)."""
         route = self._routes[model]
+        if route.fixed is not None:
+            return route.fixed
         return Plan(
             model,
             route.order(self._rng),

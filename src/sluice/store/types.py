@@ -1,4 +1,5 @@
-"""Column types shared by the schema: timestamps that are always aware UTC."""
+"""Column types shared by the schema (timestamps that are always aware UTC), and what a
+text column can hold."""
 
 from __future__ import annotations
 
@@ -39,3 +40,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value.astimezone(UTC)
+
+
+def storable_text(text: str) -> bool:
+    """Could ``text`` be stored in a text column? PostgreSQL's cannot hold NUL (asyncpg
+    raises on the query), so an id or name with one is known to be absent without asking."""
+    return "\x00" not in text

@@ -18,10 +18,9 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sluice.store.database import Database
-from sluice.store.keys import storable_text
 from sluice.store.periods import as_utc, current_period_start
 from sluice.store.schema import api_keys, usage_records
-from sluice.store.types import UTCDateTime
+from sluice.store.types import UTCDateTime, storable_text
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)

@@ -1,4 +1,4 @@
-"""API keys: the record, secret helpers, and the store over the ``api_keys`` table."""
+"""Virtual keys in the database: the record and the store over the ``api_keys`` table."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sluice.store.database import Database
 from sluice.store.periods import as_utc, current_period_start, is_budget_period, utcnow
 from sluice.store.schema import api_keys
+from sluice.store.types import storable_text
 
 MUTABLE_FIELDS: frozenset[str] = frozenset(
     {
@@ -87,12 +88,6 @@ class KeyRecord:
         if self.budget_usd is None:
             return None
         return self.budget_usd - self.rolled(now).spend_usd
-
-
-def storable_text(text: str) -> bool:
-    """Could ``text`` be stored in a text column? PostgreSQL's cannot hold NUL (asyncpg
-    raises on the query), so an id or name with one is known to be absent without asking."""
-    return "\x00" not in text
 
 
 def _record(row: RowMapping) -> KeyRecord:

@@ -8,9 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from sluice.pipeline import apikeys
-from sluice.pipeline.invalidation import KeyInvalidation
-from sluice.store.keys import KeyRecord, KeyStore
+from sluice.keys import format as key_format
+from sluice.keys.invalidation import KeyInvalidation
+from sluice.keys.store import KeyRecord, KeyStore
 from sluice.store.periods import current_period_start
 
 Period = Literal["daily", "weekly", "monthly"]
@@ -103,10 +103,10 @@ class KeyService:
 
     async def create(self, spec: KeySettings) -> tuple[KeyRecord, str]:
         """Store a new key; return its record and the secret (never stored)."""
-        new = apikeys.generate()
+        new = key_format.generate()
         now = datetime.now(UTC)
         record = KeyRecord(
-            id=apikeys.new_key_id(),
+            id=key_format.new_key_id(),
             key_hash=new.key_hash,
             display=new.display,
             models=spec.models,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sluice.engine.microbatch import BatcherClosedError, MicroBatcher
+from sluice.backends.microbatch import BatcherClosedError, MicroBatcher
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""What ``sluice keys …`` and ``sluice usage`` do: the key service, straight on the database.
+"""What ``sluice keys …`` does: the key service, straight on the database.
 
 Revocations and changes are published on Redis (when configured) so running replicas drop
 the key from their caches at once; without Redis a running server notices within
@@ -7,29 +7,26 @@ the key from their caches at once; without Redis a running server notices within
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any
 
-import orjson
-
-from sluice.keys import KeyService, KeySettings
-from sluice.pipeline.invalidation import KeyInvalidation
+from sluice.keys.invalidation import KeyInvalidation
+from sluice.keys.service import KeyService, KeySettings
+from sluice.keys.store import KeyStore
 from sluice.services import database_for, redis_for
 from sluice.settings import Settings
-from sluice.store.keys import KeyStore
-from sluice.store.usage import UsageStore
 
 
 @asynccontextmanager
-async def _opened(settings: Settings) -> AsyncIterator[tuple[KeyService, UsageStore]]:
+async def _opened(settings: Settings) -> AsyncIterator[KeyService]:
     database = database_for(settings)
     await database.start()
     redis = redis_for(settings)
     try:
         invalidation = KeyInvalidation(redis, lambda _: None)
-        yield KeyService(KeyStore(database), invalidation), UsageStore(database)
+        yield KeyService(KeyStore(database), invalidation)
     finally:
         if redis is not None:
             await redis.aclose()
@@ -44,7 +41,7 @@ async def create_key(settings: Settings, options: dict[str, Any]) -> str:
         metadata=metadata,
         **{k: v for k, v in options.items() if v is not None},
     )
-    async with _opened(settings) as (service, _):
+    async with _opened(settings) as service:
         record, secret = await service.create(spec)
     return (
         f"id:      {record.id}\nkey:     {secret}\n"
@@ -53,7 +50,7 @@ async def create_key(settings: Settings, options: dict[str, Any]) -> str:
 
 
 async def list_keys(settings: Settings, include_revoked: bool) -> str:
-    async with _opened(settings) as (service, _):
+    async with _opened(settings) as service:
         records = await service.store.list(include_revoked)
     lines = [
         f"{'ID':<18} {'KEY':<20} {'MODELS':<24} {'RPM':>6} {'TPM':>8} {'SPEND':>10} "
@@ -71,24 +68,7 @@ async def list_keys(settings: Settings, include_revoked: bool) -> str:
 
 
 async def revoke_key(settings: Settings, key_id: str) -> str:
-    async with _opened(settings) as (service, _):
+    async with _opened(settings) as service:
         if await service.revoke(key_id) is None:
             raise LookupError(f"no API key with id {key_id!r}")
     return f"revoked {key_id}"
-
-
-async def show_usage(
-    settings: Settings,
-    key_id: str | None,
-    model: str | None,
-    since: datetime | None,
-    group_by: Sequence[str],
-) -> str:
-    async with _opened(settings) as (_, usage):
-        rows = await usage.query(
-            key_id=key_id,
-            model=model,
-            since=since.replace(tzinfo=UTC) if since and since.tzinfo is None else since,
-            group_by=cast(Sequence[Literal["key", "model", "day"]], group_by),
-        )
-    return "\n".join(orjson.dumps(row, default=str).decode() for row in rows) or "(no usage)"

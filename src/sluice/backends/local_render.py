@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from sluice.engine.oai_params import Job
+from sluice.backends.local_params import Job
 
 DONE = b"data: [DONE]\n\n"
 
