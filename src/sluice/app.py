@@ -66,11 +66,11 @@ def build_app(settings: Settings) -> Starlette:
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(build_table(settings, default_providers(registry)))
+    router = Router(build_table(settings, default_providers(registry)).table)
     services = build_services(settings, metrics)
     openai = OpenAIService(
         build_pipeline(services, router, metrics),
-        router.model_names,
+        lambda: router.model_names,
         metrics,
         settings.server.max_body_bytes,
         services.identify,
@@ -183,7 +183,7 @@ def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) 
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),
     # before planning (a hit needs no deployment).
-    steps += [MakePlan(router), Attempts(metrics)]
+    steps += [MakePlan(router, metrics), Attempts(metrics)]
     return compose(steps, call_backend)
 
 

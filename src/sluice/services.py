@@ -107,7 +107,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         )
     else:
         limiter = MemoryLimiter()
-    prices = price_table(settings.models)
+    prices = price_table(settings.models, settings.aliases)
 
     if master_key is None and not settings.usage.enabled:
         return Services(

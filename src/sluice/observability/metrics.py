@@ -117,6 +117,14 @@ class GatewayMetrics:
         self.ttft_for = ChildCache(self.ttft)
         self.tokens_for = ChildCache(self.tokens)
         self.upstream_errors_for = ChildCache(self.upstream_errors)
+        # Versions, shadow traffic and reloads (docs/resilience.md).
+        self.alias_choices = Counter(
+            "sluice_alias_choices_total",
+            "Requests to an alias, by the version chosen to serve them.",
+            ["alias", "version"],
+            registry=registry,
+        )
+        self.alias_choices_for = ChildCache(self.alias_choices)
 
 
 class ChildCache(Generic[M]):
