@@ -39,6 +39,7 @@ from sluice.pipeline.attempts import Attempts
 from sluice.pipeline.backend import call_backend
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
+from sluice.pipeline.shadow import Shadow, ShadowLink, ShadowTraffic
 from sluice.pipeline.steps import Handler, Step, compose
 from sluice.routing.router import Router
 from sluice.routing.table import build_table
@@ -68,8 +69,10 @@ def build_app(settings: Settings) -> Starlette:
     metrics = GatewayMetrics(registry)
     router = Router(build_table(settings, default_providers(registry)).table)
     services = build_services(settings, metrics)
+    shadows = ShadowTraffic(router, metrics)
+    pipeline, _ = build_pipeline(services, router, metrics, shadows)
     openai = OpenAIService(
-        build_pipeline(services, router, metrics),
+        pipeline,
         lambda: router.model_names,
         metrics,
         settings.server.max_body_bytes,
@@ -110,6 +113,7 @@ def build_app(settings: Settings) -> Starlette:
             lifecycle.stop()
             if listener is not None:
                 listener.close()
+            await shadows.close()
             await asyncio.gather(*(backend.close() for backend in backends))
             await services.close()
             access_log.flush()
@@ -168,13 +172,17 @@ def build_app(settings: Settings) -> Starlette:
     app.state.lifecycle = lifecycle
     app.state.metrics = metrics
     app.state.router = router
+    app.state.shadows = shadows
     app.state.services = services
     return app
 
 
-def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) -> Handler:
+def build_pipeline(
+    services: Services, router: Router, metrics: GatewayMetrics, shadows: ShadowTraffic
+) -> tuple[Handler, ShadowLink]:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
-    configuration does not use are left out, not skipped per request."""
+    configuration does not use are left out, not skipped per request; the shadow step is
+    linked in and out by its `ShadowLink` as reloads add or remove shadows."""
     steps: list[Step] = []
     if services.identify is not None:
         steps.append(services.identify)
@@ -183,8 +191,12 @@ def build_pipeline(services: Services, router: Router, metrics: GatewayMetrics) 
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),
     # before planning (a hit needs no deployment).
-    steps += [MakePlan(router, metrics), Attempts(metrics)]
-    return compose(steps, call_backend)
+    plan = MakePlan(router, metrics)
+    steps += [plan, Attempts(metrics)]
+    pipeline = compose(steps, call_backend)
+    link = ShadowLink(plan, Shadow(router, shadows))
+    link.update(router.table)
+    return pipeline, link
 
 
 def app_from_environment() -> Starlette:
