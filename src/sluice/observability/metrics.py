@@ -151,6 +151,20 @@ class GatewayMetrics:
             ["alias", "side"],
             registry=registry,
         )
+        self.reloads = Counter(
+            "sluice_config_reloads_total",
+            "Configuration reloads and weight changes, by outcome (ok, invalid, "
+            "restart_needed, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "sluice_config_generation",
+            "The model table in use: 1 at start-up, one more per reload or weight change.",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.config_generation.set(1)
         self.alias_choices_for = ChildCache(self.alias_choices)
 
 
