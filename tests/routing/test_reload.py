@@ -305,7 +305,7 @@ def test_reloading_under_load_fails_no_request(
 def test_sighup_reloads_the_file(upstream: MockUpstream, tmp_path: Path) -> None:
     config = routing_config(upstream, tmp_path)
     del config["auth"]
-    gateway = GatewayProcess(config, tmp_path).start()
+    gateway = GatewayProcess(config, tmp_path).start(timeout=60)
     assert gateway.process is not None
     try:
         added = copy.deepcopy(config)
