@@ -153,8 +153,7 @@ class GatewayMetrics:
         )
         self.reloads = Counter(
             "sluice_config_reloads_total",
-            "Configuration reloads and weight changes, by outcome (ok, invalid, "
-            "restart_needed, failed).",
+            "Configuration reloads by outcome (ok, invalid, restart_needed, failed).",
             ["outcome"],
             registry=registry,
         )
