@@ -284,6 +284,7 @@ class HTTP1Pool:
     """An HTTP proxy to go through (CONNECT for https, absolute-form requests for http)."""
     _idle: deque[_Connection] = field(default_factory=deque)
     _slots: asyncio.Semaphore | None = None
+    _closed: bool = False
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
@@ -352,6 +353,9 @@ class HTTP1Pool:
         self.slots.release()
 
     async def close(self) -> None:
+        # Exchanges still running (a deployment retired by a reload) finish on their
+        # connections; each is closed as it comes back instead of kept idle.
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 
@@ -459,7 +463,7 @@ class HTTP1Pool:
         return target
 
     def _release(self, conn: _Connection) -> None:
-        if conn.keep_alive:
+        if conn.keep_alive and not self._closed:
             conn.reused = True
             self._idle.append(conn)
         else:
