@@ -8,7 +8,7 @@ the token estimate with the real usage and frees the parallel slot (``settle``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -29,7 +29,7 @@ class LimitSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Scope:
+class LimitScope:
     """A named counter set, e.g. ``key:abc`` or ``key:abc:model:gpt-4o``."""
 
     name: str
@@ -112,9 +112,19 @@ class Admission(NamedTuple):
     ticket: Ticket | None
 
 
+AcquireNow = Callable[[Sequence[LimitScope], int, str, float], Admission]
+"""``Limiter.acquire``'s arguments, answered at once (see ``Limiter.immediate``)."""
+
+
 class Limiter(Protocol):
+    def immediate(self) -> AcquireNow | None:
+        """``acquire`` as a plain call returning the admission, for a limiter that decides
+        without waiting for anything (in memory); None for one that must wait (Redis), whose
+        ``acquire`` the caller awaits. Lets the request path skip a coroutine per request."""
+        ...
+
     def acquire(
-        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+        self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> Awaitable[Admission]:
         """All or nothing over ``scopes``: count the request, reserve ``tokens`` and take a
         parallel slot (a lease expiring after ``lease_seconds``) in each, or change nothing.

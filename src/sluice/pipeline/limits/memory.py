@@ -9,7 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from sluice.pipeline.limits.base import Admission, LimitSpec, Reason, Scope, Ticket
+from sluice.pipeline.limits.base import (
+    AcquireNow,
+    Admission,
+    LimitScope,
+    LimitSpec,
+    Reason,
+    Ticket,
+)
 from sluice.pipeline.limits.window import (
     NEVER_RETRY_AFTER,
     PARALLEL_RETRY_AFTER,
@@ -108,13 +115,17 @@ class MemoryLimiter:
         self._second = 0
         self._second_ends = float("-inf")
 
+    def immediate(self) -> AcquireNow:
+        """`acquire_now`: the memory limiter never waits for anything."""
+        return self.acquire_now
+
     async def acquire(
-        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+        self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> Admission:
         return self.acquire_now(scopes, tokens, request_id, lease_seconds)
 
     def acquire_now(
-        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+        self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> Admission:
         """``acquire`` without a coroutine: the memory limiter never waits for anything."""
         # Runs for every request of a limited key, so written out flat: no helper calls in
@@ -231,7 +242,7 @@ class MemoryLimiter:
         self._second = int(now)
         self._second_ends = self._second + 1.0
 
-    def _refusal(self, scopes: Sequence[Scope], tokens: int, now: float) -> Admission | None:
+    def _refusal(self, scopes: Sequence[LimitScope], tokens: int, now: float) -> Admission | None:
         """The refusal for a request some limit may refuse; None when none does."""
         checked = [(scope.spec, self._scopes[scope.name]) for scope in scopes]
         reason: Reason | None = None
