@@ -21,6 +21,7 @@ from sluice.store.database import Database
 from sluice.store.keys import storable_text
 from sluice.store.periods import as_utc, current_period_start
 from sluice.store.schema import api_keys, usage_records
+from sluice.store.sqlite_thread import SqliteConnection, SqliteThread
 from sluice.store.types import UTCDateTime
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -270,30 +271,29 @@ async def _write_postgres(conn: AsyncConnection, unique: list[UsageRecord]) -> i
     return len(new)
 
 
-async def _write_sqlite(conn: AsyncConnection, unique: list[UsageRecord]) -> int:
+async def _write_sqlite(
+    conn: AsyncConnection, unique: list[UsageRecord], thread: SqliteThread
+) -> int:
     """Insert ``unique``'s records (distinct request ids) that are not stored yet and charge
     their cost, in one transaction (BEGIN IMMEDIATE, as Database's writer), on aiosqlite's
     thread in one hop; returns how many were new.
 
     Through SQLAlchemy's aiosqlite adapter every statement is three or four hops to the
     driver's thread and back (cursor, execute, fetch, close), each a thread wake-up and an
-    event-loop turn: about 14 hops and 1 ms of CPU a batch, against ~5 us a record for the
-    rows themselves. Here the transaction, the inserts, the look-up of stored ids, the key
-    periods and the spend update run as one function on that thread (SQLAlchemy only lends
-    the connection; nothing is executed through it, so it begins no transaction of its own,
-    and its rollback on return is a no-op). aiosqlite has no public call for it:
-    ``Connection._execute`` (what its own methods queue their work with; pinned below 0.23)
-    runs the function on the connection's thread, where its sqlite3 connection lives.
+    event-loop turn, which cost far more than the rows themselves. Here the transaction,
+    the inserts, the look-up of stored ids, the key periods and the spend update run as one
+    function on that thread (SQLAlchemy only lends the connection; nothing is executed
+    through it, so it begins no transaction of its own, and its rollback on return is a
+    no-op), by `SqliteThread`: aiosqlite has no public call for it.
     """
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # an aiosqlite.Connection
-    return int(await driver._execute(_write_sqlite_now, driver, unique))
+    return await thread.run(driver, _write_sqlite_now, unique)
 
 
-def _write_sqlite_now(driver: Any, records: list[UsageRecord]) -> int:
-    """`_write_sqlite`'s work, on the driver's thread (``driver._conn`` is its sqlite3
-    connection, which may be used on that thread only)."""
-    sqlite: sqlite3.Connection = driver._conn
+def _write_sqlite_now(sqlite: SqliteConnection, records: list[UsageRecord]) -> int:
+    """`_write_sqlite`'s work, on the driver's thread (its sqlite3 connection may be used on
+    that thread only)."""
     sqlite.execute("BEGIN IMMEDIATE")
     try:
         inserted = _insert_and_charge_sqlite(sqlite, records)
@@ -305,7 +305,7 @@ def _write_sqlite_now(driver: Any, records: list[UsageRecord]) -> int:
     return inserted
 
 
-def _insert_and_charge_sqlite(sqlite: sqlite3.Connection, records: list[UsageRecord]) -> int:
+def _insert_and_charge_sqlite(sqlite: SqliteConnection, records: list[UsageRecord]) -> int:
     seconds: dict[int, str] = {}
     looked_up = False
     i = 0
@@ -351,8 +351,13 @@ def _sqlite_time(value: datetime) -> str:
 
 
 class UsageStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, sqlite_thread: SqliteThread | None = None) -> None:
         self._db = db
+        # How SQLite batches reach aiosqlite's thread, chosen once at start-up by the
+        # installed aiosqlite (only a SQLite store needs it).
+        self._sqlite_thread = sqlite_thread
+        if sqlite_thread is None and db.dialect == "sqlite":
+            self._sqlite_thread = SqliteThread()
 
     async def insert_many(self, records: Sequence[UsageRecord]) -> int:
         """Insert records not already stored and charge their cost to their keys, in one
@@ -370,7 +375,8 @@ class UsageStore:
         async with self._db.engine.connect() as conn:  # the transaction is the writer's
             if self._db.engine.dialect.name == "postgresql":
                 return await _write_postgres(conn, unique)
-            return await _write_sqlite(conn, unique)
+            assert self._sqlite_thread is not None
+            return await _write_sqlite(conn, unique, self._sqlite_thread)
 
     async def query(
         self,
