@@ -177,15 +177,6 @@ async def test_reason_is_from_first_refusing_scope(limiter: MemoryLimiter) -> No
     assert refused.reason == "rpm"
 
 
-async def test_headers_come_from_the_most_constrained_scope(limiter: MemoryLimiter) -> None:
-    key = LimitScope("key:a", LimitSpec(rpm=100, tpm=500))
-    model = LimitScope("key:a:model:m", LimitSpec(rpm=3, tpm=10_000))
-    admission = await take(limiter, key, model, tokens=200)
-    assert (admission.limit_requests, admission.remaining_requests) == (3, 2)
-    assert (admission.limit_tokens, admission.remaining_tokens) == (500, 300)
-    assert admission.reset_requests == pytest.approx(1061 - 1000.25)
-
-
 async def test_settle_nowait_takes_effect_at_once(limiter: MemoryLimiter) -> None:
     key = LimitScope("key:a", LimitSpec(tpm=1000, max_parallel=1))
     first = await take(limiter, key, tokens=600)

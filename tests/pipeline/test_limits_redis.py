@@ -18,7 +18,6 @@ from sluice.pipeline.limits import (
     Admission,
     LimitScope,
     LimitSpec,
-    MemoryLimiter,
     RedisLimiter,
     Ticket,
 )
@@ -118,32 +117,6 @@ async def test_rpm_is_exact(limiter: RedisLimiter) -> None:
     assert refused.remaining_requests == 0
     assert 59.0 < refused.retry_after <= 61.0
     assert refused.reset_requests == pytest.approx(refused.retry_after, abs=0.01)
-
-
-async def test_headers_come_from_the_tightest_scope_as_in_the_memory_limiter(
-    limiter: RedisLimiter,
-) -> None:
-    """The script picks each header's scope (least remaining, then the smaller limit, then
-    the first); window.build_admission, which the memory limiter follows, has the same rule."""
-    memory = MemoryLimiter()
-    key = LimitScope("key:a", LimitSpec(rpm=10, tpm=1_000))
-    model = LimitScope("key:a:model:m", LimitSpec(rpm=6, tpm=5_000))
-    tie = LimitScope("key:b", LimitSpec(rpm=9, tpm=900))  # 4th request: 7 left, as key:a
-    fields = ("allowed", "reason", "limit_requests", "remaining_requests",
-              "limit_tokens", "remaining_tokens")  # fmt: skip
-    steps = [((key, model), 100), ((model, key), 300), ((tie,), 0), ((key, tie), 50),
-             ((key, model), 700)]  # fmt: skip
-    answers = []
-    for scopes, tokens in steps:
-        got = await take(limiter, *scopes, tokens=tokens)
-        want = memory.acquire_now(scopes, tokens, uuid.uuid4().hex, 30.0)
-        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
-        if got.allowed:
-            assert got.reset_requests == pytest.approx(want.reset_requests, abs=1.1)
-            assert got.reset_tokens == pytest.approx(want.reset_tokens, abs=1.1)
-        answers.append(got)
-    assert answers[3].limit_requests == 9  # the tie: the smaller limit
-    assert (answers[4].allowed, answers[4].reason) == (False, "tpm")
 
 
 async def test_a_request_cancelled_while_waiting_leaves_its_batch_answered(
