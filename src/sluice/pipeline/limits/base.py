@@ -93,9 +93,10 @@ class Admission(NamedTuple):
     refusing limit would let this request through: for rpm/tpm the time until enough of
     the oldest buckets leave the window (at most 61 s), 60.0 when the token estimate alone
     exceeds a tpm limit (it can never pass), 1.0 for a full parallel limit; 0 when allowed.
-    The header fields come from the most constrained scope that has that limit (least
-    remaining), ``None`` when no scope limits it; ``reset_*`` is the time until that
-    scope's oldest counted bucket leaves the window (0 when nothing is counted).
+    The header fields come from one scope per kind, chosen by the admission-header rule
+    (`window.build_admission`: the least remaining, then the smallest limit, then the
+    first), ``None`` when no scope limits it; ``reset_*`` is the time until that scope's
+    oldest counted bucket leaves the window (0 when nothing is counted).
     (A named tuple: made once per request, it is several times cheaper than a frozen
     dataclass.)
     """

@@ -23,8 +23,8 @@ The client is a `sluice.pipeline.limits.wire.PipelinedRedis` (one pipelined conn
 short timeout, no retries: a retry with backoff would hold each request for seconds before
 the failure mode applies). The limiter sends its calls already encoded as RESP
 (``Script.run_packed``): each key's keys and limits are encoded once, and a request adds only
-its token estimate and id (hiredis's packing formatted every argument of every call again:
-a ``sprintf`` each, ~11k instructions a request).
+its token estimate and id (hiredis's packing formatted every argument of every call again,
+a ``sprintf`` each).
 
 A request cancelled while its ``acquire`` is in flight may have been admitted without
 getting its ticket: when the reply arrives, such an admission is settled at once (its
@@ -113,9 +113,9 @@ class RedisLimiter:
     def acquire(
         self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> asyncio.Future[Admission]:
-        # Runs for every request: no builtin calls where a comparison does (max() and
-        # round() cost ~1.6-2k instructions each), no list comprehensions (a function call
-        # each in Python 3.11).
+        # Runs for every request: no builtin calls where a comparison does (a call to max()
+        # or round() costs more than the comparison), no list comprehensions (a function
+        # call each in Python 3.11).
         if tokens < 0:
             tokens = 0
         plan = self._plans.get(id(scopes))
