@@ -94,7 +94,11 @@ async def test_the_usage_writer_through_the_public_fallback(
 
 
 def _blocking_batch(
-    started: threading.Event, go_on: threading.Event, sqlite: SqliteConnection, n: int
+    started: threading.Event,
+    go_on: threading.Event,
+    finished: threading.Event,
+    sqlite: SqliteConnection,
+    n: int,
 ) -> int:
     sqlite.execute("BEGIN IMMEDIATE")
     sqlite.execute("INSERT INTO t VALUES (?)", (n,))
@@ -102,6 +106,7 @@ def _blocking_batch(
     go_on.wait(5)
     sqlite.execute("INSERT INTO t VALUES (?)", (n + 1,))
     sqlite.execute("COMMIT")
+    finished.set()
     return n
 
 
@@ -113,19 +118,22 @@ async def test_a_cancelled_caller_does_not_cut_the_function_short(
     queued after it reaches the connection (on the fallback, the caller waits for it)."""
     async with aiosqlite.connect(tmp_path / "t.db", isolation_level=None) as driver:
         await driver.execute("CREATE TABLE t (n INTEGER)")
-        started, go_on = threading.Event(), threading.Event()
+        started, go_on, finished = threading.Event(), threading.Event(), threading.Event()
         thread = SqliteThread(private=private)
         call = asyncio.ensure_future(
-            thread.run(driver, partial(_blocking_batch, started, go_on), 1)
+            thread.run(driver, partial(_blocking_batch, started, go_on, finished), 1)
         )
         assert await asyncio.to_thread(started.wait, 5)
         call.cancel()
-        await asyncio.sleep(0.01)  # the cancellation is delivered while the function waits
-        if not private:
-            assert not call.done()  # the fallback holds the caller until the function ends
+        await asyncio.sleep(0)  # the task takes the cancellation while the function waits
+        assert not finished.is_set()
+        # The private path's caller ends at once (aiosqlite's queue keeps the order); the
+        # fallback holds its caller until the function has ended.
+        assert call.done() == private
         go_on.set()
         with pytest.raises(asyncio.CancelledError):
             await call
+        assert finished.is_set() or private
         # What comes next (a pool's rollback, say) finds the transaction committed whole.
         await driver.rollback()
         assert not driver.in_transaction
