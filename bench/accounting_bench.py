@@ -133,7 +133,6 @@ def start(
     bench: Bench,
     name: str,
     port: int,
-    mock_port: int = mock.PORT,
     command: Sequence[str] = (),
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
@@ -145,6 +144,7 @@ def start(
     slug = name.replace("@", "-")
     data = bench.work / "data" / f"{slug}-{port}"
     subprocess.run(["rm", "-rf", str(data)], check=True)
+    mock_port = bench.args.mock_port
     config = mock.config(bench, path, f"{slug}-{port}", mock_port, data_dir=str(data), **changes)
     settings = yaml.safe_load((harness.REPO / config).read_text())
     src = bench.args.base_src if tree else str(harness.REPO / "src")
@@ -239,7 +239,7 @@ def _service_threads() -> list[int]:
 def sequential(bench: Bench, names: list[str]) -> dict[str, Any]:
     """The mock at c=1, then each variant alone: c=1, c=32, c=64."""
     args = bench.args
-    direct = f"http://{HOST}:{mock.PORT}/v1/chat/completions"
+    direct = f"http://{HOST}:{args.mock_port}/v1/chat/completions"
     run = partial(bench.wrk, direct, 1, args.duration, body=mock.REQUEST_BODY, latency=True)
     out: dict[str, Any] = {"direct": {"c1": bench.measure("direct c=1", run)}}
     for name in names:
@@ -386,6 +386,7 @@ def main() -> int:
     parser.add_argument("--round-duration", type=int, default=5)
     parser.add_argument("--paired-rounds", type=int, default=7, help="0: none")
     parser.add_argument("--port", type=int, default=8080, help="the first Sluice port")
+    parser.add_argument("--mock-port", type=int, default=mock.PORT)
     parser.add_argument("--services-core", type=int, default=int(AUX), help="-1: unpinned")
     parser.add_argument("--base-src", help="the src/ folder NAME@base variants run on")
     args = harness.parse(parser)
@@ -398,7 +399,7 @@ def main() -> int:
     inter: dict[str, Any] = {}
     pair: dict[str, Any] = {}
     with Bench("accounting", args) as bench, services_on(args.services_core, args.nice):
-        mock.start(bench)
+        mock.start(bench, args.mock_port)
         if args.sequential == "yes":
             seq = sequential(bench, names)
         if args.rounds or args.paired_rounds:

@@ -91,10 +91,11 @@ def main() -> int:
     parser.add_argument("variants", nargs="+", help=", ".join(acct.VARIANTS) + "; NAME@base")
     parser.add_argument("--requests", type=int, default=2016)
     parser.add_argument("--warmup", type=int, default=3008)
+    parser.add_argument("--mock-port", type=int, default=mock.PORT)
     parser.add_argument("--base-src", help="the src/ folder NAME@base variants run on")
     args = harness.parse(parser)
     with Bench("instructions", args) as bench:
-        mock.start(bench)
+        mock.start(bench, args.mock_port)
         res = {}
         for i, name in enumerate(args.variants):
             res[name] = instructions(bench, name, 8181 + i)

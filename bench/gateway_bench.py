@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,10 @@ def ttft(url: str, auth: str | None, n: int, warmup: int = 10) -> dict[str, Any]
     return {"p50_ms": harness.pct(times, 50), "p99_ms": harness.pct(times, 99), "errors": errors}
 
 
-def measure(bench: Bench, name: str, base: str, stream_url: str, auth: str | None) -> dict:
+def measure(bench: Bench, name: str, base: str, stream_base: str, auth: str | None) -> dict:
+    """Sanity, warm-up, wrk c=1, c=32, c=64, then TTFT; `stream_base` answers with SSE."""
     args, chat = bench.args, f"{base}/v1/chat/completions"
+    stream_url = f"{stream_base}/v1/chat/completions"
     sanity(name, chat, stream_url, auth)
     bench.wrk(chat, 8, args.warmup, body=mock.REQUEST_BODY, auth=auth)
     ttft(stream_url, auth, 0, warmup=20)
@@ -95,6 +98,19 @@ def measure(bench: Bench, name: str, base: str, stream_url: str, auth: str | Non
     return out
 
 
+def target(
+    bench: Bench, name: str, argv: list[str], env: dict[str, str], port: int, ready: str,
+    auth: str | None,
+) -> dict[str, Any]:  # fmt: skip
+    """A gateway on core 0, measured, stopped."""
+    base = f"http://{HOST}:{port}"
+    proc = bench.start(name, argv, cores=GATEWAY, env=env, ready=base + ready, timeout=300)
+    try:
+        return measure(bench, name, base, base, auth)
+    finally:
+        bench.stop(proc)
+
+
 def litellm(venv: Path) -> str:
     """LiteLLM's proxy from its own venv (its dependencies clash with Sluice's)."""
     exe = venv / "bin" / "litellm"
@@ -107,79 +123,70 @@ def litellm(venv: Path) -> str:
     return str(exe)
 
 
-def report(res: dict[str, dict], lite: dict[str, str]) -> list[str]:
+RUNS = ("c1", "c32", "c64")
+
+
+def c32_latency(r: dict[str, Any]) -> str:
+    return f"{r['c32'].latency_ms['50']:.3f} / {r['c32'].latency_ms['99']:.3f}"
+
+
+def errors(r: dict[str, Any]) -> str:
+    non2xx, sockets = (sum(getattr(r[c], k) for c in RUNS) for k in ("non2xx", "socket_errors"))
+    return f"{non2xx} / {sockets} / {r['ttft']['errors']}"
+
+
+def busy(r: dict[str, Any]) -> str:
+    return " / ".join(f"{x:.0f}%" for x in r["cpu_c32"].cores_pct[:2])
+
+
+def others(r: dict[str, Any]) -> str:
+    return str(max(r[f"cpu_{c}"].others_pct for c in RUNS))
+
+
+def report(res: dict[str, dict]) -> list[str]:
     names = [n for n in ("direct", "sluice", "litellm") if n in res]
 
-    def lat(n: str, c: str, p: str) -> float | None:
-        return res[n][c].latency_ms.get(p)
+    def lat(c: str, p: str) -> Callable[[str], float]:
+        return lambda n: res[n][c].latency_ms[p]
 
-    def row(label: str, get: Any, digits: int, delta: str | None = None) -> list[str]:
-        cells = [label, *(fmt(get(n), digits) for n in names)]
-        for n in names[1:]:
-            a, d = get(n), get("direct")
-            if delta == "ms" and a is not None and d is not None:
-                cells.append(f"{a - d:+.3f}")
-            elif delta == "%":
-                cells.append(f"{100 * a / d:.1f}% of direct")
-            else:
-                cells.append("")
-        return cells
+    def text(get: Callable[[dict], str]) -> Callable[[str], str]:
+        return lambda n: get(res[n])
 
-    rows = [
-        row("p50 latency, c=1 (ms)", lambda n: lat(n, "c1", "50"), 3, "ms"),
-        row("p99 latency, c=1 (ms)", lambda n: lat(n, "c1", "99"), 3, "ms"),
-        row("req/s, c=32", lambda n: res[n]["c32"].rps, 0, "%"),
-        row("req/s, c=64", lambda n: res[n]["c64"].rps, 0, "%"),
-        ["p50 / p99 latency, c=32 (ms)"]
-        + [f"{fmt(lat(n, 'c32', '50'), 3)} / {fmt(lat(n, 'c32', '99'), 3)}" for n in names]
-        + [""] * (len(names) - 1),
-        row("streaming TTFT p50 (ms)", lambda n: res[n]["ttft"]["p50_ms"], 3, "ms"),
-        row("streaming TTFT p99 (ms)", lambda n: res[n]["ttft"]["p99_ms"], 3, "ms"),
-        ["errors: wrk non-2xx / socket / TTFT"]
-        + [
-            f"{sum(res[n][c].non2xx for c in ('c1', 'c32', 'c64'))} / "
-            f"{sum(res[n][c].socket_errors for c in ('c1', 'c32', 'c64'))} / "
-            f"{res[n]['ttft']['errors']}"
-            for n in names
-        ]
-        + [""] * (len(names) - 1),
-        ["CPU busy during c=32, core 0 / core 1"]
-        + [" / ".join(f"{x:.0f}%" for x in res[n]["cpu_c32"].cores_pct[:2]) for n in names]
-        + [""] * (len(names) - 1),
-        ["others' CPU, most in one run (% of a core)"]
-        + [
-            fmt(max(v.others_pct for k, v in res[n].items() if k.startswith("cpu")), 1)
-            for n in names
-        ]
-        + [""] * (len(names) - 1),
+    spec: list[tuple[str, Callable[[str], Any], str]] = [  # label, cell, the delta columns
+        ("p50 latency, c=1 (ms)", lat("c1", "50"), "ms"),
+        ("p99 latency, c=1 (ms)", lat("c1", "99"), "ms"),
+        ("req/s, c=32", lambda n: res[n]["c32"].rps, "%"),
+        ("req/s, c=64", lambda n: res[n]["c64"].rps, "%"),
+        ("p50 / p99 latency, c=32 (ms)", text(c32_latency), ""),
+        ("streaming TTFT p50 (ms)", lambda n: res[n]["ttft"]["p50_ms"], "ms"),
+        ("streaming TTFT p99 (ms)", lambda n: res[n]["ttft"]["p99_ms"], "ms"),
+        ("errors: wrk non-2xx / socket / TTFT", text(errors), ""),
+        ("CPU busy during c=32, core 0 / core 1", text(busy), ""),
+        ("others' CPU, most in one run (% of a core)", text(others), ""),
     ]
+    rows = []
+    for label, get, delta in spec:
+        v = [get(n) for n in names]
+        cells = [x if isinstance(x, str) else fmt(x, 3 if delta == "ms" else 0) for x in v]
+        if delta == "ms":
+            cells += [f"{x - v[0]:+.3f}" for x in v[1:]]
+        else:
+            cells += [f"{x / v[0]:.1%} of direct" if delta else "" for x in v[1:]]
+        rows.append([label, *cells])
     heads = {"direct": "direct (nginx)", "sluice": "Sluice", "litellm": "LiteLLM"}
     header = ["Metric", *(heads[n] for n in names), *(f"{heads[n]} - direct" for n in names[1:])]
     tables = [harness.table(header, rows)]
     if "sluice" in res:
-        p50 = lat("sluice", "c1", "50") - lat("direct", "c1", "50")  # type: ignore[operator]
+        p50 = lat("c1", "50")("sluice") - lat("c1", "50")("direct")
         rps = res["sluice"]["c32"].rps
-        tables.append(
-            harness.table(
-                ["Target", "Goal", "Measured", "Status"],
-                [
-                    [
-                        "Sluice p50 overhead vs direct, c=1",
-                        f"<= {TARGET_P50_OVERHEAD_MS} ms",
-                        f"{p50:.3f} ms",
-                        "met" if p50 <= TARGET_P50_OVERHEAD_MS else "missed",
-                    ],
-                    [
-                        "Sluice throughput, c=32, one core",
-                        f">= {TARGET_RPS_C32:,.0f} req/s",
-                        f"{rps:,.0f} req/s",
-                        "met" if rps >= TARGET_RPS_C32 else "missed",
-                    ],
-                ],
-            )
-        )
-    if lite:
-        tables.append("LiteLLM: " + ", ".join(f"{k} {v}" for k, v in lite.items()))
+        ok = {True: "met", False: "missed"}
+        rows = [
+            ["Sluice p50 overhead vs direct, c=1", f"<= {TARGET_P50_OVERHEAD_MS} ms",
+             f"{p50:.3f} ms", ok[p50 <= TARGET_P50_OVERHEAD_MS]],
+            ["Sluice throughput, c=32, one core", f">= {TARGET_RPS_C32:,.0f} req/s",
+             f"{rps:,.0f} req/s", ok[rps >= TARGET_RPS_C32]],
+        ]  # fmt: skip
+        tables.append(harness.table("Target | Goal | Measured | Status", rows))
     return tables
 
 
@@ -191,67 +198,42 @@ def main() -> int:
     parser.add_argument("--skip-sluice", action="store_true")
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--litellm-venv", default="bench/.work/litellm-venv")
+    parser.add_argument("--mock-port", type=int, default=mock.PORT)
+    parser.add_argument("--port", type=int, default=8080, help="Sluice's")
+    parser.add_argument("--litellm-port", type=int, default=4000)
     args = harness.parse(parser)
     res: dict[str, dict] = {}
     lite: dict[str, str] = {}
     with Bench("gateway", args) as bench:
         exe = None if args.skip_litellm else litellm(harness.REPO / args.litellm_venv)
-        mock.start(bench)
-        direct = f"http://{HOST}:{mock.PORT}"
-        res["direct"] = measure(
-            bench, "direct", direct, f"{direct}/stream/v1/chat/completions", None
-        )
+        mock.start(bench, args.mock_port)
+        direct = f"http://{HOST}:{args.mock_port}"
+        res["direct"] = measure(bench, "direct", direct, f"{direct}/stream", None)
         env = {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
         if not args.skip_sluice:
-            argv = [mock.sluice(), "serve", "--config", "bench/sluice-bench.yaml", "--port", "8080"]
-            env |= {"PYTHONPATH": str(harness.REPO / "src")}
-            proc = bench.start(
-                "sluice", argv, cores=GATEWAY, env=env, ready=f"http://{HOST}:8080/readyz"
-            )
-            base = f"http://{HOST}:8080"
-            res["sluice"] = measure(bench, "sluice", base, f"{base}/v1/chat/completions", None)
-            bench.stop(proc)
+            config = mock.config(bench, "bench/sluice-bench.yaml", "sluice", args.mock_port)
+            argv = [mock.sluice(), "serve", "--config", config, "--port", str(args.port)]
+            env_sluice = env | {"PYTHONPATH": str(harness.REPO / "src")}
+            res["sluice"] = target(bench, "sluice", argv, env_sluice, args.port, "/readyz", None)
         if exe:
-            argv = [
-                exe,
-                "--config",
-                "bench/litellm-config.yaml",
-                "--host",
-                HOST,
-                "--port",
-                "4000",
-                "--num_workers",
-                "1",
-            ]
+            config = mock.config(bench, "bench/litellm-config.yaml", "litellm", args.mock_port)
+            argv = [exe, "--config", config, "--host", HOST, "--port", str(args.litellm_port)]
             # no network here: LiteLLM reads its bundled model cost map
-            env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **env}
-            env.pop("PYTHONPATH", None)
-            ready = f"http://{HOST}:4000/health/liveliness"
-            proc = bench.start("litellm", argv, cores=GATEWAY, env=env, ready=ready, timeout=300)
-            base = f"http://{HOST}:4000"
-            res["litellm"] = measure(
-                bench, "litellm", base, f"{base}/v1/chat/completions", LITELLM_KEY
-            )
-            bench.stop(proc)
+            env |= {"LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+            argv += ["--num_workers", "1"]
+            port, ready = args.litellm_port, "/health/liveliness"
+            res["litellm"] = target(bench, "litellm", argv, env, port, ready, LITELLM_KEY)
+            code = "import importlib.metadata as m; print(m.version('litellm'))"
             python = str(Path(exe).parent / "python")
-            code = (
-                "import importlib.metadata as m; print(m.version('litellm'), m.version('uvicorn'))"
-            )
-            lite = dict(
-                zip(
-                    ["version", "uvicorn"],
-                    harness.command_output([python, "-c", code]).split(),
-                    strict=False,
-                )
-            )
+            lite = {"litellm": harness.command_output([python, "-c", code])}
         bench.machine["versions"] = harness.versions(
             "sluice-gateway", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson"
         ) | {
             "nginx": harness.command_output(["nginx", "-v"]),
             "wrk": harness.command_output(["wrk", "-v"]).split(" Copyright")[0],
-            "litellm": lite.get("version", "-"),
+            **lite,
         }
-        bench.finish(res, report(res, lite))
+        bench.finish(res, report(res))
     return 0
 
 

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -350,7 +351,11 @@ class Bench:
         timeout: float = 60.0,
     ) -> Proc:
         """Start argv (pinned to `cores`) in a process group of its own, output to a log in
-        the work folder; with `ready` (a URL answering 200, or a port), wait for it."""
+        the work folder; with `ready` (a URL answering 200, or a port), check that its port
+        is free (another process would answer in its place), then wait for it."""
+        port = ready if isinstance(ready, int) else urllib.parse.urlsplit(ready or "").port
+        if port and not port_free(port):
+            raise BenchError(f"{name}: port {port} is taken (another benchmark?)")
         argv = [*(self.pin(cores) if cores is not None else []), *argv]
         log_path = self.work / f"{name}.log"
         with open(log_path, "wb") as out:

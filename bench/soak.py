@@ -57,7 +57,7 @@ def soak(bench: Bench, name: str) -> dict[str, Any]:
         command = [sys.executable, "bench/memory_probe.py"]
         env = {"SLUICE_PROBE_OUT": str(bench.work / f"probe-{name}.jsonl")}
         env |= {"SLUICE_PROBE_INTERVAL": str(args.interval * 2)}
-    s = acct.start(bench, name, args.port, args.mock_port, command or (), env)
+    s = acct.start(bench, name, args.port, command or (), env)
     base = sum(s.answered().values())
     samples: list[dict[str, Any]] = [{"t": 0, "rss_kib": rss_kib(s.proc.pid), "answered": 0}]
     done = threading.Event()
