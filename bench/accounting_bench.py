@@ -7,6 +7,7 @@ Variants, each one `sluice serve` on core 0 in front of the nginx mock (core 1, 
              limits (in-process limiter), one usage record a request in SQLite
     redis    bench/sluice-accounting-redis.yaml: limits in Redis, keys and usage records in
              a fresh PostgreSQL database (created here, dropped after)
+    full     the same as memory (its name in the instruction counts)
     master, nolim, lim   memory with usage off, and the master key / a virtual key without
              limits / with limits;  usage  memory without auth;  rlim  redis with usage
              off;  pgusage  redis without auth or Redis (its usage records alone)
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -58,6 +60,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {  # config, key, changes
     "nolim": (MEMORY, "nolimits", OFF),
     "lim": (MEMORY, "limits", OFF),
     "memory": (MEMORY, "limits", {}),
+    "full": (MEMORY, "limits", {}),  # memory's name in the instruction counts and the history
     "usage": (MEMORY, "none", {"auth": None}),
     "redis": (REDIS, "limits", {}),
     "rlim": (REDIS, "limits", OFF),
@@ -143,7 +146,7 @@ def start(
     path, key_mode, changes = VARIANTS[variant]
     slug = name.replace("@", "-")
     data = bench.work / "data" / f"{slug}-{port}"
-    subprocess.run(["rm", "-rf", str(data)], check=True)
+    shutil.rmtree(data, ignore_errors=True)
     mock_port = bench.args.mock_port
     config = mock.config(bench, path, f"{slug}-{port}", mock_port, data_dir=str(data), **changes)
     settings = yaml.safe_load((harness.REPO / config).read_text())
@@ -156,13 +159,18 @@ def start(
     }
     db = None
     if "database_url" in settings:
-        db = f"sluice_bench_{os.getpid()}_{slug}_{port}"
+        db = f"sluice_bench_{os.getpid()}_{slug.replace('-', '_')}_{port}"
         psql("test", f"DROP DATABASE IF EXISTS {db}")
         psql("test", f"CREATE DATABASE {db}")
         env["BENCH_DATABASE_URL"] = f"{PG}/{db}"
     argv = [*(command or [mock.sluice(), "serve"]), "--config", config, "--port", str(port)]
     ready = f"http://{HOST}:{port}/readyz"
-    proc = bench.start(slug, argv, cores=GATEWAY, env=env, ready=ready, timeout=timeout)
+    try:
+        proc = bench.start(slug, argv, cores=GATEWAY, env=env, ready=ready, timeout=timeout)
+    except BaseException:
+        if db:
+            psql("test", f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        raise
     key = {"none": PLAIN_KEY, "master": MASTER_KEY}.get(key_mode)
     if key is None:
         spec = json.dumps(KEY_SPEC if key_mode == "limits" else {})

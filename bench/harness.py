@@ -327,6 +327,7 @@ class Bench:
         os.sched_setaffinity(0, {int(AUX)})
         if self.args.nice:
             os.setpriority(os.PRIO_PROCESS, 0, self.args.nice)
+            self.renice_session(os.getpid())
         self.wait_quiet("start", self.args.start_wait, self.args.max_load)
         self.machine["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
         return self
@@ -373,6 +374,7 @@ class Bench:
                 raise BenchError(f"{name}: cannot start {argv[0]}: {e}") from e
         proc = Proc(name, argv, log_path, popen)
         self.procs.append(proc)
+        self.renice_session(proc.pid)
         shown = " ".join(f"{k}={v}" for k, v in (env or {}).items())
         self.commands[name] = f"{shown} {shlex.join(argv)}".strip()
         log(f"started {name} (pid {proc.pid}): {self.commands[name]}")
@@ -380,6 +382,14 @@ class Bench:
             waited = self.wait_ready(proc, ready, timeout)
             log(f"{name} ready after {waited:.1f} s")
         return proc
+
+    def renice_session(self, pid: int) -> None:
+        """With autogroups on (Linux's default for desktops and many VMs), the scheduler
+        shares a core between sessions first and looks at a process's nice value only
+        within its session; a session's own nice value is set through /proc."""
+        if self.args.nice:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{pid}/autogroup").write_text(str(self.args.nice))
 
     def wait_ready(self, proc: Proc, ready: str | int, timeout: float) -> float:
         t0 = time.monotonic()
@@ -409,7 +419,7 @@ class Bench:
             self.procs.remove(proc)
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
+        for proc in reversed(list(self.procs)):
             self.stop(proc)
 
     def ours(self) -> set[int]:
