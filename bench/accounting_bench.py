@@ -163,7 +163,13 @@ def start(
         psql("test", f"DROP DATABASE IF EXISTS {db}")
         psql("test", f"CREATE DATABASE {db}")
         env["BENCH_DATABASE_URL"] = f"{PG}/{db}"
-    argv = [*(command or [mock.sluice(), "serve"]), "--config", config, "--port", str(port)]
+    argv = [
+        *(command or [harness.venv_bin("sluice"), "serve"]),
+        "--config",
+        config,
+        "--port",
+        str(port),
+    ]
     ready = f"http://{HOST}:{port}/readyz"
     try:
         proc = bench.start(slug, argv, cores=GATEWAY, env=env, ready=ready, timeout=timeout)
@@ -213,26 +219,32 @@ def stop(bench: Bench, s: Server) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def services_on(core: int, nice: int) -> Iterator[None]:
-    """Redis and PostgreSQL (every thread) on `core` at `nice` for the run: on the gateway's
-    core their CPU would be charged to it; in production they run on other hosts."""
+    """Redis and PostgreSQL (every thread) on `core` at `nice`, their sessions' autogroups
+    too (see harness.Bench.renice_session), for the run: on the gateway's core their CPU
+    would be charged to it (in production they run on other hosts); at nice 0 beside a wrk
+    and an nginx at -10 they would wait behind them, idling the gateway."""
     if core < 0:
         yield
         return
     saved = {}
     for tid in _service_threads():
         with contextlib.suppress(OSError):
-            saved[tid] = (os.sched_getaffinity(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            group = Path(f"/proc/{tid}/autogroup")
+            was = int(group.read_text().split()[-1])
+            saved[tid] = (os.sched_getaffinity(tid), os.getpriority(os.PRIO_PROCESS, tid), was)
             os.sched_setaffinity(tid, {core})
             os.setpriority(os.PRIO_PROCESS, tid, nice)
+            group.write_text(str(nice))
     try:
         yield
     finally:
-        default = (set(os.sched_getaffinity(0)) | {int(GATEWAY)}, 0)
+        default = (set(os.sched_getaffinity(0)) | {int(GATEWAY)}, 0, 0)
         for tid in _service_threads():
-            cores, value = saved.get(tid, default)  # backends forked meanwhile
+            cores, value, group = saved.get(tid, default)  # backends forked meanwhile
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, cores)
                 os.setpriority(os.PRIO_PROCESS, tid, value)
+                Path(f"/proc/{tid}/autogroup").write_text(str(group))
 
 
 def _service_threads() -> list[int]:

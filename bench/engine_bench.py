@@ -22,7 +22,6 @@ import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -285,36 +284,16 @@ def server_phase(bench: Bench, name: str) -> dict[str, Any]:
     base = f"http://{HOST}:{port}"
     if name == "sluice":
         argv = [
-            str(Path(sys.executable).parent / "sluice"),
-            "serve",
-            "--config",
-            "bench/sluice-local.yaml",
-            "--port",
-            str(port),
+            harness.venv_bin("sluice"),
+            *f"serve --config bench/sluice-local.yaml --port {port}".split(),
         ]
         env = {"PYTHONPATH": str(harness.REPO / "src")}
     else:
         from sluice.engine.model import default_model_path
 
-        argv = [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(default_model_path()),
-            "--n_threads",
-            str(THREADS),
-            "--n_ctx",
-            "1024",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--chat_format",
-            "chatml",
-            "--interrupt_requests",
-            "False",
-        ]
+        argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path())]
+        argv += f"--n_threads {THREADS} --n_ctx 1024 --host {HOST} --port {port}".split()
+        argv += ["--chat_format", "chatml", "--interrupt_requests", "False"]
         env = {}
     proc = bench.start(name, argv, cores=CORES, env=env, ready=f"{base}/v1/models", timeout=180)
     try:

@@ -212,7 +212,14 @@ def main() -> int:
         env = {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY}
         if not args.skip_sluice:
             config = mock.config(bench, "bench/sluice-bench.yaml", "sluice", args.mock_port)
-            argv = [mock.sluice(), "serve", "--config", config, "--port", str(args.port)]
+            argv = [
+                harness.venv_bin("sluice"),
+                "serve",
+                "--config",
+                config,
+                "--port",
+                str(args.port),
+            ]
             env_sluice = env | {"PYTHONPATH": str(harness.REPO / "src")}
             res["sluice"] = target(bench, "sluice", argv, env_sluice, args.port, "/readyz", None)
         if exe:

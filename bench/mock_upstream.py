@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +112,3 @@ def config(bench: Bench, path: str, name: str, port: int = PORT, **changes: Any)
     out = bench.work / f"{name}.yaml"
     out.write_text(yaml.safe_dump(settings, sort_keys=False))
     return str(out.relative_to(BENCH.parent))
-
-
-def sluice() -> str:
-    """The `sluice` entry point beside this interpreter (the project's venv)."""
-    exe = Path(sys.executable).parent / "sluice"
-    return str(exe) if exe.exists() else shutil.which("sluice") or "sluice"

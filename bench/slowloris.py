@@ -117,7 +117,7 @@ def one_run(bench: Bench, mock_port: int, port: int) -> dict[str, Any]:
         server=timeouts,
         logging={"access_log": False},
     )
-    argv = [mock.sluice(), "serve", "--config", config, "--port", str(port)]
+    argv = [harness.venv_bin("sluice"), "serve", "--config", config, "--port", str(port)]
     env = {"BENCH_UPSTREAM_KEY": "sk-upstream", "PYTHONPATH": str(harness.REPO / "src")}
     proc = bench.start("sluice", argv, cores=GATEWAY, env=env, ready=f"http://{HOST}:{port}/readyz")
     try:
