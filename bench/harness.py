@@ -217,14 +217,15 @@ def _cores() -> tuple[list[tuple[int, int]], int]:
 
 class CpuWindow:
     """Opened before a measurement, closed after it. Processes that start and end inside
-    the window are missed, so `others_pct` is a lower bound."""
+    the window are missed, so `others_pct` is a lower bound. `ours` (the benchmark's process
+    groups) is asked at close, so that processes started inside the window count as ours."""
 
-    def __init__(self, ours: set[int], apart: frozenset[str]) -> None:
+    def __init__(self, ours: Callable[[], set[int]], apart: frozenset[str]) -> None:
         self.ours, self.apart = ours, apart
         self.t0, self.procs0, (self.cores0, self.steal0) = time.monotonic(), _processes(), _cores()
 
     def close(self) -> Cpu:
-        procs, (cores, steal) = _processes(), _cores()
+        procs, (cores, steal), mine = _processes(), _cores(), self.ours()
         seconds = time.monotonic() - self.t0
         others: Counter[str] = Counter()
         apart = 0
@@ -234,7 +235,7 @@ class CpuWindow:
             used = jiffies - (before[1] if before and before[2] == comm else 0)
             if used <= 0:
                 continue
-            if pgid in self.ours:
+            if pgid in mine:
                 ours[pgid] += used
             elif comm in self.apart:
                 apart += used
@@ -435,7 +436,7 @@ class Bench:
     # noise
 
     def window(self) -> CpuWindow:
-        return CpuWindow(self.ours(), self.apart)
+        return CpuWindow(self.ours, self.apart)
 
     def wait_quiet(self, label: str, max_wait: float | None = None, max_load: float = 99.0) -> None:
         """Wait (within the noise budget) until others use under --quiet-pct of a core."""

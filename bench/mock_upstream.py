@@ -23,14 +23,18 @@ MODEL = "gpt-4o-mini"
 REPLY_WORDS = ["Hello", "!", " This", " is", " a", " fixed", " benchmark", " reply", "."]
 REPLY_TEXT = "".join(REPLY_WORDS)
 _MESSAGES = [{"role": "user", "content": "Say hello."}]
-REQUEST_BODY = json.dumps({"model": MODEL, "messages": _MESSAGES, "max_tokens": 16})
+_COMPACT = (",", ":")
+REQUEST_BODY = json.dumps(
+    {"model": MODEL, "messages": _MESSAGES, "max_tokens": 16}, separators=_COMPACT
+)
 STREAM_REQUEST_BODY = json.dumps(
-    {"model": MODEL + "-stream", "messages": _MESSAGES, "max_tokens": 16, "stream": True}
+    {"model": MODEL + "-stream", "messages": _MESSAGES, "max_tokens": 16, "stream": True},
+    separators=_COMPACT,
 )
 
 
 def _dump(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"))
+    return json.dumps(obj, separators=_COMPACT)
 
 
 def chat_body() -> str:
