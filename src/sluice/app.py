@@ -120,12 +120,12 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         _drain_on_signals(lifecycle, settings.server.drain_delay)
         reload_on_hangup = _reload_on_sighup(reloader)
         # Everything built so far lives as long as the process: keep it out of the cyclic
-        # collector's scans, which otherwise cost milliseconds of tail latency under load.
+        # collector's scans, which otherwise add to tail latency under load.
         gc.freeze()
         # Requests free almost everything they allocate by reference counting; with the
-        # default threshold (700 net allocations) the young generation was collected every
-        # ~3 ms at 6,000 req/s, each collection (~0.14 ms) walking the in-flight requests'
-        # objects: about 5% of the CPU for nothing. Cycles are still collected, just later.
+        # default threshold (700 net allocations) the young generation was collected many
+        # times a second under load, each collection walking the in-flight requests' objects
+        # for nothing (docs/architecture.md). Cycles are still collected, just later.
         gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         lifecycle.ready()
         try:

@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 client for OpenAI-compatible upstreams: keep-alive pool, streaming, timeouts.
 
 Why not aiohttp: profiling the gateway at 32 concurrent requests on one core put aiohttp's
-client at 39% of all CPU (request/response objects, header merging, tracing hooks, cookie
-and redirect machinery on every call), the largest single cost of a proxied request. This
+client (request/response objects, header merging, tracing hooks, cookie and redirect
+machinery on every call) as the largest single cost of a proxied request
+(docs/architecture.md). This
 module does only what a gateway needs: POST a JSON body to a fixed origin over pooled
 keep-alive connections (TLS included) and read the answer with httptools, the C parser
 uvicorn already uses, either whole or chunk by chunk as it arrives.
