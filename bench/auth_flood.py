@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from sluice.errors import SluiceError
-from sluice.pipeline import apikeys
+from sluice.keys import format as key_format
+from sluice.keys.store import KeyRecord, KeyStore
 from sluice.pipeline.auth import Authenticator
 from sluice.store.database import Database, default_database_url
-from sluice.store.keys import KeyRecord, KeyStore
 
 try:
     from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
@@ -49,7 +49,7 @@ class Keys:
         self.records: dict[str, KeyRecord] = {}
 
     def add(self) -> str:
-        new = apikeys.generate()
+        new = key_format.generate()
         self.records[new.key_hash] = KeyRecord(id="key_1", key_hash=new.key_hash, display="x")
         return new.secret
 
@@ -62,7 +62,7 @@ def bearer(secret: str) -> Headers:
 
 
 def made_up(count: int) -> list[Headers]:
-    return [bearer(apikeys.generate().secret) for _ in range(count)]
+    return [bearer(key_format.generate().secret) for _ in range(count)]
 
 
 class Bench:
@@ -170,7 +170,7 @@ def memory() -> dict[str, float]:
     before = tracemalloc.get_traced_memory()[0]
     unknown = UnknownKeys(10_000, 1e9)
     for n in range(10_000):
-        unknown.add(apikeys.hash_key(f"made-up-{n}"))
+        unknown.add(key_format.hash_key(f"made-up-{n}"))
     middle = tracemalloc.get_traced_memory()[0]
     lockout = AddressLockout(20, 1e9, 10_000)
     for n in range(10_000):

@@ -38,7 +38,7 @@ from typing import Any
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
-        for name in (
+        for name in [
             "arena",
             "ordblks",
             "smblks",
@@ -49,7 +49,7 @@ class _MallInfo2(ctypes.Structure):
             "uordblks",
             "fordblks",
             "keepcost",
-        )
+        ]
     ]
 
 

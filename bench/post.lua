@@ -1,20 +1,30 @@
--- wrk script used by bench/gateway_bench.py: POST an OpenAI chat completion.
+-- The wrk script of bench/harness.py: POST $BENCH_BODY, with $BENCH_AUTH as a bearer key.
 --
--- Environment (set by gateway_bench.py):
---   BENCH_BODY  request body (JSON); default: a small non-streaming request
---   BENCH_AUTH  optional bearer token, sent as "Authorization: Bearer ..."
---
--- No response()/done() callbacks on purpose: they make wrk call into Lua for
--- every response and would slow the load generator down. Non-2xx responses
--- are counted by wrk itself ("Non-2xx or 3xx responses: N").
+-- With BENCH_REQUESTS set, the thread stops after that many responses and creates
+-- BENCH_DONE_FILE (wrk itself knows only durations: the caller then sends wrk SIGINT, and
+-- wrk prints its summary). Only then is response() defined: it costs wrk a Lua call per
+-- response. Non-2xx responses are counted by wrk itself.
 
 wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY")
-  or '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Accept"] = "application/json"
 
 local auth = os.getenv("BENCH_AUTH")
 if auth ~= nil and auth ~= "" then
   wrk.headers["Authorization"] = "Bearer " .. auth
+end
+
+local limit = tonumber(os.getenv("BENCH_REQUESTS") or "0")
+if limit > 0 then
+  local seen, done_file = 0, os.getenv("BENCH_DONE_FILE")
+  function response(status, headers, body)
+    seen = seen + 1
+    if seen >= limit then
+      wrk.thread:stop()
+      if done_file ~= nil and done_file ~= "" then
+        io.open(done_file, "w"):close()
+      end
+    end
+  end
 end

@@ -23,9 +23,9 @@ import os
 import time
 from collections.abc import AsyncIterator
 
+from sluice.backends.http1 import HTTP1Pool
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.sse import relay_events
-from sluice.backends.http1 import HTTP1Pool
 
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "20000"))
 STREAMS = int(os.environ.get("BENCH_STREAMS", "2000"))

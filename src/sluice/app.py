@@ -11,8 +11,10 @@ import asyncio
 import gc
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -23,6 +25,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from sluice.api.admin import AdminGate, admin_router, docs_access
+from sluice.api.admin_routing import routing_admin_router
 from sluice.api.document import install_openapi
 from sluice.api.edge import EdgeChecks, served_hosts
 from sluice.api.errors import ERROR_HANDLERS, install_error_handlers
@@ -37,12 +40,15 @@ from sluice.observability.logging import AccessLog, configure_logging
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.attempts import Attempts
 from sluice.pipeline.backend import call_backend
-from sluice.pipeline.costs import price_table
+from sluice.pipeline.costs import Rates, price_table
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
+from sluice.pipeline.shadow import Shadow, ShadowLink, ShadowTraffic
 from sluice.pipeline.steps import Handler, Step, compose
 from sluice.routing.monitor import HealthMonitor
+from sluice.routing.reload import ConfigSource, Reloader
 from sluice.routing.router import Router
+from sluice.routing.settings import RetrySettings
 from sluice.routing.table import build_table
 from sluice.services import Services, build_services
 from sluice.settings import Settings, load_settings
@@ -65,18 +71,40 @@ _EXPOSED_HEADERS = [
 ]
 
 
-def build_app(settings: Settings) -> Starlette:
+def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlette:
     """The ASGI app: a lean Starlette router for the hot OpenAI routes and health checks,
-    with FastAPI mounted behind it for the admin API and the OpenAPI docs (``/docs``)."""
+    with FastAPI mounted behind it for the admin API and the OpenAPI docs (``/docs``).
+
+    ``source`` says where ``settings`` came from, for a reload (SIGHUP, ``POST
+    /admin/reload``); without one a reload is refused."""
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(build_table(settings, default_providers(registry), metrics))
+    providers = default_providers(registry)
+    router = Router(build_table(settings, providers, metrics=metrics).table)
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     services = build_services(settings, metrics)
+    shadows = ShadowTraffic(router, metrics)
+    pipeline, shadow_link = build_pipeline(
+        services,
+        router,
+        metrics,
+        shadows,
+        settings.server.max_body_bytes,
+        settings.resilience.retries,
+    )
+    reloader = Reloader(
+        settings,
+        source or ConfigSource(None),
+        router,
+        providers,
+        metrics,
+        on_swap=[shadow_link.update],
+        on_reload=[partial(_reprice, services.prices)],
+    )
     openai = OpenAIService(
-        build_pipeline(services, router, metrics, settings),
-        router.model_names,
+        pipeline,
+        lambda: router.model_names,
         metrics,
         services.identify,
     )
@@ -93,20 +121,20 @@ def build_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        backends = router.backends()
         await services.start()
-        await asyncio.gather(*(backend.start() for backend in backends))
+        await asyncio.gather(*(backend.start() for backend in router.backends()))
         monitor.start()
         if listener is not None:
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
+        reload_on_hangup = _reload_on_sighup(reloader)
         # Everything built so far lives as long as the process: keep it out of the cyclic
-        # collector's scans, which otherwise cost milliseconds of tail latency under load.
+        # collector's scans, which otherwise add to tail latency under load.
         gc.freeze()
         # Requests free almost everything they allocate by reference counting; with the
-        # default threshold (700 net allocations) the young generation was collected every
-        # ~3 ms at 6,000 req/s, each collection (~0.14 ms) walking the in-flight requests'
-        # objects: about 5% of the CPU for nothing. Cycles are still collected, just later.
+        # default threshold (700 net allocations) the young generation was collected many
+        # times a second under load, each collection walking the in-flight requests' objects
+        # for nothing (docs/architecture.md). Cycles are still collected, just later.
         gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         lifecycle.ready()
         try:
@@ -114,10 +142,14 @@ def build_app(settings: Settings) -> Starlette:
         finally:
             # uvicorn has drained every connection by now: nothing records usage any more.
             lifecycle.stop()
+            if reload_on_hangup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if listener is not None:
                 listener.close()
             await monitor.close()
-            await asyncio.gather(*(backend.close() for backend in backends))
+            await shadows.close()
+            await reloader.close()
+            await asyncio.gather(*(backend.close() for backend in router.backends()))
             await services.close()
             access_log.flush()
 
@@ -133,6 +165,9 @@ def build_app(settings: Settings) -> Starlette:
         api.include_router(
             admin_router(key_service, services.usage, services.master_key, services.auth_lockout)
         )
+    api.include_router(
+        routing_admin_router(router, reloader, services.master_key, services.auth_lockout)
+    )
     install_error_handlers(api)
     install_openapi(api, router.model_names)
 
@@ -176,33 +211,61 @@ def build_app(settings: Settings) -> Starlette:
     app.state.metrics = metrics
     app.state.router = router
     app.state.health_monitor = monitor
+    app.state.reloader = reloader
+    app.state.shadows = shadows
     app.state.services = services
     return app
 
 
 def build_pipeline(
-    services: Services, router: Router, metrics: GatewayMetrics, settings: Settings
-) -> Handler:
+    services: Services,
+    router: Router,
+    metrics: GatewayMetrics,
+    shadows: ShadowTraffic,
+    max_body_bytes: int,
+    retries: RetrySettings,
+) -> tuple[Handler, ShadowLink]:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
-    configuration does not use are left out, not skipped per request."""
+    configuration does not use are left out, not skipped per request; the shadow step is
+    linked in and out by its `ShadowLink` as reloads add or remove shadows."""
     steps: list[Step] = []
     if services.identify is not None:
         steps.append(services.identify)
-    steps.append(ReadRequest(router.knows, settings.server.max_body_bytes))
+    steps.append(ReadRequest(router.knows, max_body_bytes))
     if services.admit is not None:
         steps.append(services.admit)
     # The cache step goes here: after admission (hits are still limited and recorded),
     # before planning (a hit needs no deployment).
-    attempts = Attempts(metrics, router, settings.resilience.retries, price_table(settings.models))
-    steps += [MakePlan(router), attempts]
-    return compose(steps, call_backend)
+    plan = MakePlan(router, metrics)
+    steps += [plan, Attempts(metrics, router, retries, services.prices)]
+    pipeline = compose(steps, call_backend)
+    link = ShadowLink(plan, Shadow(router, shadows))
+    link.update(router.table)
+    return pipeline, link
+
+
+def _reprice(prices: dict[str, Rates], settings: Settings) -> None:
+    """Replace the price table the admit step and accounting share, in place."""
+    prices.clear()
+    prices.update(price_table(settings.models, settings.aliases))
 
 
 def app_from_environment() -> Starlette:
-    """Factory for worker processes: settings come from ``SLUICE_CONFIG`` and ``SLUICE_*``."""
-    settings = load_settings(os.environ.get(CONFIG_ENV) or None)
+    """Factory for worker processes: settings come from ``SLUICE_CONFIG`` and ``SLUICE_*``
+    (the supervisor puts its command-line values there, `sluice.server`)."""
+    path = os.environ.get(CONFIG_ENV) or None
+    settings = load_settings(path)
     configure_logging(settings.logging.level)
-    return build_app(settings)
+    return build_app(settings, ConfigSource(path, supervised=settings.server.workers > 1))
+
+
+def _reload_on_sighup(reloader: Reloader) -> bool:
+    """SIGHUP reloads the configuration (`sluice.routing.reload`). Only the main thread
+    can take signals: a server run by a test in another thread gets none (False)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.signalled)
+    return True
 
 
 def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:

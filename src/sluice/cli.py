@@ -46,8 +46,9 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     """Serve the OpenAI API."""
     from sluice.server import serve as run_server
 
-    settings = _load_or_exit(config_path, host=host, port=port, workers=workers)
-    run_server(settings, config_path)
+    overrides = {"host": host, "port": port, "workers": workers}
+    settings = _load_or_exit(config_path, **overrides)
+    run_server(settings, config_path, overrides)
 
 
 @main.command("check-config")

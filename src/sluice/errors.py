@@ -9,6 +9,7 @@
     │   └── ModelNotFoundError       404 (unknown model; code model_not_found)
     ├── PayloadTooLargeError         413 invalid_request_error
     ├── UnsupportedMediaTypeError    415 invalid_request_error   (a body that is not JSON)
+    ├── ConflictError                409 invalid_request_error   (not possible in this state)
     ├── MisdirectedRequestError      421 invalid_request_error   (a Host not served)
     ├── RateLimitError               429 rate_limit_error        (carries Retry-After)
     ├── ServiceUnavailableError      503 service_unavailable     (draining, overloaded)
@@ -122,6 +123,15 @@ class UnsupportedMediaTypeError(SluiceError):
     status = 415
     type = "invalid_request_error"
     default_code = "unsupported_media_type"
+
+
+class ConflictError(SluiceError):
+    """The request is well formed but the server's state does not allow it (an admin
+    reload without a configuration file)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
 
 
 class MisdirectedRequestError(SluiceError):

@@ -6,16 +6,16 @@ the same key, as bytes (``b"name: value\\r\\n"`` per header). The server writes 
 they are after the ordinary headers. Sluice's request middleware uses it for the
 ``x-ratelimit-*`` headers of a limited key: six names of its own and numbers it formats
 itself, so nothing in them needs checking, where uvicorn checks every ordinary header
-with two regular expressions and lower-cases its name (about 2.5k instructions a header,
-15k a response for those six; see docs/benchmarks.md). Only Sluice's own code may put a
-block in a message: the server does not check it.
+with two regular expressions and lower-cases its name (what that costs: the "Figures"
+section of docs/architecture.md). Only Sluice's own code may put a block in a message:
+the server does not check it.
 
 Without the extension (another server, an in-process ASGI client) the middleware sends
 ordinary headers; ``scope["extensions"]`` tells it which. Everything else is uvicorn's
 httptools protocol, unchanged: ``on_headers_complete`` and ``_Cycle.send`` are uvicorn
 0.54's, the first making a ``_Cycle``, the second writing the block in, and
 ``tests/api/test_http_protocol.py`` checks that both write the same bytes for the same
-messages (run it after upgrading uvicorn; pyproject.toml keeps uvicorn below 0.60).
+messages (run it after upgrading uvicorn; see the version check below).
 
 It also guards the connection against slow and numerous clients, which uvicorn does not
 (``ConnectionLimits``, from ``server.*`` settings; docs/security/edge.md):
@@ -32,10 +32,19 @@ Timers are armed only when a read leaves a request unfinished (after the parser 
 so a request that arrives in one piece, the usual case, arms none. Idle kept-alive
 connections stay under uvicorn's own ``timeout_keep_alive``.
 
-Everything here reaches into uvicorn's protocol internals, so `protocol_factory`, the way
-the server builds it, first checks that the installed uvicorn is one this copy was
-written for (``check_uvicorn``); tests/api/test_http_protocol.py and
-tests/security/test_slow_clients.py are the checks to run before widening the range.
+This module is Sluice's one reach into uvicorn: it subclasses uvicorn's httptools protocol
+and request cycle, imports their helpers (``STATUS_LINE``, the header checks, the 503 app,
+the access log's formatting), copies two methods and reads the protocol's state (its
+connections, cycle, transport and flow control) from the deadlines. `protocol_factory`,
+the only way the server builds it, first checks that the installed uvicorn is in
+``UVICORN_RANGE`` (`sluice.versions`; pyproject.toml pins the same range) and otherwise
+refuses to start, naming the range. It does not fall back to uvicorn's own protocol
+(``http="httptools"``): that would drop not only the header block (a speed-up; the
+middleware would send ordinary headers) but the deadlines and the connection cap, which
+are defences (docs/security/edge.md), and a server that quietly stops defending itself
+after an upgrade is worse than one that says it will not start.
+tests/api/test_http_protocol.py and tests/security/test_slow_clients.py are the checks to
+run before widening the range.
 """
 
 from __future__ import annotations
@@ -61,6 +70,8 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
+from sluice.versions import Covered
+
 HEADER_BLOCK = "sluice.header_block"
 """The extension's name: in ``scope["extensions"]`` and as the start message's key."""
 
@@ -69,8 +80,8 @@ _EXTENSIONS: MappingProxyType[str, MappingProxyType[str, object]] = MappingProxy
 )
 
 
-UVICORN_RANGE = ((0, 54), (0, 60))
-"""uvicorn versions (from, below) whose httptools protocol this module was written for."""
+UVICORN_RANGE = Covered("uvicorn", (0, 54), (0, 60))
+"""uvicorn releases whose httptools protocol this module was written and tested for."""
 
 _IDLE, _HEADERS, _BODY = 0, 1, 2
 
@@ -110,16 +121,14 @@ DEFAULT_LIMITS = ConnectionLimits()
 
 
 def check_uvicorn(version: str | None = None) -> None:
-    """Refuse to start on a uvicorn this module was not written for."""
+    """Refuse to start on a uvicorn this module was not written for (see the module)."""
     installed = version or uvicorn.__version__
-    parts = tuple(int(p) for p in installed.split(".")[:2] if p.isdigit())
-    low, high = UVICORN_RANGE
-    if len(parts) != 2 or not low <= parts < high:
+    if not UVICORN_RANGE.covers(installed):
         raise RuntimeError(
-            f"sluice.http_protocol was written for uvicorn {low[0]}.{low[1]} to below "
-            f"{high[0]}.{high[1]}; {installed} is installed. Install a uvicorn in that range, "
-            "or check the protocol against this one (tests/api/test_http_protocol.py, "
-            "tests/security/test_slow_clients.py) and widen UVICORN_RANGE."
+            f"sluice.http_protocol was written for {UVICORN_RANGE}; uvicorn {installed} is "
+            "installed. Install a uvicorn in that range, or check the protocol against this "
+            "one (tests/api/test_http_protocol.py, tests/security/test_slow_clients.py) and "
+            "widen UVICORN_RANGE and pyproject.toml's pin together."
         )
 
 

@@ -3,6 +3,10 @@
 Shutdown: on SIGTERM the app's readiness turns false at once (see `app._drain_on_signals`),
 uvicorn stops accepting, lets in-flight requests and streams finish for at most
 ``server.drain_timeout`` seconds, runs the lifespan's shutdown, and the process exits 0.
+
+Reload: SIGHUP re-reads the configuration file's routing (`sluice.routing.reload`). With
+several workers the supervisor passes it to every worker, each of which reloads on its
+own (uvicorn's supervisor would otherwise restart them all).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import resource
 import signal
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvicorn
@@ -21,6 +26,7 @@ from sluice.app import CONFIG_ENV, build_app
 from sluice.http_protocol import ConnectionLimits, protocol_factory
 from sluice.observability.listener import MetricsListener
 from sluice.observability.logging import configure_logging
+from sluice.routing.reload import ConfigSource
 from sluice.settings import Settings, refuse_unshared_limits
 
 log = logging.getLogger("sluice.server")
@@ -53,12 +59,17 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
     }
 
 
-def serve(settings: Settings, config_path: str | None) -> None:
+def serve(
+    settings: Settings, config_path: str | None, overrides: Mapping[str, object] | None = None
+) -> None:
+    """Serve ``settings``, read from ``config_path`` (if any) with the command line's
+    ``server`` ``overrides`` (a reload reads them the same way)."""
     refuse_unshared_limits(settings)  # (load_settings checks too: settings made otherwise)
     configure_logging(settings.logging.level)
     raise_open_files_limit(settings.server.max_connections + _SPARE_FILES)
     if settings.server.workers == 1:
-        app = build_app(settings)
+        given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        app = build_app(settings, ConfigSource(config_path, given))
         server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options(settings)))  # type: ignore[arg-type]
         # uvicorn re-raises the signal it caught once it has shut down gracefully; a no-op
         # handler turns that into a normal return, so a drained server exits 0.
@@ -78,6 +89,7 @@ def _serve_workers(settings: Settings, config_path: str | None) -> None:
     # Command-line overrides reach the workers as environment overrides.
     os.environ["SLUICE_SERVER__HOST"] = settings.server.host
     os.environ["SLUICE_SERVER__PORT"] = str(settings.server.port)
+    os.environ["SLUICE_SERVER__WORKERS"] = str(settings.server.workers)
     config = uvicorn.Config(
         "sluice.app:app_from_environment",
         factory=True,
@@ -90,10 +102,23 @@ def _serve_workers(settings: Settings, config_path: str | None) -> None:
         listener = MetricsListener(server.metrics_host or server.host, server.metrics_port)
         listener.start()
     try:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
     finally:
         if listener is not None:
             listener.close()
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, except that SIGHUP reaches every worker (each reloads its
+    configuration, keeping its connections and health state) instead of restarting them."""
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: passing it to every worker (configuration reload)")
+        for process in self.processes:
+            # A worker still starting has no handler yet (SIGHUP would end it); it reads
+            # the file as it starts.
+            if process.pid is not None and process.is_ready(timeout=1):
+                os.kill(process.pid, signal.SIGHUP)
 
 
 def raise_open_files_limit(wanted: int) -> None:

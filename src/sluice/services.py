@@ -13,7 +13,7 @@ the database closes, so no usage record is lost on SIGTERM.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from sluice.pipeline.admit import Admit
 from sluice.pipeline.auth import Authenticator
 from sluice.pipeline.auth_failures import AddressLockout, UnknownKeys
 from sluice.pipeline.budgets import BudgetLedger, MemoryBudgets, RedisBudgets
-from sluice.pipeline.costs import price_table
+from sluice.pipeline.costs import Rates, price_table
 from sluice.pipeline.identify import Identify
 from sluice.pipeline.limits import Limiter, MemoryLimiter, RedisLimiter
 from sluice.pipeline.limits.wire import PipelinedRedis
@@ -65,6 +65,9 @@ class Services:
     limiter_outages: OutageLog | None = None  # the Redis limiter's failures, throttled
     budgets: BudgetLedger | None = None
     auth_lockout: AddressLockout | None = None  # failed authentications per client address
+    prices: dict[str, Rates] = field(default_factory=dict)
+    """Model (and alias) -> rates, shared by admission and accounting; a reload replaces
+    its contents in place."""
 
     async def start(self) -> None:
         if self.database is not None:
@@ -107,7 +110,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         )
     else:
         limiter = MemoryLimiter()
-    prices = price_table(settings.models)
+    prices = price_table(settings.models, settings.aliases)
 
     if master_key is None and not settings.usage.enabled:
         return Services(
@@ -117,6 +120,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             redis=redis,
             limiter_redis=limiter_redis,
             limiter_outages=outages,
+            prices=prices,
         )
 
     data_dir = Path(settings.data_dir).expanduser()
@@ -179,6 +183,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         auth_lockout=lockout,
         limiter_outages=outages,
         budgets=budgets,
+        prices=prices,
     )
 
 

@@ -39,6 +39,7 @@ from sluice.routing.deployment import Deployment, Outcome
 from sluice.routing.plan import ModelRoute, Plan
 from sluice.routing.router import Router
 from sluice.routing.settings import RetrySettings
+from sluice.routing.table import Table
 
 OK_BODY = (
     b'{"object":"chat.completion","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}'
@@ -152,7 +153,7 @@ class World:
         self.routes[name] = ModelRoute(name, list(deployments), **lists)
 
     def handler(self) -> Callable[[RequestContext], Any]:
-        router = Router(self.routes.values(), seed=1)
+        router = Router(Table(dict(self.routes)), seed=1)
         self.attempts = Attempts(
             self.metrics,
             router,
@@ -196,6 +197,12 @@ class World:
 
     def sample(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
+
+
+def served(ctx: RequestContext) -> str:
+    """The model a request is charged and recorded as (`sluice.pipeline.accounting`)."""
+    assert ctx.plan is not None
+    return ctx.plan.model
 
 
 def headers(ctx: RequestContext) -> dict[str, str]:
@@ -494,9 +501,10 @@ async def test_a_fallback_model_serves_under_its_own_name() -> None:
     ctx, _ = await world.run("m")
     assert len(a.backend.calls) == 1  # the fallback before repeating a failed deployment
     assert f.backend.calls[0].body["model"] == "f-upstream"
-    assert ctx.model == "f"  # charged and counted as the model that served
-    assert ctx.body["model"] == "f"
-    assert ctx.raw is None
+    assert ctx.plan is not None
+    assert ctx.plan.model == "f"  # charged and recorded as the model that served
+    assert ctx.model == "m"  # the name the client sent, as the body keeps it
+    assert ctx.body["model"] == "m"
     assert headers(ctx) == {
         "x-sluice-deployment": "f/0",
         "x-sluice-model": "f",
@@ -516,7 +524,7 @@ async def test_back_to_the_requested_model_after_its_fallback_failed() -> None:
     world.model("f", f)
     ctx, _ = await world.run("m")
     assert (len(a.backend.calls), len(f.backend.calls)) == (2, 1)
-    assert ctx.model == "m"
+    assert served(ctx) == "m"
     assert a.backend.calls[1].body["model"] == "m"
     assert headers(ctx)["x-sluice-model"] == "m"
 
@@ -559,7 +567,7 @@ async def test_context_window_errors_are_recognised(error: SluiceError) -> None:
     world.model("m", world.deployment("m/0", error), context_window_fallbacks=["big"])
     world.model("big", world.deployment("big/0"))
     ctx, _ = await world.run("m")
-    assert ctx.model == "big"
+    assert served(ctx) == "big"
 
 
 async def test_without_a_context_window_fallback_the_400_is_relayed() -> None:
@@ -590,7 +598,7 @@ async def test_content_policy_refusals_use_their_own_list(error: SluiceError) ->
     world.model("f", world.deployment("f/0"))
     world.model("lenient", world.deployment("lenient/0"))
     ctx, _ = await world.run("m")
-    assert ctx.model == "lenient"
+    assert served(ctx) == "lenient"
 
 
 async def test_a_fallback_the_key_may_not_use_is_skipped() -> None:
@@ -604,7 +612,7 @@ async def test_a_fallback_the_key_may_not_use_is_skipped() -> None:
     ctx.principal = Principal(KeyRecord(id="k", key_hash="h", display="sk-…x", models=["m", "g"]))
     await handler(ctx)
     assert f.backend.calls == []
-    assert ctx.model == "g"
+    assert served(ctx) == "g"
 
 
 async def test_a_budgeted_request_never_falls_back_to_a_dearer_model() -> None:
@@ -620,11 +628,11 @@ async def test_a_budgeted_request_never_falls_back_to_a_dearer_model() -> None:
     ctx.budget_hold = BudgetHold("k:lifetime", "r1", 1000)
     await handler(ctx)
     assert dear.backend.calls == []
-    assert ctx.model == "cheap"
+    assert served(ctx) == "cheap"
     # Without a budget hold the dearer model is fine.
     ctx = world.context("m")
     await handler(ctx)
-    assert ctx.model == "dear"
+    assert served(ctx) == "dear"
 
 
 # -- streams ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
 from sluice.observability.metrics import GatewayMetrics
-from sluice.pipeline.limits import LimitSpec, RedisLimiter, Scope
+from sluice.pipeline.limits import LimitScope, LimitSpec, RedisLimiter
 from sluice.pipeline.limits.wire import PipelinedRedis
 from sluice.services import build_services
 from sluice.settings import AuthSettings, Settings, UsageSettings
@@ -21,7 +21,7 @@ from tests.pipeline.test_limits_redis import HOST, PORT, _wire, take, ticket_of
 
 pytestmark = pytest.mark.redis
 
-ONE_SLOT = Scope("key:a", LimitSpec(max_parallel=1))
+ONE_SLOT = LimitScope("key:a", LimitSpec(max_parallel=1))
 
 
 async def wait_for(condition: Callable[[], object], within: float) -> float:
@@ -176,7 +176,7 @@ async def test_an_admission_whose_request_went_away_is_undone(
     client = _wire()
     try:
         limiter = RedisLimiter(client, prefix=prefix)
-        key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=1))
+        key = LimitScope("key:a", LimitSpec(tpm=1000, max_parallel=1))
         waiting = asyncio.ensure_future(take(limiter, key, tokens=400))
         await asyncio.sleep(0)  # queued in the turn's batch
         waiting.cancel()

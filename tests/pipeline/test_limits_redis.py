@@ -16,10 +16,9 @@ from redis.typing import EncodableT, FieldT
 from sluice.errors import ServiceUnavailableError
 from sluice.pipeline.limits import (
     Admission,
+    LimitScope,
     LimitSpec,
-    MemoryLimiter,
     RedisLimiter,
-    Scope,
     Ticket,
 )
 from sluice.pipeline.limits.wire import PipelinedRedis, Sink
@@ -80,7 +79,7 @@ async def limiter(redis: aioredis.Redis, prefix: str) -> AsyncIterator[RedisLimi
 
 
 async def take(
-    limiter: RedisLimiter, *scopes: Scope, tokens: int = 0, lease: float = 30.0
+    limiter: RedisLimiter, *scopes: LimitScope, tokens: int = 0, lease: float = 30.0
 ) -> Admission:
     return await limiter.acquire(scopes, tokens, uuid.uuid4().hex, lease)
 
@@ -108,7 +107,7 @@ async def seed(redis: aioredis.Redis, key: str, buckets: dict[int, int]) -> None
 
 
 async def test_rpm_is_exact(limiter: RedisLimiter) -> None:
-    key = Scope("key:a", LimitSpec(rpm=5))
+    key = LimitScope("key:a", LimitSpec(rpm=5))
     for i in range(5):
         admission = await take(limiter, key)
         assert (admission.allowed, admission.limit_requests) == (True, 5)
@@ -120,36 +119,10 @@ async def test_rpm_is_exact(limiter: RedisLimiter) -> None:
     assert refused.reset_requests == pytest.approx(refused.retry_after, abs=0.01)
 
 
-async def test_headers_come_from_the_tightest_scope_as_in_the_memory_limiter(
-    limiter: RedisLimiter,
-) -> None:
-    """The script picks each header's scope (least remaining, then the smaller limit, then
-    the first); window.build_admission, which the memory limiter follows, has the same rule."""
-    memory = MemoryLimiter()
-    key = Scope("key:a", LimitSpec(rpm=10, tpm=1_000))
-    model = Scope("key:a:model:m", LimitSpec(rpm=6, tpm=5_000))
-    tie = Scope("key:b", LimitSpec(rpm=9, tpm=900))  # 4th request: 7 left, as key:a
-    fields = ("allowed", "reason", "limit_requests", "remaining_requests",
-              "limit_tokens", "remaining_tokens")  # fmt: skip
-    steps = [((key, model), 100), ((model, key), 300), ((tie,), 0), ((key, tie), 50),
-             ((key, model), 700)]  # fmt: skip
-    answers = []
-    for scopes, tokens in steps:
-        got = await take(limiter, *scopes, tokens=tokens)
-        want = memory.acquire_now(scopes, tokens, uuid.uuid4().hex, 30.0)
-        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
-        if got.allowed:
-            assert got.reset_requests == pytest.approx(want.reset_requests, abs=1.1)
-            assert got.reset_tokens == pytest.approx(want.reset_tokens, abs=1.1)
-        answers.append(got)
-    assert answers[3].limit_requests == 9  # the tie: the smaller limit
-    assert (answers[4].allowed, answers[4].reason) == (False, "tpm")
-
-
 async def test_a_request_cancelled_while_waiting_leaves_its_batch_answered(
     limiter: RedisLimiter,
 ) -> None:
-    key = Scope("key:a", LimitSpec(rpm=10))
+    key = LimitScope("key:a", LimitSpec(rpm=10))
     waiting = [asyncio.ensure_future(take(limiter, key)) for _ in range(3)]
     await asyncio.sleep(0)  # the three are queued in the turn's batch, not yet sent
     waiting[1].cancel()
@@ -170,17 +143,17 @@ async def test_window_rolls(redis: aioredis.Redis, limiter: RedisLimiter, prefix
     # Bucket sec-61 has left the window (and must be deleted); sec-60 is its oldest bucket.
     await seed(redis, prefix + "key:a:r", {sec - 61: 100, sec - 60: 4, sec - 30: 6})
 
-    refused = await take(limiter, Scope("key:a", LimitSpec(rpm=10)))
+    refused = await take(limiter, LimitScope("key:a", LimitSpec(rpm=10)))
     assert refused.reason == "rpm"
     assert refused.retry_after == pytest.approx(sec + 1 - now, abs=0.05)  # sec-60 leaves next
     assert await redis.hexists(prefix + "key:a:r", str(sec - 61)) == 0
     assert await redis.hmget(prefix + "key:a:r", ["s", "o"]) == [b"10", str(sec - 60).encode()]
 
     # With rpm 6, 5 of the 10 must leave: sec-60 (4) is not enough, sec-30 is needed too.
-    refused = await take(limiter, Scope("key:a", LimitSpec(rpm=6)))
+    refused = await take(limiter, LimitScope("key:a", LimitSpec(rpm=6)))
     assert refused.retry_after == pytest.approx(sec + 31 - now, abs=0.05)
 
-    admitted = await take(limiter, Scope("key:a", LimitSpec(rpm=11)))
+    admitted = await take(limiter, LimitScope("key:a", LimitSpec(rpm=11)))
     assert admitted.allowed
     assert admitted.remaining_requests == 0
     assert admitted.reset_requests == pytest.approx(sec + 1 - now, abs=0.05)
@@ -192,14 +165,14 @@ async def test_a_window_that_has_left_entirely_is_dropped(
 ) -> None:
     sec = int(await redis_now(redis))
     await seed(redis, prefix + "key:a:r", {sec - age: 5, sec - 61: 5})
-    admitted = await take(limiter, Scope("key:a", LimitSpec(rpm=1)))
+    admitted = await take(limiter, LimitScope("key:a", LimitSpec(rpm=1)))
     assert (admitted.allowed, admitted.remaining_requests) == (True, 0)
     fields = await redis.hgetall(prefix + "key:a:r")
     assert fields == {str(sec).encode(): b"1", b"s": b"1", b"o": str(sec).encode()}
 
 
 async def test_tpm_reserve_refund_and_charge(limiter: RedisLimiter) -> None:
-    key = Scope("key:a", LimitSpec(tpm=1000))
+    key = LimitScope("key:a", LimitSpec(tpm=1000))
     first = await take(limiter, key, tokens=600)
     assert (first.limit_tokens, first.remaining_tokens) == (1000, 400)
 
@@ -215,7 +188,7 @@ async def test_tpm_reserve_refund_and_charge(limiter: RedisLimiter) -> None:
     blocked = await take(limiter, key, tokens=1)
     assert (blocked.allowed, blocked.reason, blocked.remaining_tokens) == (False, "tpm", 0)
 
-    never = await take(limiter, Scope("key:b", LimitSpec(tpm=100)), tokens=101)
+    never = await take(limiter, LimitScope("key:b", LimitSpec(tpm=100)), tokens=101)
     assert (never.allowed, never.reason, never.retry_after) == (False, "tpm", 60.0)
 
 
@@ -225,14 +198,14 @@ async def test_tpm_retry_after_from_seeded_buckets(
     now = await redis_now(redis)
     sec = int(now)
     await seed(redis, prefix + "key:a:t", {sec - 50: 300, sec - 20: 500})
-    refused = await take(limiter, Scope("key:a", LimitSpec(tpm=1000)), tokens=400)
+    refused = await take(limiter, LimitScope("key:a", LimitSpec(tpm=1000)), tokens=400)
     assert refused.retry_after == pytest.approx(sec + 11 - now, abs=0.05)
-    refused = await take(limiter, Scope("key:a", LimitSpec(tpm=1000)), tokens=600)
+    refused = await take(limiter, LimitScope("key:a", LimitSpec(tpm=1000)), tokens=600)
     assert refused.retry_after == pytest.approx(sec + 41 - now, abs=0.05)
 
 
 async def test_parallel_slots_and_lease_expiry(limiter: RedisLimiter, prefix: str) -> None:
-    key = Scope("key:a", LimitSpec(max_parallel=2))
+    key = LimitScope("key:a", LimitSpec(max_parallel=2))
     a = await take(limiter, key)
     client = _wire()
     try:  # b's replica goes away without settling it: its lease is no longer renewed
@@ -253,8 +226,8 @@ async def test_parallel_slots_and_lease_expiry(limiter: RedisLimiter, prefix: st
 
 
 async def test_all_or_nothing_over_scopes(limiter: RedisLimiter) -> None:
-    key = Scope("key:a", LimitSpec(rpm=10, tpm=1000, max_parallel=5))
-    model = Scope("key:a:model:m", LimitSpec(rpm=1))
+    key = LimitScope("key:a", LimitSpec(rpm=10, tpm=1000, max_parallel=5))
+    model = LimitScope("key:a:model:m", LimitSpec(rpm=1))
     assert (await take(limiter, key, model, tokens=100)).allowed
     refused = await take(limiter, key, model, tokens=100)
     assert (refused.allowed, refused.reason) == (False, "rpm")
@@ -266,7 +239,7 @@ async def test_all_or_nothing_over_scopes(limiter: RedisLimiter) -> None:
 
 
 async def test_settle_is_idempotent(limiter: RedisLimiter) -> None:
-    key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=1))
+    key = LimitScope("key:a", LimitSpec(tpm=1000, max_parallel=1))
     first = ticket_of(await take(limiter, key, tokens=600))
     await limiter.settle(first, 100)
     second = ticket_of(await take(limiter, key, tokens=100))
@@ -294,9 +267,9 @@ def count_calls(limiter: RedisLimiter, script: str) -> list[None]:
 
 async def test_acquires_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
     calls = count_calls(limiter, "_script")
-    key = Scope("key:a", LimitSpec(rpm=30, tpm=10_000))
-    other = Scope("key:b", LimitSpec(rpm=100))
-    model = Scope("key:a:model:m", LimitSpec(rpm=20))
+    key = LimitScope("key:a", LimitSpec(rpm=30, tpm=10_000))
+    other = LimitScope("key:b", LimitSpec(rpm=100))
+    model = LimitScope("key:a:model:m", LimitSpec(rpm=20))
     # 50 requests in one turn, two keys, some with a per-model scope: each is all or
     # nothing over its own scopes, in order.
     answers = await asyncio.gather(
@@ -315,8 +288,8 @@ async def test_acquires_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -
 
 
 async def test_settles_of_one_loop_turn_share_one_call(limiter: RedisLimiter) -> None:
-    key = Scope("key:a", LimitSpec(tpm=100_000, max_parallel=40))
-    model = Scope("key:a:model:m", LimitSpec(tpm=50_000, max_parallel=40))
+    key = LimitScope("key:a", LimitSpec(tpm=100_000, max_parallel=40))
+    model = LimitScope("key:a:model:m", LimitSpec(tpm=50_000, max_parallel=40))
     tickets = [ticket_of(await take(limiter, key, model, tokens=1000)) for _ in range(40)]
     assert not (await take(limiter, key)).allowed  # every slot is taken
 
@@ -333,7 +306,7 @@ async def test_settles_of_one_loop_turn_share_one_call(limiter: RedisLimiter) ->
 
 
 async def test_keys_carry_ttls(redis: aioredis.Redis, limiter: RedisLimiter, prefix: str) -> None:
-    await take(limiter, Scope("key:a", LimitSpec(rpm=5, tpm=50, max_parallel=2)), lease=600)
+    await take(limiter, LimitScope("key:a", LimitSpec(rpm=5, tpm=50, max_parallel=2)), lease=600)
     for suffix, low, high in ((":r", 100, 120), (":t", 100, 120), (":p", 700, 720)):
         ttl = await redis.ttl(prefix + "key:a" + suffix)
         assert low <= ttl <= high, suffix
@@ -344,7 +317,7 @@ async def test_three_replicas_admit_exactly_the_limit(prefix: str) -> None:
     try:
         failures: list[Exception] = []
         replicas = [RedisLimiter(c, prefix=prefix, on_failure=failures.append) for c in clients]
-        key = Scope("key:shared", LimitSpec(rpm=600))
+        key = LimitScope("key:shared", LimitSpec(rpm=600))
         results = await asyncio.gather(
             *(take(replica, key) for replica in replicas for _ in range(400))
         )
@@ -371,7 +344,7 @@ async def test_settle_nowait_is_sent_in_the_background(redis: aioredis.Redis, pr
     client = _wire()
     try:
         limiter = RedisLimiter(client, prefix=prefix)
-        key = Scope("key:a", LimitSpec(tpm=1000, max_parallel=2))
+        key = LimitScope("key:a", LimitSpec(tpm=1000, max_parallel=2))
         first = await take(limiter, key, tokens=600)
         second = await take(limiter, key, tokens=300)
         assert (first.remaining_tokens, second.remaining_tokens) == (400, 100)
@@ -406,7 +379,7 @@ async def test_fails_open_when_redis_is_unreachable() -> None:
     client = _wire(port=_closed_port(), timeout=0.2)
     limiter = RedisLimiter(client, on_failure=failures.append)
     try:
-        admission = await take(limiter, Scope("key:a", LimitSpec(rpm=1)), tokens=10)
+        admission = await take(limiter, LimitScope("key:a", LimitSpec(rpm=1)), tokens=10)
         assert admission.allowed
         assert admission.limit_requests is None
         await limiter.settle(ticket_of(admission), 50)  # a no-op, no second failure
@@ -422,7 +395,7 @@ async def test_fails_open_when_redis_times_out() -> None:
     client = _wire(port=port, timeout=0.1)
     try:
         limiter = RedisLimiter(client, on_failure=failures.append)
-        assert (await take(limiter, Scope("key:a", LimitSpec(rpm=1)))).allowed
+        assert (await take(limiter, LimitScope("key:a", LimitSpec(rpm=1)))).allowed
         assert len(failures) == 1
     finally:
         await client.close()
@@ -436,11 +409,11 @@ async def test_fails_closed_when_redis_is_unreachable() -> None:
     limiter = RedisLimiter(client, failure_mode="closed", on_failure=failures.append)
     try:
         with pytest.raises(ServiceUnavailableError) as raised:
-            await take(limiter, Scope("key:a", LimitSpec(rpm=1)))
+            await take(limiter, LimitScope("key:a", LimitSpec(rpm=1)))
         assert raised.value.headers == {"Retry-After": "1"}
         assert raised.value.http_status == 503
         assert len(failures) == 1
         # No scope limits anything: no round trip, so no failure either.
-        assert (await take(limiter, Scope("key:a", LimitSpec()))).allowed
+        assert (await take(limiter, LimitScope("key:a", LimitSpec()))).allowed
     finally:
         await client.close()

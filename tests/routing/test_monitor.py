@@ -18,6 +18,7 @@ from sluice.routing.health import State
 from sluice.routing.monitor import HealthMonitor
 from sluice.routing.plan import ModelRoute
 from sluice.routing.router import Router
+from sluice.routing.table import Table
 from sluice.settings import OpenAIDeployment
 from sluice.testing.mock_upstream import MockBehaviour, MockUpstream
 from tests.gateway import free_port
@@ -89,7 +90,9 @@ async def test_probes_feed_health_and_time_out() -> None:
     for d, probe in zip(group, probes, strict=True):
         d.backend = cast(Backend, probe)
     metrics = GatewayMetrics(CollectorRegistry())
-    await HealthMonitor(Router([ModelRoute("m", group)]), metrics, probe_interval=0.05).probe()
+    await HealthMonitor(
+        Router(Table({"m": ModelRoute("m", group)})), metrics, probe_interval=0.05
+    ).probe()
     assert [p.calls for p in probes] == [1, 1, 1, 1]
     states = [health(d).state for d in group]
     # Three failed (a 5xx, a transport error, a timeout); three of four may be out.
@@ -103,7 +106,7 @@ async def test_a_one_deployment_model_is_not_probed() -> None:
     probe = Probed(False)
     only.backend = cast(Backend, probe)
     await HealthMonitor(
-        Router([ModelRoute("m", [only])]), GatewayMetrics(CollectorRegistry())
+        Router(Table({"m": ModelRoute("m", [only])})), GatewayMetrics(CollectorRegistry())
     ).probe()
     assert probe.calls == 0
 

@@ -443,10 +443,8 @@ def test_the_setting_reaches_the_engine() -> None:
 
     deployment = {"provider": "local", "max_sequences_per_request": 4}
     settings = Settings(models=[{"name": "local", "deployments": [deployment]}])
-    [route] = build_table(settings, default_providers(CollectorRegistry()))
-    [built] = route.deployments
+    [built] = build_table(settings, default_providers(CollectorRegistry())).fresh
     assert built.backend.engine.config.max_sequences_per_request == 4  # type: ignore[attr-defined]
     default = Settings(models=[{"name": "local", "deployments": [{"provider": "local"}]}])
-    [route] = build_table(default, default_providers(CollectorRegistry()))
-    [built] = route.deployments
+    [built] = build_table(default, default_providers(CollectorRegistry())).fresh
     assert built.backend.engine.config.max_sequences_per_request == 16  # type: ignore[attr-defined]

@@ -3,6 +3,8 @@
     /admin/keys…                virtual keys (`sluice.keys.admin_api`)
     GET    /admin/usage         usage and spend by key, model and day
 
+Routing at run time (aliases' weights, configuration reload) is in `sluice.api.admin_routing`.
+
 FastAPI documents these routes at ``/docs``; errors use the same OpenAI envelope as /v1.
 
 FastAPI reads and parses a body before a route's dependencies run, so the master key is
@@ -163,17 +165,25 @@ class _CappedBody:
             await self._send(message)
 
 
+def master_only(master_key: str | None, lockout: AddressLockout | None) -> list[Any]:
+    """The dependencies of an admin router: the master key. `AdminGate` has checked it
+    already; checked again so that a router is safe wherever it is mounted."""
+
+    async def require_master(request: Request) -> None:
+        check_master(request.scope, master_key, lockout=lockout)
+
+    return [Depends(require_master)]
+
+
 def admin_router(
     service: KeyService,
     usage: UsageStore,
     master_key: str | None,
     lockout: AddressLockout | None = None,
 ) -> APIRouter:
-    async def require_master(request: Request) -> None:
-        # AdminGate has checked already; kept so the router is safe wherever it is mounted.
-        check_master(request.scope, master_key, lockout=lockout)
-
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_master)])
+    router = APIRouter(
+        prefix="/admin", tags=["admin"], dependencies=master_only(master_key, lockout)
+    )
     router.include_router(key_routes(service))
 
     @router.get("/usage", response_model=UsageList)

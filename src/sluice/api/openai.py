@@ -10,7 +10,8 @@ after its first byte ends with an SSE error event.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.background import BackgroundTask
@@ -39,19 +40,20 @@ class OpenAIService:
     def __init__(
         self,
         pipeline: Handler,
-        model_names: list[str],
+        model_names: Callable[[], list[str]],
         metrics: GatewayMetrics,
         identify: Identify | None = None,
     ) -> None:
+        """``model_names`` gives the names served now (the router's, which a reload
+        replaces with a new list): the listing is rebuilt only when the list changes."""
         self._pipeline = pipeline
         self._metrics = metrics
         self._identify = identify
-        created = int(time.time())
-        self._models = [
-            {"id": name, "object": "model", "created": created, "owned_by": "sluice"}
-            for name in model_names
-        ]
-        self._models_body = orjson.dumps({"object": "list", "data": self._models})
+        self._created = int(time.time())
+        self._model_names = model_names
+        self._listed: list[str] | None = None
+        self._models: list[dict[str, Any]] = []
+        self._models_body = b""
         # Plain ASGI endpoints (not request -> response functions): no framework request
         # and response objects, nor their wrapping coroutines, on the hot path.
         self.chat_completions = _Proxy(self, "chat/completions")
@@ -72,9 +74,10 @@ class OpenAIService:
 
     async def list_models(self, request: Request) -> Response:
         allowed = await self._allowed_models(request)
+        models, body = self._listing()
         if allowed is None:
-            return Response(self._models_body, media_type=JSON)
-        data = [m for m in self._models if m["id"] in allowed]
+            return Response(body, media_type=JSON)
+        data = [m for m in models if m["id"] in allowed]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
 
     async def get_model(self, request: Request) -> Response:
@@ -82,10 +85,23 @@ class OpenAIService:
         allowed = await self._allowed_models(request)
         if allowed is not None and name not in allowed:
             name = ""  # a model the key may not use does not exist for it
-        model = next((m for m in self._models if m["id"] == name), None)
+        model = next((m for m in self._listing()[0] if m["id"] == name), None)
         if model is None:
             raise model_not_found(name)
         return Response(orjson.dumps(model), media_type=JSON)
+
+    def _listing(self) -> tuple[list[dict[str, Any]], bytes]:
+        """The served models and the ``/v1/models`` body, rebuilt when the names change."""
+        names = self._model_names()
+        if names is not self._listed:
+            created = self._created
+            self._models = [
+                {"id": name, "object": "model", "created": created, "owned_by": "sluice"}
+                for name in names
+            ]
+            self._models_body = orjson.dumps({"object": "list", "data": self._models})
+            self._listed = names
+        return self._models, self._models_body
 
     async def _allowed_models(self, request: Request) -> set[str] | None:
         """The model names the caller may see; None for all."""

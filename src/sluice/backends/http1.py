@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 client for OpenAI-compatible upstreams: keep-alive pool, streaming, timeouts.
 
 Why not aiohttp: profiling the gateway at 32 concurrent requests on one core put aiohttp's
-client at 39% of all CPU (request/response objects, header merging, tracing hooks, cookie
-and redirect machinery on every call), the largest single cost of a proxied request. This
+client (request/response objects, header merging, tracing hooks, cookie and redirect
+machinery on every call) as the largest single cost of a proxied request
+(docs/architecture.md). This
 module does only what a gateway needs: POST a JSON body to a fixed origin over pooled
 keep-alive connections (TLS included) and read the answer with httptools, the C parser
 uvicorn already uses, either whole or chunk by chunk as it arrives.
@@ -284,6 +285,7 @@ class HTTP1Pool:
     """An HTTP proxy to go through (CONNECT for https, absolute-form requests for http)."""
     _idle: deque[_Connection] = field(default_factory=deque)
     _slots: asyncio.Semaphore | None = None
+    _closed: bool = False
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.base_url)
@@ -352,6 +354,9 @@ class HTTP1Pool:
         self.slots.release()
 
     async def close(self) -> None:
+        # Exchanges still running (a deployment retired by a reload) finish on their
+        # connections; each is closed as it comes back instead of kept idle.
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 
@@ -459,7 +464,7 @@ class HTTP1Pool:
         return target
 
     def _release(self, conn: _Connection) -> None:
-        if conn.keep_alive:
+        if conn.keep_alive and not self._closed:
             conn.reused = True
             self._idle.append(conn)
         else:

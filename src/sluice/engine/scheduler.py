@@ -14,12 +14,12 @@ prompt; only the cache past that prefix is dropped (`llama_memory_seq_rm`) and p
 starts there. At least the last prompt token is always decoded again, so that position
 yields the logits of the first sampled token. A sequence that fails leaves nothing behind.
 
-Kept cells are not free: every later decode step attends over them, which measured 40% off
-batched decode at 16 sequences when every slot kept its cache (a measurement taken before
-the batch was laid out in slot order, which removed a slowdown of the same size; not
-re-examined since). So at most one free slot keeps its cells (the most recently freed),
-and none while several sequences decode together: the cache serves sequential traffic
-(and the shared system prompt) without taxing batches.
+Kept cells are not free: every later decode step attends over them, which measurably
+slowed batched decode when every slot kept its cache (a measurement taken before the batch
+was laid out in slot order, which removed a slowdown of the same size; not re-examined
+since; docs/architecture.md). So at most one free slot keeps its cells (the most recently
+freed), and none while several sequences decode together: the cache serves sequential
+traffic (and the shared system prompt) without taxing batches.
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ class Scheduler:
                 takes.append((seq, take))
                 budget -= take
         # Tokens go in in slot (sequence id) order: with one KV stream per sequence,
-        # llama.cpp decoded a batch whose ids ran backwards ~75% slower (184 vs 105 ms a
-        # step at 16 sequences): prompt caching's slot choice once cost 40% that way.
+        # llama.cpp decodes a batch whose ids run backwards markedly slower, and prompt
+        # caching's slot choice once produced that order (docs/architecture.md).
         takes.sort(key=_slot_of_take)
         n = 0
         in_batch: list[Sequence] = []

@@ -30,6 +30,8 @@ _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 )  # fmt: skip
+# A shadow's time over the primary's: 1 is as fast.
+_RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 _ATTEMPT_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 8, 10)
 
@@ -154,6 +156,52 @@ class GatewayMetrics:
             "(models with several deployments).",
             "livemax",
         )
+        # Versions, shadow traffic and reloads (docs/resilience.md).
+        self.alias_choices = Counter(
+            "sluice_alias_choices_total",
+            "Requests to an alias, by the version chosen to serve them.",
+            ["alias", "version"],
+            registry=registry,
+        )
+        self.shadow_requests = Counter(
+            "sluice_shadow_requests_total",
+            "Shadow copies by outcome: sent, dropped (too many in flight), failed.",
+            ["alias", "outcome"],
+            registry=registry,
+        )
+        self.shadow_latency_ratio = Histogram(
+            "sluice_shadow_latency_ratio",
+            "Shadow upstream time over the primary's, per compared request.",
+            ["alias"],
+            buckets=_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.shadow_matches = Counter(
+            "sluice_shadow_matches_total",
+            "Compared complete answers whose content matched the primary's exactly, or not.",
+            ["alias", "result"],
+            registry=registry,
+        )
+        self.shadow_tokens = Counter(
+            "sluice_shadow_completion_tokens_total",
+            "Completion tokens of compared requests, the primary's and the shadow's.",
+            ["alias", "side"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "sluice_config_reloads_total",
+            "Configuration reloads by outcome (ok, invalid, restart_needed, failed).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "sluice_config_generation",
+            "The model table in use: 1 at start-up, one more per reload or weight change.",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.config_generation.set(1)
+        self.alias_choices_for = ChildCache(self.alias_choices)
         self._retry_metrics(registry)
 
     def _retry_metrics(self, registry: CollectorRegistry) -> None:

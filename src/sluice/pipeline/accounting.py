@@ -5,6 +5,10 @@ reservations with them; `Accounting.finish` records them). When the upstream rep
 usage (a stream cut short), the prompt is counted at its bound (one token per byte of the
 body, as its budget hold was) and the completion as the number of content events relayed
 (which undercounts events that carry several tokens).
+
+A request to an alias is charged, and recorded, as the version that served it (each model
+has its own prices); its budget hold was taken at the alias's price, the most any of its
+versions charges (`sluice.pipeline.costs.price_table`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,15 @@ def charged(ctx: RequestContext, prices: dict[str, Rates]) -> tuple[int, int, fl
     # the prompt is counted at its bound, as its budget hold was: never less than it was.
     prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.body_bytes
     completion = ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
-    ctx.charged = (prompt, completion, cost_usd(prices.get(ctx.model or ""), prompt, completion))
+    rates = prices.get(served_model(ctx))
+    ctx.charged = (prompt, completion, cost_usd(rates, prompt, completion))
     return ctx.charged
+
+
+def served_model(ctx: RequestContext) -> str:
+    """The model that served the request (an alias's version), as it is priced and
+    recorded; the name the client sent when nothing was planned."""
+    return ctx.plan.model if ctx.plan is not None else ctx.model or ""
 
 
 class Accounting:
@@ -45,7 +56,7 @@ class Accounting:
                 UsageRecord,
                 (
                     ctx.request_id,
-                    ctx.model or "",
+                    served_model(ctx),
                     ctx.created_us,
                     ctx.principal.key_id if ctx.principal is not None else None,
                     ctx.deployment,

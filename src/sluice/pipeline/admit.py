@@ -24,7 +24,7 @@ from sluice.pipeline.auth import Principal
 from sluice.pipeline.budgets import BudgetLedger, account_name, to_nano
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import Rates, cost_usd
-from sluice.pipeline.limits import Admission, Limiter, LimitSpec, MemoryLimiter, Scope
+from sluice.pipeline.limits import Admission, Limiter, LimitScope, LimitSpec
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.steps import Handler, Reply
 from sluice.protocol import completion_ceiling
@@ -49,10 +49,10 @@ class Admit:
         self._budgets = budgets
         self._prices = prices  # model -> USD per million prompt / completion tokens
         # A limiter that decides without I/O is called directly (no coroutine per request).
-        self._acquire_now = limiter.acquire_now if isinstance(limiter, MemoryLimiter) else None
+        self._acquire_now = limiter.immediate()
         self._default_max_tokens = default_max_tokens
         self._lease = lease_seconds
-        self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[Scope]]] = {}
+        self._scopes: dict[tuple[str, str], tuple[KeyRecord, list[LimitScope]]] = {}
 
     async def __call__(self, ctx: RequestContext) -> Reply:
         model = ctx.model
@@ -199,14 +199,14 @@ def _scopes(
     max_parallel: int | None,
     model_limits: dict[str, dict[str, int]] | None,
     model: str,
-) -> list[Scope]:
+) -> list[LimitScope]:
     scopes = []
     if rpm is not None or tpm is not None or max_parallel is not None:
-        scopes.append(Scope(f"key:{key_id}", LimitSpec(rpm, tpm, max_parallel)))
+        scopes.append(LimitScope(f"key:{key_id}", LimitSpec(rpm, tpm, max_parallel)))
     per_model = (model_limits or {}).get(model)
     if per_model:
         spec = LimitSpec(per_model.get("rpm"), per_model.get("tpm"), per_model.get("max_parallel"))
-        scopes.append(Scope(f"key:{key_id}:model:{model}", spec))
+        scopes.append(LimitScope(f"key:{key_id}:model:{model}", spec))
     return scopes
 
 

@@ -24,9 +24,10 @@ whose budget is empty is skipped. The client then gets the last upstream failure
 retrying, so that the official SDKs do not multiply it.
 
 A fallback model must be one the caller's key may use, and, for a request holding part of
-a budget, no dearer per token than the model its hold was priced at; its call is sent with
-the fallback's name in ``model`` and the request is charged at the fallback's prices
-(``ctx.model`` is the model that served). Every answer says what happened:
+a budget, no dearer per token than the model its hold was priced at. ``ctx.plan`` becomes
+the fallback's plan, so the request is charged and recorded as the model that served (its
+plan's model, `sluice.pipeline.accounting`); ``ctx.model`` and the body keep the name the
+client sent, which each deployment's call rewrites to its own. Every answer says what happened:
 ``x-sluice-deployment``, ``x-sluice-model`` and ``x-sluice-attempts``.
 
 Each attempt calls ``deployment.begin()`` and then ``end()`` exactly once: at once for a
@@ -175,37 +176,35 @@ class Attempts:
     ) -> Reply:
         """After the first call failed: the rest of the attempts, or the client's error."""
         assert ctx.model is not None
-        settings = self._settings
-        deadline = started + settings.deadline
-        requested, body, raw = ctx.model, ctx.body, ctx.raw  # as admitted and planned
-        course = _Course(plan, self._router, partial(self._may_fall_back, ctx, requested))
-        model = current = plan.model  # the model of the failed attempt, of the next one
-        called = {model}
-        answer, answer_model = failure, model
+        deadline = started + self._settings.deadline
+        # The budget hold was priced at the name the client sent (an alias: its dearest
+        # version), and the key was checked against it.
+        course = _Course(plan, self._router, partial(self._may_fall_back, ctx, ctx.model))
+        current = plan  # the plan of the failed attempt, then of the next one
+        called = {plan.model}
+        answer, answer_plan = failure, plan
         while True:
             if failure.next is not Next.BUSY or answer.next is Next.BUSY:
-                answer, answer_model, cause = failure, model, failed
+                answer, answer_plan, cause = failure, current, failed
             if failure.next is Next.ANSWER:
                 break
             now = self._clock()
-            course.failed(failure, model, failed, now)
+            course.failed(failure, current, failed, now)
             choice = self._choose(ctx, course, now, deadline)
             if choice is None:
                 break
-            model, failed, wait = choice
+            serving, failed, wait = choice
+            model = serving.model
             if model not in called:
                 called.add(model)
-                self._metrics.fallbacks_for(plan.model, answer_model, model, course.kind).inc()
+                self._metrics.fallbacks_for(plan.model, answer_plan.model, model, course.kind).inc()
             elif ctx.attempts:
-                self._metrics.retries_for(answer_model, cause.id, answer.error.kind).inc()
+                self._metrics.retries_for(answer_plan.model, cause.id, answer.error.kind).inc()
             if wait > 0:
                 await self._sleep(wait)
-            if model != current:
-                current = ctx.model = model
-                if model == plan.model:
-                    ctx.model, ctx.body, ctx.raw = requested, body, raw
-                else:  # the fallback's name, for its deployments' rewrite (Deployment.call)
-                    ctx.body, ctx.raw = {**body, "model": model}, None
+            # The model that serves is the plan's: charged, recorded and named by it. The
+            # body keeps the client's name, which each deployment's call rewrites.
+            current = ctx.plan = serving
             ctx.prompt_tokens = ctx.completion_tokens = None
             ctx.content_events = 0
             result = await self._attempt(ctx, failed, self._clock())
@@ -214,12 +213,13 @@ class Attempts:
                 ctx.response_headers = _headers(failed.id, model, ctx.attempts)
                 return result
             failure = result
-        raise self._give_up(ctx, answer, answer_model, cause)
+        ctx.plan = answer_plan
+        raise self._give_up(ctx, answer, answer_plan.model, cause)
 
     def _choose(
         self, ctx: RequestContext, course: _Course, now: float, deadline: float
-    ) -> tuple[str, Deployment, float] | None:
-        """The next attempt (its model, deployment and the wait before it), within the
+    ) -> tuple[Plan, Deployment, float] | None:
+        """The next attempt (its model's plan, deployment and the wait before it), within the
         attempt cap, the deadline and the retry budgets; None when there is none."""
         settings = self._settings
         while ctx.attempts < settings.attempts and now < deadline:
@@ -294,49 +294,52 @@ class _Course:
         self._plan = plan
         self._router = router
         self._allowed = allowed
-        self._fresh = deque((plan.model, d) for d in plan.candidates[1:])
+        self._fresh = deque((plan, d) for d in plan.candidates[1:])
         self._chain = deque(plan.fallbacks)
         self.kind = "generic"
         """The fallback list being followed: generic, context_window or content_policy."""
         self._planned = {plan.model}
-        self._again: deque[tuple[str, Deployment]] = deque()
+        self._again: deque[tuple[Plan, Deployment]] = deque()
         self._until: dict[str, float] = {}  # deployment id -> when its Retry-After ends
         self._backoffs = 0
 
-    def failed(self, failure: Failure, model: str, deployment: Deployment, now: float) -> None:
+    def failed(self, failure: Failure, plan: Plan, deployment: Deployment, now: float) -> None:
         step = failure.next
         if step is Next.RETRY:
-            self._again.append((model, deployment))
+            self._again.append((plan, deployment))
             if failure.retry_after is not None:
                 self._until[deployment.id] = now + failure.retry_after
         elif step is Next.CONTEXT_WINDOW or step is Next.CONTENT_POLICY:
             # The request itself does not suit these models: only that list is left.
             self._fresh.clear()
             self._again.clear()
-            plan = self._plan
+            first = self._plan
             self._chain = deque(
-                plan.context_window_fallbacks
+                first.context_window_fallbacks
                 if step is Next.CONTEXT_WINDOW
-                else plan.content_policy_fallbacks
+                else first.content_policy_fallbacks
             )
             self.kind = step.value
 
     def next(
         self, now: float, deadline: float, backoff: Callable[[int], float], patience: float
-    ) -> tuple[str, Deployment, float] | None:
+    ) -> tuple[Plan, Deployment, float] | None:
         if self._fresh:
-            model, deployment = self._fresh.popleft()
-            return model, deployment, 0.0
+            plan, deployment = self._fresh.popleft()
+            return plan, deployment, 0.0
         while self._chain:
             model = self._chain.popleft()
             if model in self._planned or not self._allowed(model):
                 continue
             self._planned.add(model)
-            candidates = self._router.plan(model).candidates
-            self._fresh.extend((model, d) for d in candidates[1:])
-            return model, candidates[0], 0.0
+            try:
+                plan = self._router.plan(model)
+            except KeyError:  # a reload removed it a moment ago
+                continue
+            self._fresh.extend((plan, d) for d in plan.candidates[1:])
+            return plan, plan.candidates[0], 0.0
         while self._again:
-            model, deployment = self._again.popleft()
+            plan, deployment = self._again.popleft()
             held = self._until.pop(deployment.id, now) - now
             if held > patience:
                 continue  # it asked for a longer wait than a backoff may be
@@ -344,7 +347,7 @@ class _Course:
             if now + wait > deadline:
                 return None
             self._backoffs += 1
-            return model, deployment, wait
+            return plan, deployment, wait
         return None
 
 

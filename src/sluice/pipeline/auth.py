@@ -40,7 +40,7 @@ class Principal:
     key: KeyRecord | None
     key_id: str | None = field(init=False)
     """The key's id (None for the master key): a field, not a property, as the end of every
-    request reads it twice (a property is a Python-level call, ~1k instructions)."""
+    request reads it twice (a property is a Python-level call)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "key_id", self.key.id if self.key is not None else None)
@@ -122,8 +122,8 @@ class Authenticator:
         # secret itself is never kept, and a stranger's header matches a cached one only by
         # a 64-bit collision under a key they do not know (a guess hits one of the at most
         # 50,000 entries with a chance below 2**-48; every miss goes on to `authenticate`,
-        # SHA-256 and the store). It costs a few hundred instructions, against 5.6k for
-        # BLAKE2b and 8.9k for SHA-256 (the store's hash). Plain dicts, not OrderedDicts:
+        # SHA-256 and the store). It costs a fraction of BLAKE2b or SHA-256 (the store's
+        # hash; docs/architecture.md). Plain dicts, not OrderedDicts:
         # they are read on the hot path, where a dict's look-up is the cheaper one.
         self._by_bearer: dict[int, tuple[float, Principal]] = {}
         self._by_api_key: dict[int, tuple[float, Principal]] = {}

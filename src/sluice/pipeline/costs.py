@@ -17,6 +17,7 @@ Token counts before the upstream has answered:
 
 from __future__ import annotations
 
+from sluice.routing.settings import AliasSettings
 from sluice.settings import ModelSettings
 
 BYTES_PER_TOKEN = 4
@@ -25,11 +26,22 @@ Rates = tuple[float, float]
 """USD per million prompt tokens and per million completion tokens."""
 
 
-def price_table(models: list[ModelSettings]) -> dict[str, Rates]:
-    return {
+def price_table(
+    models: list[ModelSettings], aliases: list[AliasSettings] | None = None
+) -> dict[str, Rates]:
+    """Each model's rates; an alias is priced at the most its versions charge (each rate
+    the highest of its versions'), because a budget hold is taken before the version is
+    chosen and must cover whichever serves. What is charged in the end is the version's
+    price (`sluice.pipeline.accounting.charged`)."""
+    prices = {
         model.name: (model.pricing.prompt_per_million, model.pricing.completion_per_million)
         for model in models
     }
+    for alias in aliases or ():
+        rates = [prices[version.model] for version in alias.versions if version.model in prices]
+        if rates:
+            prices[alias.name] = (max(r[0] for r in rates), max(r[1] for r in rates))
+    return prices
 
 
 def cost_usd(rates: Rates | None, prompt_tokens: int, completion_tokens: int) -> float:

@@ -94,6 +94,12 @@ class DeploymentHealth:
         """Seconds to the first response byte, smoothed (None: no recent sample)."""
         self._ttfb_at = 0.0
 
+    def move_to(self, pool: EjectionPool) -> None:
+        """Join the ejection pool of a rebuilt model table (a reload that kept this
+        deployment): its state goes on, counted against its model's new deployments."""
+        self._pool = pool
+        pool.members.append(self)
+
     # -- the request path --------------------------------------------------------------
 
     def available(self, now: float) -> bool:

@@ -49,7 +49,8 @@ class Plan:
     """Where one request may go. Never changed once made: requests may share one."""
 
     model: str
-    """The public model the client asked for."""
+    """The model whose deployments these are: the one the client named, or for an alias
+    the version chosen (what the request is charged as)."""
     candidates: list[Deployment]
     """Deployments to try in order: the balancing policy's choice first."""
     fallbacks: tuple[str, ...] = ()

@@ -1,44 +1,74 @@
-"""The model table: public model names, their deployments, and the plan for a request."""
+"""The router: plans requests for public names on the current model table.
+
+The table (`sluice.routing.table.Table`) is replaced whole, in one assignment, by a reload
+or a change of an alias's weights (`swap`); a request reads it once when it is planned and
+keeps the deployments of its plan to the end, so it finishes on the table it started on.
+"""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 
 from sluice.backends.base import Backend
 from sluice.routing.deployment import Deployment
-from sluice.routing.plan import ModelRoute, Plan
+from sluice.routing.plan import Plan
+from sluice.routing.settings import ShadowSettings, StickySettings
+from sluice.routing.table import Table
+from sluice.routing.versions import Alias
 
 
 class Router:
-    """Plans requests for public model names."""
+    """Plans requests for public model names and aliases."""
 
-    def __init__(self, routes: Iterable[ModelRoute], seed: int | None = None):
-        self._routes = {route.name: route for route in routes}
+    def __init__(self, table: Table, seed: int | None = None):
+        self.table = table
         self._rng = random.Random(seed)
 
     @property
     def model_names(self) -> list[str]:
-        return list(self._routes)
+        """Every public name, models then aliases (the same list until the table changes)."""
+        return self.table.names
 
     def knows(self, model: str) -> bool:
-        return model in self._routes
+        return model in self.table.served
 
-    def plan(self, model: str) -> Plan:
-        """The candidates for ``model`` (which `knows` must have accepted)."""
-        route = self._routes[model]
+    def sticky(self, model: str) -> StickySettings | None:
+        """How ``model``'s requests stay on one version: None unless a sticky alias."""
+        alias = self.table.aliases.get(model)
+        return alias.sticky if alias is not None else None
+
+    def shadow(self, model: str) -> ShadowSettings | None:
+        alias = self.table.aliases.get(model)
+        return alias.shadow if alias is not None else None
+
+    def plan(self, model: str, sticky_key: str | None = None) -> Plan:
+        """The candidates for ``model``; for an alias, those of the version chosen
+        (``Plan.model`` names it). KeyError when the table does not serve ``model`` (a
+        reload may have removed it since the request was read)."""
+        table = self.table
+        route = table.routes.get(model)
+        if route is None:
+            route = table.routes[table.aliases[model].choose(self._rng, sticky_key)]
         if route.fixed is not None:
             return route.fixed
         return Plan(
-            model,
+            route.name,
             route.order(self._rng),
             route.fallbacks,
             route.context_window_fallbacks,
             route.content_policy_fallbacks,
         )
 
+    def alias(self, name: str) -> Alias | None:
+        return self.table.aliases.get(name)
+
     def deployments(self, model: str) -> list[Deployment]:
-        return self._routes[model].deployments
+        return self.table.routes[model].deployments
 
     def backends(self) -> list[Backend]:
-        return [d.backend for r in self._routes.values() for d in r.deployments]
+        return [d.backend for d in self.table.deployments()]
+
+    def swap(self, table: Table) -> Table:
+        """Serve from ``table`` from now on; returns the one it replaces."""
+        previous, self.table = self.table, table
+        return previous

@@ -3,6 +3,7 @@ load shedding and model versions (read by `sluice.settings`; see docs/resilience
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -11,6 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+"""An HTTP field name (RFC 9110's token)."""
 
 Balancing = Literal["weighted", "least_outstanding", "latency"]
 
@@ -86,7 +90,9 @@ class ResilienceSettings(_Strict):
 
 class VersionSettings(_Strict):
     model: str = Field(min_length=1, description="a model defined under models")
-    weight: float = Field(ge=0, description="share of the alias's traffic (relative)")
+    weight: float = Field(
+        ge=0, allow_inf_nan=False, description="share of the alias's traffic (relative)"
+    )
 
 
 class StickySettings(_Strict):
@@ -101,6 +107,8 @@ class StickySettings(_Strict):
     def _header_named(self) -> StickySettings:
         if self.by == "header" and not self.header:
             raise ValueError("sticky.header is required when sticky.by is header")
+        if self.header is not None and not _HEADER_NAME.fullmatch(self.header):
+            raise ValueError(f"sticky.header {self.header!r} is not an HTTP header name")
         return self
 
 
@@ -122,4 +130,7 @@ class AliasSettings(_Strict):
     def _some_weight(self) -> AliasSettings:
         if not any(version.weight > 0 for version in self.versions):
             raise ValueError(f"alias {self.name!r}: at least one version needs a weight > 0")
+        models = [version.model for version in self.versions]
+        if len(set(models)) != len(models):
+            raise ValueError(f"alias {self.name!r}: a model is listed twice among its versions")
         return self

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sluice.store.database import Database
 from sluice.store.periods import as_utc, current_period_start
 from sluice.store.schema import api_keys, usage_records
+from sluice.store.sqlite_thread import SqliteConnection, SqliteThread
 from sluice.store.types import UTCDateTime, storable_text
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -50,12 +51,12 @@ class UsageRecord(NamedTuple):
 
     Made once per request, so kept cheap: a named tuple, which
     `sluice.pipeline.accounting` makes with ``tuple.__new__`` (no Python-level constructor
-    call; a slots dataclass cost 1.4k instructions more, a frozen one four times as much),
-    so the field order is part of the interface. The time is ``created_us``, integer
-    microseconds since the Unix epoch (UTC; `micros` converts a datetime, `now_micros` reads
-    the clock): written to either database without a datetime in between, which cost ~8k
-    instructions a record (`datetime.now(UTC)` ~3.5k, its text for SQLite ~7k, against ~1k
-    and ~4.5k). ``created_at`` is the same instant as a datetime.
+    call, which a dataclass, slots or frozen, would cost), so the field order is part of
+    the interface. The time is ``created_us``, integer microseconds since the Unix epoch
+    (UTC; `micros` converts a datetime, `now_micros` reads the clock): written to either
+    database without a datetime in between, as making the datetime and its text for
+    SQLite cost more than the rest of the record. ``created_at`` is the same instant as a
+    datetime. (Figures: docs/architecture.md.)
     """
 
     request_id: str
@@ -133,25 +134,24 @@ _SQLITE_KEY_PERIODS = (
 
 # The insert fast path. insert_many runs in the gateway's process, on its CPU budget (one
 # asyncio thread; aiosqlite's thread shares the GIL). Through SQLAlchemy Core (asdict(),
-# a compiled INSERT ... RETURNING, a type processor per value) it cost 40-55 us of process
-# CPU per record on SQLite and on PostgreSQL in 500-record batches, 70-120 us on the
-# gateway's box: a third of a request's CPU at 3,000 requests/s. Rows built as plain
-# tuples and handed to the driver as one JSON document (PostgreSQL) or to one prepared
-# statement (SQLite) cost about 5-7 us (PostgreSQL) and 10-14 us (SQLite, of which 6-9 us
-# are SQLite's own B-tree and WAL work). The spend update stays in SQLAlchemy Core: two
-# statements per batch, whatever its size. The SQL below must match schema.usage_records.
+# a compiled INSERT ... RETURNING, a type processor per value) a record cost a sizeable
+# share of a request's CPU; rows built as plain tuples and handed to the driver as one
+# JSON document (PostgreSQL) or to one prepared statement (SQLite) cost a fraction of that,
+# on SQLite mostly SQLite's own B-tree and WAL work (figures: docs/architecture.md). The
+# spend update stays in SQLAlchemy Core: two statements per batch, whatever its size. The
+# SQL below must match schema.usage_records.
 # Both drivers write at most this many records per statement, the event loop running
-# requests between statements (a backlog batch of 5,000 records laid out and sent at once
-# held it for tens of milliseconds).
+# requests between statements (a backlog batch laid out and sent at once held the loop
+# long enough to show in request latency).
 _ROWS_PER_STATEMENT = 1024
 # Both statements list the columns in UsageRecord's field order (its created_us is the
 # created_at column), so a record is its row but for the time's format (and, on SQLite,
 # the booleans).
 _COLUMNS = ", ".join("created_at" if f == "created_us" else f for f in UsageRecord._fields)
 # PostgreSQL: one statement per _ROWS_PER_STATEMENT records, as JSON arrays (orjson, with
-# tuple() for the named tuple it does not encode itself). orjson encodes them for well
-# under 1 us a record, where asyncpg's array parameters (INSERT ... SELECT FROM
-# unnest($1::text[], ...)) cost 0.3-1.2 us per value. created_at travels as integer
+# tuple() for the named tuple it does not encode itself): cheaper a record than asyncpg's
+# array parameters (INSERT ... SELECT FROM unnest($1::text[], ...)) a value. created_at
+# travels as integer
 # microseconds since the epoch (exact: the product is exact below 2**53 us, the year 2255).
 # Rows go in in request_id order, so two concurrent batches sharing ids wait on each other
 # in the same order rather than deadlock. The statement returns the ids it skipped
@@ -172,10 +172,10 @@ SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 # SQLite: the batch goes in as multi-row INSERT ... VALUES statements of up to 1,024 rows
 # (13,312 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
 # releases the GIL around every step: executemany's step per row made the writer thread and
-# the event loop trade the GIL (two context switches) for every record, and cost 6-9 us of
-# CPU a record against 4 us for this. The insert is optimistic: a batch rarely holds ids
-# that are stored already (only a replay does), so the ids are not looked up first (3-5k
-# instructions a record). A statement that meets a stored id fails as a whole (SQLite backs
+# the event loop trade the GIL (two context switches) for every record, and cost more CPU
+# a record than this. The insert is optimistic: a batch rarely holds ids that are stored
+# already (only a replay does), so the ids are not looked up first (a look-up costs about
+# as much as the insert). A statement that meets a stored id fails as a whole (SQLite backs
 # out that statement only; the transaction goes on), and then the rest of the batch is
 # looked up once, as one JSON array of ids (json_each, built into SQLite 3.38+), and only
 # the ids not found are inserted. Writers hold the database lock from BEGIN IMMEDIATE (see
@@ -200,7 +200,7 @@ def _sqlite_insert(rows: int) -> str:
 
 _DIGITS3 = tuple(f"{n:03d}" for n in range(1000))
 """'000' to '999': a microsecond's six digits as two look-ups (formatting them with
-``:06d`` cost ~2.8k instructions a record, of the row's ~6.5k)."""
+``:06d`` was a large part of a row's cost)."""
 
 
 def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> list[object]:
@@ -210,10 +210,9 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
     'YYYY-MM-DD HH:MM:SS.ffffff', no offset; ``seconds`` caches it up to the second's '.'
     (a batch spans a few seconds), `_DIGITS3` gives the microseconds. The booleans go as
     0/1: sqlite3 binds only exact int/float/str/bytes/None directly and sends anything else
-    (bool included) through its adapter look-up, which raises and swallows AttributeErrors
-    (~3k instructions a value).
+    (bool included) through its adapter look-up, which raises and swallows AttributeErrors.
     One loop with no call per record (unpacked in the record's field order: a helper call
-    per record cost ~3k instructions of a record's ~9k here)."""
+    per record was a third of a record's cost here)."""
     params: list[object] = []
     extend = params.extend
     for (
@@ -242,8 +241,8 @@ async def _write_postgres(conn: AsyncConnection, unique: list[UsageRecord]) -> i
 
     SQLAlchemy only lends the connection (nothing is executed through it, so it begins no
     transaction of its own): through its adapter the batch's BEGIN, key periods, spend
-    update and COMMIT cost ~0.5 ms more of the gateway's CPU a batch (a batch's fixed cost
-    measured ~1.3 ms then, ~0.8 ms now, most of it the pool's pre-ping)."""
+    update and COMMIT cost the gateway's CPU more than a third of a batch's fixed cost,
+    most of what is left being the pool's pre-ping."""
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # an asyncpg.Connection
     # Chunks go in in request_id order, like the rows within each, keeping concurrent
@@ -269,30 +268,29 @@ async def _write_postgres(conn: AsyncConnection, unique: list[UsageRecord]) -> i
     return len(new)
 
 
-async def _write_sqlite(conn: AsyncConnection, unique: list[UsageRecord]) -> int:
+async def _write_sqlite(
+    conn: AsyncConnection, unique: list[UsageRecord], thread: SqliteThread
+) -> int:
     """Insert ``unique``'s records (distinct request ids) that are not stored yet and charge
     their cost, in one transaction (BEGIN IMMEDIATE, as Database's writer), on aiosqlite's
     thread in one hop; returns how many were new.
 
     Through SQLAlchemy's aiosqlite adapter every statement is three or four hops to the
     driver's thread and back (cursor, execute, fetch, close), each a thread wake-up and an
-    event-loop turn: about 14 hops and 1 ms of CPU a batch, against ~5 us a record for the
-    rows themselves. Here the transaction, the inserts, the look-up of stored ids, the key
-    periods and the spend update run as one function on that thread (SQLAlchemy only lends
-    the connection; nothing is executed through it, so it begins no transaction of its own,
-    and its rollback on return is a no-op). aiosqlite has no public call for it:
-    ``Connection._execute`` (what its own methods queue their work with; pinned below 0.23)
-    runs the function on the connection's thread, where its sqlite3 connection lives.
+    event-loop turn, which cost far more than the rows themselves. Here the transaction,
+    the inserts, the look-up of stored ids, the key periods and the spend update run as one
+    function on that thread (SQLAlchemy only lends the connection; nothing is executed
+    through it, so it begins no transaction of its own, and its rollback on return is a
+    no-op), by `SqliteThread`: aiosqlite has no public call for it.
     """
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None  # an aiosqlite.Connection
-    return int(await driver._execute(_write_sqlite_now, driver, unique))
+    return await thread.run(driver, _write_sqlite_now, unique)
 
 
-def _write_sqlite_now(driver: Any, records: list[UsageRecord]) -> int:
-    """`_write_sqlite`'s work, on the driver's thread (``driver._conn`` is its sqlite3
-    connection, which may be used on that thread only)."""
-    sqlite: sqlite3.Connection = driver._conn
+def _write_sqlite_now(sqlite: SqliteConnection, records: list[UsageRecord]) -> int:
+    """`_write_sqlite`'s work, on the driver's thread (its sqlite3 connection may be used on
+    that thread only)."""
     sqlite.execute("BEGIN IMMEDIATE")
     try:
         inserted = _insert_and_charge_sqlite(sqlite, records)
@@ -304,7 +302,7 @@ def _write_sqlite_now(driver: Any, records: list[UsageRecord]) -> int:
     return inserted
 
 
-def _insert_and_charge_sqlite(sqlite: sqlite3.Connection, records: list[UsageRecord]) -> int:
+def _insert_and_charge_sqlite(sqlite: SqliteConnection, records: list[UsageRecord]) -> int:
     seconds: dict[int, str] = {}
     looked_up = False
     i = 0
@@ -350,14 +348,19 @@ def _sqlite_time(value: datetime) -> str:
 
 
 class UsageStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, sqlite_thread: SqliteThread | None = None) -> None:
         self._db = db
+        # How SQLite batches reach aiosqlite's thread, chosen once at start-up by the
+        # installed aiosqlite (only a SQLite store needs it).
+        self._sqlite_thread = sqlite_thread
+        if sqlite_thread is None and db.dialect == "sqlite":
+            self._sqlite_thread = SqliteThread()
 
     async def insert_many(self, records: Sequence[UsageRecord]) -> int:
         """Insert records not already stored and charge their cost to their keys, in one
         transaction; returns how many were new. Replaying a batch changes nothing."""
         # A batch rarely holds one request id twice (a replay may): counted in C first
-        # (the dict below costs ~2.5k instructions a record, this ~0.3k).
+        # (a fraction of the dict below's cost a record).
         unique = list(records)
         if len(set(map(_REQUEST_ID, unique))) != len(unique):
             first: dict[str, UsageRecord] = {}
@@ -369,7 +372,8 @@ class UsageStore:
         async with self._db.engine.connect() as conn:  # the transaction is the writer's
             if self._db.engine.dialect.name == "postgresql":
                 return await _write_postgres(conn, unique)
-            return await _write_sqlite(conn, unique)
+            assert self._sqlite_thread is not None
+            return await _write_sqlite(conn, unique, self._sqlite_thread)
 
     async def query(
         self,

@@ -8,7 +8,7 @@ the token estimate with the real usage and frees the parallel slot (``settle``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -29,7 +29,7 @@ class LimitSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Scope:
+class LimitScope:
     """A named counter set, e.g. ``key:abc`` or ``key:abc:model:gpt-4o``."""
 
     name: str
@@ -93,9 +93,10 @@ class Admission(NamedTuple):
     refusing limit would let this request through: for rpm/tpm the time until enough of
     the oldest buckets leave the window (at most 61 s), 60.0 when the token estimate alone
     exceeds a tpm limit (it can never pass), 1.0 for a full parallel limit; 0 when allowed.
-    The header fields come from the most constrained scope that has that limit (least
-    remaining), ``None`` when no scope limits it; ``reset_*`` is the time until that
-    scope's oldest counted bucket leaves the window (0 when nothing is counted).
+    The header fields come from one scope per kind, chosen by the admission-header rule
+    (`window.build_admission`: the least remaining, then the smallest limit, then the
+    first), ``None`` when no scope limits it; ``reset_*`` is the time until that scope's
+    oldest counted bucket leaves the window (0 when nothing is counted).
     (A named tuple: made once per request, it is several times cheaper than a frozen
     dataclass.)
     """
@@ -112,9 +113,19 @@ class Admission(NamedTuple):
     ticket: Ticket | None
 
 
+AcquireNow = Callable[[Sequence[LimitScope], int, str, float], Admission]
+"""``Limiter.acquire``'s arguments, answered at once (see ``Limiter.immediate``)."""
+
+
 class Limiter(Protocol):
+    def immediate(self) -> AcquireNow | None:
+        """``acquire`` as a plain call returning the admission, for a limiter that decides
+        without waiting for anything (in memory); None for one that must wait (Redis), whose
+        ``acquire`` the caller awaits. Lets the request path skip a coroutine per request."""
+        ...
+
     def acquire(
-        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+        self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> Awaitable[Admission]:
         """All or nothing over ``scopes``: count the request, reserve ``tokens`` and take a
         parallel slot (a lease expiring after ``lease_seconds``) in each, or change nothing.

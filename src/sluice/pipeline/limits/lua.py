@@ -36,7 +36,7 @@ REASON_CODES: dict[int, Reason] = {1: "rpm", 2: "tpm", 3: "parallel"}
 #          then for the x-ratelimit headers the requests limit, remaining and reset ms, and
 #          the tokens limit, remaining and reset ms, each of the scope with the least
 #          remaining (then the smallest limit, then the first) among those with that limit
-#          (limit -1 when none has it). window.build_admission has the same rule.
+#          (limit -1 when none has it): window.build_admission's rule, in Lua.
 _SCRIPT = """
 local WINDOW = __WINDOW__
 local TTL = __TTL__

@@ -23,8 +23,8 @@ The client is a `sluice.pipeline.limits.wire.PipelinedRedis` (one pipelined conn
 short timeout, no retries: a retry with backoff would hold each request for seconds before
 the failure mode applies). The limiter sends its calls already encoded as RESP
 (``Script.run_packed``): each key's keys and limits are encoded once, and a request adds only
-its token estimate and id (hiredis's packing formatted every argument of every call again:
-a ``sprintf`` each, ~11k instructions a request).
+its token estimate and id (hiredis's packing formatted every argument of every call again,
+a ``sprintf`` each).
 
 A request cancelled while its ``acquire`` is in flight may have been admitted without
 getting its ticket: when the reply arrives, such an admission is settled at once (its
@@ -46,7 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sluice.errors import ServiceUnavailableError
-from sluice.pipeline.limits.base import Admission, Scope, Ticket
+from sluice.pipeline.limits.base import Admission, LimitScope, Ticket
 from sluice.pipeline.limits.leases import LeaseKeeper
 from sluice.pipeline.limits.lua import REASON_CODES, RENEW_SCRIPT, SCRIPT
 from sluice.pipeline.limits.window import build_admission, new_tuple
@@ -106,12 +106,16 @@ class RedisLimiter:
         self._lease = bulk(b"1")
         self._tasks: set[asyncio.Future[None]] = set()
 
+    def immediate(self) -> None:
+        """None: every answer waits for Redis (`acquire`'s future)."""
+        return None
+
     def acquire(
-        self, scopes: Sequence[Scope], tokens: int, request_id: str, lease_seconds: float
+        self, scopes: Sequence[LimitScope], tokens: int, request_id: str, lease_seconds: float
     ) -> asyncio.Future[Admission]:
-        # Runs for every request: no builtin calls where a comparison does (max() and
-        # round() cost ~1.6-2k instructions each), no list comprehensions (a function call
-        # each in Python 3.11).
+        # Runs for every request: no builtin calls where a comparison does (a call to max()
+        # or round() costs more than the comparison), no list comprehensions (a function
+        # call each in Python 3.11).
         if tokens < 0:
             tokens = 0
         plan = self._plans.get(id(scopes))
@@ -278,7 +282,7 @@ class RedisLimiter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _plan(self, scopes: Sequence[Scope]) -> _Plan:
+    def _plan(self, scopes: Sequence[LimitScope]) -> _Plan:
         """What a call over ``scopes`` sends, built once per scopes object (the admit step keeps
         one per key and model; `acquire` looks it up inline)."""
         if len(self._plans) >= _MAX_PLANS:
@@ -351,7 +355,7 @@ class _Plan:
     __slots__ = ("head", "keys", "lease_scopes", "limits", "n_args", "n_keys", "scopes",
                  "settle_wire", "token_scopes")  # fmt: skip
 
-    def __init__(self, scopes: Sequence[Scope], prefix: str) -> None:
+    def __init__(self, scopes: Sequence[LimitScope], prefix: str) -> None:
         self.scopes = scopes
         limited = [scope for scope in scopes if not scope.spec.unlimited]
         keys: list[str] = []

@@ -9,7 +9,8 @@ buckets, a burst at the end of second 0 and another at the start of second 60 wo
 both fit in one minute: up to twice the limit). The price is that a saturated key gets
 ``limit`` requests per 60 to 61 s instead of per 60 s (≤ 1.7 % less throughput).
 
-The Lua script in ``lua.py`` implements the same rules; keep the two in step.
+The Lua script in ``lua.py`` implements the same rules; keep the two in step (the tests
+in tests/pipeline/ run both on the same scenarios).
 """
 
 from __future__ import annotations
@@ -66,15 +67,19 @@ def build_admission(
     now: float,
     ticket: Ticket | None,
 ) -> Admission:
-    """The admission for a decision at ``now``. The header fields come from the tightest
-    usage of each list: the least remaining, then the smallest limit (the first of equals);
-    remaining is at least 0, and reset is the time until that usage's oldest counted bucket
-    leaves the window (0.0 when nothing is counted)."""
-    # Runs for every admission of the Redis limiter (and any refusal): written flat, as a
-    # Python-level call, max() included, costs more than the arithmetic (helpers and max()
-    # here cost ~8k instructions a request), and the named tuple is made by tuple.__new__
-    # (its own constructor is a Python-level call: 3.6k against 1.6k instructions).
-    # MemoryLimiter.acquire_now has this rule inline; keep the two in step.
+    """The admission for a decision at ``now``, with its ``x-ratelimit-*`` numbers chosen
+    by the admission-header rule: for requests and for tokens alike, the tightest usage of
+    the list (one per scope that has that limit): the least remaining, then the smallest
+    limit, then the first of equals; remaining is at least 0, and reset is the time until
+    that usage's oldest counted bucket leaves the window (0.0 when nothing is counted).
+
+    This is the rule's one Python definition (the memory limiter's admissions and
+    refusals); the Redis limiter's Lua script (``lua.py``, ``tightest``) applies the same
+    rule inside Redis. tests/pipeline/test_limit_headers.py holds the three to the same
+    scenarios."""
+    # Runs for every admission of the memory limiter: written flat, since a Python-level
+    # call (max() included) costs more than the arithmetic here, and the named tuple is
+    # made by tuple.__new__, not its Python-level constructor.
     rpm_limit = rpm_left = rpm_reset = None
     for limit, used, oldest in requests:
         left = limit - used

@@ -1,8 +1,9 @@
 """A lean, pipelined Redis client for the rate limiter's script.
 
-Why not redis-py here: with redis-py's asyncio client each limiter call cost about 85 us of
-CPU (connection-pool checkout, command packing, retry wrappers, response callbacks), which
-made Redis-backed limits cut the gateway's throughput several-fold. The limiter needs only
+Why not redis-py here: with redis-py's asyncio client most of a limiter call's CPU went
+around the command (connection-pool checkout, command packing, retry wrappers, response
+callbacks; figures in docs/architecture.md), which made Redis-backed limits cut the
+gateway's throughput several-fold. The limiter needs only
 EVALSHA on one server, so this client keeps ONE connection per process and pipelines every
 call on it: a call writes its command at once and leaves a *sink*, the callable its reply
 (or error) is handed to; replies, parsed by hiredis, arrive in order and go to their sinks
@@ -244,8 +245,8 @@ class Script:
         """Run the script over arguments already in RESP: ``body`` is ``items`` bulk strings
         (`bulk`, `bulks`), the first ``keys`` of them the keys. The rate limiter's way:
         hiredis's ``pack_command`` formats every argument of every call again (a
-        ``sprintf`` each, ~11k instructions a request), where the limiter's keys and limits
-        are the same for every request of a key."""
+        ``sprintf`` each), where the limiter's keys and limits are the same for every
+        request of a key."""
         return await self._client.awaited(partial(self.send, keys, items, body))
 
     def send(self, keys: int, items: int, body: bytes, sink: Sink) -> bool:
