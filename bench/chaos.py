@@ -34,7 +34,6 @@ import uvloop
 import yaml
 from gateway_bench import litellm
 from harness import AUX, GATEWAY, HOST, Bench, BenchError, fmt
-from mock_upstream import sluice
 
 MODEL = "gpt-4o-mini"
 UPSTREAM_KEY = "sk-upstream"
@@ -376,10 +375,11 @@ def main() -> int:
     ports = {"good": args.mock_port, "bad": args.mock_port + 1}
     env = {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONPATH": str(harness.REPO / "src")}
     res: dict[str, dict[str, Any]] = {}
+    sluice = harness.venv_bin("sluice")
     with Bench("chaos", args) as bench:
         exe = None if args.skip_litellm else litellm(harness.REPO / args.litellm_venv)
         for name, port in ports.items():
-            argv = [sluice(), "mock-upstream", "--port", str(port)]
+            argv = [sluice, "mock-upstream", "--port", str(port)]
             ready = f"http://{HOST}:{port}/mock/faults"
             bench.start(f"mock-{name}", argv, cores=AUX, env=env, ready=ready)
         mocks = Mocks(ports)
@@ -390,7 +390,7 @@ def main() -> int:
             paths[name].write_text(yaml.safe_dump(settings, sort_keys=False))
         if not args.skip_sluice:
             base = f"http://{HOST}:{args.port}"
-            argv = [sluice(), "serve", "--config", str(paths["sluice"]), "--port", str(args.port)]
+            argv = [sluice, "serve", "--config", str(paths["sluice"]), "--port", str(args.port)]
             proc = bench.start("sluice", argv, cores=GATEWAY, env=env, ready=base + "/readyz")
             target = Target(
                 "sluice", base + "/v1/chat/completions", None,
