@@ -112,6 +112,28 @@ def check_config(config_path: str) -> None:
     show_default=True,
     help="Answer every request with this status (error injection).",
 )
+@click.option("--error-rate", type=float, default=0.0, help="Fault: share answered with an error.")
+@click.option("--error-status", type=int, default=500, show_default=True)
+@click.option("--reset-rate", type=float, default=0.0, help="Fault: share reset, no response.")
+@click.option(
+    "--throttle-rate", type=float, default=0.0, help="Fault: share answered 429 + Retry-After."
+)
+@click.option("--retry-after", type=float, default=1.0, show_default=True, help="Seconds.")
+@click.option(
+    "--stall-rate", type=float, default=0.0, help="Fault: share silent before the first byte."
+)
+@click.option("--stall-seconds", type=float, default=10.0, show_default=True)
+@click.option(
+    "--stream-stall-rate",
+    type=float,
+    default=0.0,
+    help="Fault: share of streams silent after their first event.",
+)
+@click.option("--stream-stall-seconds", type=float, default=10.0, show_default=True)
+@click.option("--added-latency-ms", type=float, default=0.0, help="Fault: delay on every answer.")
+@click.option("--latency-jitter-ms", type=float, default=0.0, help="Fault: random extra delay.")
+@click.option("--down", is_flag=True, help="Fault: reset every request (a dead deployment).")
+@click.option("--seed", type=int, default=None, help="Seed of the fault draws (repeatable runs).")
 def mock_upstream(
     host: str,
     port: int,
@@ -119,8 +141,14 @@ def mock_upstream(
     tokens_per_second: float,
     completion_tokens: int,
     status: int,
+    **faults: Any,
 ) -> None:
-    """Run a mock OpenAI-compatible upstream for tests and demos."""
+    """Run a mock OpenAI-compatible upstream for tests and demos.
+
+    The --*-rate, stall, latency and --down flags inject random faults, drawn per request
+    (error, reset, throttle and stall shares add up to at most 1); POST /mock/faults changes
+    them while it runs (docs/testing.md)."""
+    from sluice.testing.faults import MockFaults
     from sluice.testing.mock_upstream import MockBehaviour, run_mock_upstream
 
     behaviour = MockBehaviour(
@@ -129,7 +157,11 @@ def mock_upstream(
         completion_tokens=completion_tokens,
         status=status,
     )
-    run_mock_upstream(host, port, behaviour)
+    try:
+        injected = MockFaults(**faults)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    run_mock_upstream(host, port, behaviour, injected)
 
 
 def _load_or_exit(path: str | None, **overrides: object) -> Settings:

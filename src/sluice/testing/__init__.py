@@ -1,5 +1,6 @@
-"""Test helpers shipped with Sluice: a mock OpenAI-compatible upstream."""
+"""Test helpers shipped with Sluice: a mock OpenAI-compatible upstream, with faults."""
 
+from sluice.testing.faults import MockFaults
 from sluice.testing.mock_upstream import (
     MockBehaviour,
     MockStats,
@@ -8,4 +9,11 @@ from sluice.testing.mock_upstream import (
     run_mock_upstream,
 )
 
-__all__ = ["MockBehaviour", "MockStats", "MockUpstream", "build_mock_app", "run_mock_upstream"]
+__all__ = [
+    "MockBehaviour",
+    "MockFaults",
+    "MockStats",
+    "MockUpstream",
+    "build_mock_app",
+    "run_mock_upstream",
+]

@@ -8,6 +8,11 @@ Routes (OpenAI's shapes, so the official SDK parses them)::
     GET  /v1/models             a single "mock-model"
     GET  /mock/stats            the `MockStats` counters as JSON
     POST /mock/reset            zero the counters
+    GET  /mock/faults           the random faults in force (`sluice.testing.faults`)
+    POST /mock/faults           change some of them (a JSON object of `MockFaults` fields)
+    DELETE /mock/faults         turn every fault off
+
+The ``/mock/faults`` changes answer loopback clients only.
 
 Every request is shaped by a `MockBehaviour`. The app's defaults can be overridden per
 request, so one mock serves many test cases at once. Precedence: body > headers > defaults.
@@ -30,6 +35,11 @@ Controls, in the order they act:
 ``stall_after_chunks``  streams: after N content chunks, go silent until the client leaves.
 ``embedding_dim``       length of each embedding vector.
 
+On top of them, random faults drawn per request from a seeded generator (errors, resets,
+429s with Retry-After, stalls before and after the first byte, added latency, down): see
+`sluice.testing.faults`. They apply to every API route and are counted in
+``MockStats.faults``; a mock started without faults draws none.
+
 The server notices a vanished client at once (handler cancellation is on, and waits also
 poll the transport), and counts the stream in ``streams_cancelled``. `MockUpstream` runs
 the app on a loopback port in a background thread; ``run_mock_upstream`` runs it in the
@@ -42,6 +52,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import itertools
 import socket
 import struct
@@ -54,7 +65,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["MockBehaviour", "MockStats", "MockUpstream", "build_mock_app", "run_mock_upstream"]
+from sluice.testing.faults import Draw, Fault, FaultInjector, MockFaults, retry_after_headers
+
+__all__ = [
+    "MockBehaviour",
+    "MockFaults",
+    "MockStats",
+    "MockUpstream",
+    "build_mock_app",
+    "run_mock_upstream",
+]
 
 
 @dataclass
@@ -90,6 +110,8 @@ class MockStats:
     embedding_calls: int = 0
     embedding_inputs: list[int] = field(default_factory=list)
     """Number of inputs in each embeddings call, in arrival order."""
+    faults: dict[str, int] = field(default_factory=dict)
+    """Random faults injected, by kind (`sluice.testing.faults.Fault` values)."""
 
     def reset(self) -> None:
         """Zero every counter in place, so references to this object stay valid."""
@@ -102,6 +124,7 @@ class MockStats:
 
 STATS_KEY = web.AppKey("sluice_mock_stats", MockStats)
 BEHAVIOUR_KEY = web.AppKey("sluice_mock_behaviour", MockBehaviour)
+FAULTS_KEY = web.AppKey("sluice_mock_faults", FaultInjector)
 
 _KINDS: dict[str, str] = {
     "latency_ms": "float",
@@ -239,8 +262,14 @@ def _choice(chat: bool, stream: bool, text: str | None, finish: str | None) -> d
 
 
 async def _completion(
-    request: web.Request, route: str, body: dict[str, Any], b: MockBehaviour
+    request: web.Request,
+    route: str,
+    body: dict[str, Any],
+    b: MockBehaviour,
+    stall_after_first: float = 0.0,
 ) -> web.StreamResponse:
+    """A completion; a stream goes silent for ``stall_after_first`` seconds after its first
+    event (a fault), then goes on."""
     chat = route == "chat/completions"
     limit = body.get(
         "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
@@ -288,6 +317,8 @@ async def _completion(
         await resp.prepare(request)
         if chat:
             await resp.write(chunk(""))  # the role chunk
+        if stall_after_first and chat:
+            stall_after_first = await _stream_stall(request, stall_after_first)
         delay = 1.0 / b.tokens_per_second if b.tokens_per_second > 0 else 0.0
         for sent in range(n_tokens + 1):
             if sent == b.fail_after_chunks:
@@ -302,6 +333,8 @@ async def _completion(
             if delay and sent:
                 await asyncio.sleep(delay)
             await resp.write(chunk(tokens[sent]))
+            if stall_after_first:  # a text completion's first event is its first token
+                stall_after_first = await _stream_stall(request, stall_after_first)
         await resp.write(chunk(None, finish))
         if include_usage:
             await resp.write(_sse({**base, "choices": [], "usage": usage}))
@@ -316,6 +349,18 @@ async def _completion(
             stats.streams_failed += 1
         else:  # client gone: CancelledError, a failed write, or a stall that ended
             stats.streams_cancelled += 1
+
+
+async def _stream_stall(request: web.Request, seconds: float) -> float:
+    """The stream-stall fault: silence for ``seconds``; 0, so that it happens once."""
+    _count_fault(request, "stream_stall")
+    await asyncio.sleep(seconds)
+    return 0.0
+
+
+def _count_fault(request: web.Request, kind: str) -> None:
+    faults = request.app[STATS_KEY].faults
+    faults[kind] = faults.get(kind, 0) + 1
 
 
 def _embedding(item: Any, dim: int) -> list[float]:
@@ -374,6 +419,11 @@ def _api_handler(route: str) -> Any:
         stats.last_headers = {k.lower(): v for k, v in request.headers.items()}
         if rid := request.headers.get("x-request-id"):
             stats.request_ids.append(rid)
+        draw = request.app[FAULTS_KEY].draw()
+        if draw.fault is Fault.DOWN:  # dead: not even the body is read
+            _count_fault(request, draw.fault.value)
+            _reset_connection(request)
+            return web.Response()
         body: Any = None
         try:
             if request.method == "POST":
@@ -388,8 +438,11 @@ def _api_handler(route: str) -> Any:
         except _BadRequest as exc:
             return _error(400, str(exc), "invalid_request")
 
-        if b.latency_ms > 0:
-            await asyncio.sleep(b.latency_ms / 1000)
+        latency = b.latency_ms / 1000 + draw.latency_s
+        if latency > 0:
+            await asyncio.sleep(latency)
+        if draw.fault is not Fault.NONE and (early := await _fault(request, draw)) is not None:
+            return early
         if b.reset:
             _reset_connection(request)
             return web.Response()  # never written: the transport is gone
@@ -404,11 +457,29 @@ def _api_handler(route: str) -> Any:
         try:
             if route == "embeddings":
                 return _embeddings(body, b, stats)
-            return await _completion(request, route, body, b)
+            return await _completion(request, route, body, b, draw.stream_stall_s)
         except _BadRequest as exc:
             return _error(400, str(exc), "invalid_request")
 
     return handle
+
+
+async def _fault(request: web.Request, draw: Draw) -> web.StreamResponse | None:
+    """Inject the drawn fault: the answer that replaces the normal one, or None when the
+    request goes on (after a stall)."""
+    _count_fault(request, draw.fault.value)
+    if draw.fault is Fault.RESET:
+        _reset_connection(request)
+        return web.Response()  # never written: the transport is gone
+    if draw.fault is Fault.STALL:
+        await asyncio.sleep(draw.stall_s)
+        return None
+    faults = request.app[FAULTS_KEY].faults
+    if draw.fault is Fault.THROTTLE:
+        headers = retry_after_headers(faults.retry_after)
+        return _error(429, "mock injected fault: rate limited", "mock_fault", headers)
+    status = faults.error_status
+    return _error(status, f"mock injected fault: status {status}", "mock_fault")
 
 
 async def _stats(request: web.Request) -> web.Response:
@@ -422,10 +493,46 @@ async def _reset_stats(request: web.Request) -> web.Response:
     return web.Response(body=b'{"ok":true}', content_type="application/json")
 
 
-def build_mock_app(behaviour: MockBehaviour | None = None) -> web.Application:
+def _from_loopback(request: web.Request) -> bool:
+    try:
+        return request.remote is not None and ipaddress.ip_address(request.remote).is_loopback
+    except ValueError:
+        return False
+
+
+def _faults_json(faults: MockFaults) -> web.Response:
+    return web.Response(body=faults.model_dump_json().encode(), content_type="application/json")
+
+
+async def _get_faults(request: web.Request) -> web.Response:
+    return _faults_json(request.app[FAULTS_KEY].faults)
+
+
+async def _change_faults(request: web.Request) -> web.Response:
+    """POST merges the body's fields over the faults in force; DELETE turns all off."""
+    if not _from_loopback(request):
+        return _error(403, "fault injection is controlled from loopback only", "forbidden")
+    injector = request.app[FAULTS_KEY]
+    if request.method == "DELETE":
+        injector.set(MockFaults())
+        return _faults_json(injector.faults)
+    try:
+        changes = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "request body is not valid JSON", "invalid_request")
+    try:
+        return _faults_json(injector.update(changes))
+    except ValueError as exc:
+        return _error(400, f"invalid faults: {exc}", "invalid_request")
+
+
+def build_mock_app(
+    behaviour: MockBehaviour | None = None, faults: MockFaults | None = None
+) -> web.Application:
     """The mock as an aiohttp app. Run it with ``handler_cancellation=True``."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[BEHAVIOUR_KEY] = behaviour if behaviour is not None else MockBehaviour()
+    app[FAULTS_KEY] = FaultInjector(faults)
     app[STATS_KEY] = MockStats()
     app.router.add_post("/v1/chat/completions", _api_handler("chat/completions"))
     app.router.add_post("/v1/completions", _api_handler("completions"))
@@ -433,10 +540,15 @@ def build_mock_app(behaviour: MockBehaviour | None = None) -> web.Application:
     app.router.add_get("/v1/models", _api_handler("models"))
     app.router.add_get("/mock/stats", _stats)
     app.router.add_post("/mock/reset", _reset_stats)
+    app.router.add_get("/mock/faults", _get_faults)
+    app.router.add_post("/mock/faults", _change_faults)
+    app.router.add_delete("/mock/faults", _change_faults)
     return app
 
 
-def run_mock_upstream(host: str, port: int, behaviour: MockBehaviour) -> None:
+def run_mock_upstream(
+    host: str, port: int, behaviour: MockBehaviour, faults: MockFaults | None = None
+) -> None:
     """Serve the mock in the foreground until interrupted (``sluice mock-upstream``)."""
     try:
         import uvloop
@@ -445,7 +557,7 @@ def run_mock_upstream(host: str, port: int, behaviour: MockBehaviour) -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     web.run_app(
-        build_mock_app(behaviour),
+        build_mock_app(behaviour, faults),
         host=host,
         port=port,
         handler_cancellation=True,
@@ -459,15 +571,20 @@ class MockUpstream:
     """The mock on a real loopback socket, served by a background thread's own event loop.
 
     ``behaviour`` is shared with the running app: mutating it changes later requests.
+    ``faults`` are the random faults at start; `set_faults` changes them while it runs.
     """
 
     def __init__(
-        self, behaviour: MockBehaviour | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        behaviour: MockBehaviour | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        faults: MockFaults | None = None,
     ) -> None:
         self.behaviour = behaviour if behaviour is not None else MockBehaviour()
         self.host = host
         self.port = port
-        self._app = build_mock_app(self.behaviour)
+        self._app = build_mock_app(self.behaviour, faults)
         self.stats: MockStats = self._app[STATS_KEY]
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -483,6 +600,16 @@ class MockUpstream:
     @property
     def url(self) -> str:
         return f"{self.base_url}/v1"
+
+    @property
+    def faults(self) -> MockFaults:
+        """The random faults in force."""
+        return self._app[FAULTS_KEY].faults
+
+    def set_faults(self, **changes: Any) -> MockFaults:
+        """Change some faults (`MockFaults` fields) for the requests that arrive next, as
+        ``POST /mock/faults`` does; ValueError when they are not valid."""
+        return self._app[FAULTS_KEY].update(changes)
 
     def start(self) -> MockUpstream:
         if self._thread is not None:
