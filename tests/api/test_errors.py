@@ -115,16 +115,18 @@ def test_upstream_4xx_is_relayed_byte_for_byte(http: httpx.Client, upstream: Moc
     assert response.content == direct.content
 
 
-def test_upstream_reset_is_502(http: httpx.Client) -> None:
+def test_an_upstream_that_resets_every_call_is_down_503(http: httpx.Client) -> None:
     response = http.post("/chat/completions", json={**CHAT, "mock": {"reset": True}})
-    assert response.status_code == 502
-    assert envelope(response)["type"] == "upstream_error"
+    assert response.status_code == 503
+    assert envelope(response)["code"] == "upstream_unreachable"
+    assert response.headers["x-sluice-attempts"] == "3"  # each call retried, none answered
 
 
-def test_unreachable_upstream_is_502() -> None:
+def test_unreachable_upstream_is_503() -> None:
     with running_gateway(config_for(f"http://127.0.0.1:{free_port()}/v1")) as url:
         response = httpx.post(f"{url}/chat/completions", json=CHAT, timeout=10)
-    assert response.status_code == 502
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
     error = envelope(response)
     assert error["code"] == "upstream_unreachable"
     assert "sk-upstream" not in response.text

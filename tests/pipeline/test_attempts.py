@@ -457,6 +457,38 @@ async def test_a_throttled_deployment_is_passed_over_for_another() -> None:
     assert headers(ctx)["x-sluice-deployment"] == "m/1"
 
 
+async def test_every_deployment_down_is_a_503() -> None:
+    world = World()
+    a = world.deployment("m/0", *[UpstreamConnectError("unreachable")] * 3)
+    b = world.deployment(
+        "m/1", *[UpstreamTimeoutError("connect", code="upstream_connect_timeout")] * 3
+    )
+    world.model("m", a, b)
+    ctx, raised = await world.fail("m")
+    assert raised.http_status == 503
+    assert raised.code == "upstream_unreachable"
+    assert raised.headers == {"Retry-After": "1"}
+    assert ctx.attempts == 3
+    assert ctx.error_kind in ("upstream_connect", "upstream_timeout")  # the cause, for the log
+    assert headers(ctx)["x-should-retry"] == "false"
+
+
+async def test_an_upstream_that_answered_is_relayed_not_called_down() -> None:
+    world = World()
+    a = world.deployment("m/0", *[UpstreamStatusError(500, b"")] * 3)
+    b = world.deployment("m/1", *[UpstreamConnectError("unreachable")] * 3)
+    world.model("m", a, b)
+    _, raised = await world.fail("m")
+    assert isinstance(raised, UpstreamStatusError)
+    assert raised.upstream_status == 500
+    # A stall is not "down" either: the read timeout is what the client gets.
+    world = World(attempts=2)
+    stalled = UpstreamTimeoutError("no data", code="upstream_read_timeout")
+    world.model("m", world.deployment("m/0", stalled, stalled))
+    _, raised = await world.fail("m")
+    assert raised.http_status == 504
+
+
 # -- load shedding ---------------------------------------------------------------------
 
 

@@ -20,8 +20,9 @@ Every call counts toward ``attempts`` except one refused by load shedding
 first, and no backoff sleeps past it. Every call after the request's first is a retry
 taken from its deployment's retry budget (`sluice.pipeline.retry_budget`); a deployment
 whose budget is empty is skipped. The client then gets the last upstream failure (a busy
-503 only when no call was made), with ``x-should-retry: false`` when the gateway did the
-retrying, so that the official SDKs do not multiply it.
+503 only when no call was made; a 503 ``upstream_unreachable`` when no call reached an
+upstream: every deployment is down), with ``x-should-retry: false`` when the gateway did
+the retrying, so that the official SDKs do not multiply it.
 
 A fallback model must be one the caller's key may use, and, for a request holding part of
 a budget, no dearer per token than the model its hold was priced at. ``ctx.plan`` becomes
@@ -45,7 +46,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from sluice.errors import SluiceError, UpstreamError
+from sluice.errors import ServiceUnavailableError, SluiceError, UpstreamError
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import Rates
@@ -183,9 +184,12 @@ class Attempts:
         current = plan  # the plan of the failed attempt, then of the next one
         called = {plan.model}
         answer, answer_plan = failure, plan
+        down = True  # every call so far failed before reaching an upstream
         while True:
             if failure.next is not Next.BUSY or answer.next is Next.BUSY:
                 answer, answer_plan, cause = failure, current, failed
+            if failure.next is not Next.BUSY and not failure.unreachable:
+                down = False
             if failure.next is Next.ANSWER:
                 break
             now = self._clock()
@@ -214,7 +218,7 @@ class Attempts:
                 return result
             failure = result
         ctx.plan = answer_plan
-        raise self._give_up(ctx, answer, answer_plan.model, cause)
+        raise self._give_up(ctx, answer, answer_plan.model, cause, down)
 
     def _choose(
         self, ctx: RequestContext, course: _Course, now: float, deadline: float
@@ -233,13 +237,26 @@ class Attempts:
         return None
 
     def _give_up(
-        self, ctx: RequestContext, answer: Failure, model: str, deployment: Deployment
+        self,
+        ctx: RequestContext,
+        answer: Failure,
+        model: str,
+        deployment: Deployment,
+        down: bool,
     ) -> SluiceError:
-        """The error the client gets: ``answer``, the failure of ``deployment`` (``model``)."""
+        """The error the client gets: ``answer``, the failure of ``deployment`` (``model``);
+        a 503 when no call reached an upstream (every deployment is down)."""
         error = answer.error
+        ctx.error_kind = error.kind
         if ctx.attempts == 0:
             ctx.accepted = False  # load shedding refused every candidate: nothing to charge
-        ctx.error_kind = error.kind
+        elif down:
+            error = ServiceUnavailableError(
+                f"No deployment of the model '{model}' could be reached "
+                f"({ctx.attempts} attempts); retry later.",
+                code="upstream_unreachable",
+                headers={"Retry-After": "1"},
+            )
         headers = _headers(deployment.id, model, ctx.attempts)
         if (
             ctx.attempts

@@ -65,6 +65,9 @@ class Failure:
     responded: bool
     """An answer came back (its time is the deployment's time to first byte)."""
     retry_after: float | None = None
+    unreachable: bool = False
+    """The upstream could not be reached or dropped the connection before answering: when
+    every call of a request failed so, its deployments are down (a 503, not a 502)."""
 
 
 _CONTEXT_CODES = frozenset({"context_length_exceeded"})
@@ -79,8 +82,11 @@ def judge(error: SluiceError) -> Failure:
         return Failure(error, Outcome.OK, Next.BUSY, responded=False)
     if isinstance(error, UpstreamStatusError):
         return _judge_status(error)
-    if isinstance(error, UpstreamConnectError | UpstreamTimeoutError):
-        return Failure(error, Outcome.FAILED, Next.RETRY, responded=False)
+    if isinstance(error, UpstreamConnectError):
+        return Failure(error, Outcome.FAILED, Next.RETRY, responded=False, unreachable=True)
+    if isinstance(error, UpstreamTimeoutError):
+        down = error.code == "upstream_connect_timeout"
+        return Failure(error, Outcome.FAILED, Next.RETRY, responded=False, unreachable=down)
     if isinstance(error, UpstreamAuthError):
         return Failure(error, Outcome.FAILED, Next.ELSEWHERE, responded=True)
     if isinstance(error, UpstreamError):
