@@ -22,10 +22,6 @@ from tests.resilience.helpers import (
     metric,
 )
 
-needs_retries_and_ejection = pytest.mark.xfail(
-    reason="needs retries (B2) and outlier ejection (B1)", strict=False
-)
-
 FAULTS: dict[str, dict[str, Any]] = {
     "errors": {"error_rate": 1.0, "error_status": 503},
     "resets": {"reset_rate": 1.0},
@@ -34,7 +30,6 @@ FAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-@needs_retries_and_ejection
 @pytest.mark.parametrize("faults", FAULTS.values(), ids=list(FAULTS))
 def test_a_failing_deployment_is_passed_over_then_ejected(
     a: MockUpstream, b: MockUpstream, client: httpx.Client, faults: dict[str, Any]
@@ -55,7 +50,6 @@ def test_a_failing_deployment_is_passed_over_then_ejected(
         assert metric(base, "sluice_deployment_ejections_total", **labels) == 1
 
 
-@pytest.mark.xfail(reason="needs retries before a stream's first byte (B2)", strict=False)
 def test_a_stream_failing_before_its_first_byte_is_retried(
     a: MockUpstream, b: MockUpstream, client: httpx.Client
 ) -> None:
@@ -93,7 +87,6 @@ def test_a_stall_after_the_first_byte_is_never_retried(
         assert FIRST_BYTE_TIMEOUT <= answer.seconds < 2.0
 
 
-@pytest.mark.xfail(reason="needs latency-aware balancing (B1)", strict=False)
 def test_a_slow_deployment_gets_little_traffic_with_latency_balancing(
     a: MockUpstream, b: MockUpstream, client: httpx.Client
 ) -> None:
@@ -105,7 +98,6 @@ def test_a_slow_deployment_gets_little_traffic_with_latency_balancing(
     assert calls(a) <= 3  # its first answers show it slow; the fast one takes the rest
 
 
-@pytest.mark.xfail(reason="needs slow-call ejection (B1)", strict=False)
 def test_slow_calls_eject_a_deployment(
     a: MockUpstream, b: MockUpstream, client: httpx.Client
 ) -> None:
@@ -122,7 +114,6 @@ def test_slow_calls_eject_a_deployment(
     assert 4 <= calls(a) <= 6
 
 
-@pytest.mark.xfail(reason="needs 429 cooling (B1) and retries (B2)", strict=False)
 def test_a_429_storm_cools_the_deployment_for_its_retry_after(
     a: MockUpstream, b: MockUpstream, client: httpx.Client
 ) -> None:
