@@ -40,6 +40,7 @@ from sluice.pipeline.backend import call_backend
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.steps import Handler, Step, compose
+from sluice.routing.capacity import LoadShedding
 from sluice.routing.router import Router
 from sluice.routing.table import build_table
 from sluice.services import Services, build_services
@@ -66,8 +67,12 @@ def build_app(settings: Settings) -> Starlette:
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    router = Router(build_table(settings, default_providers(registry)))
     services = build_services(settings, metrics)
+    # One per process, kept across table rebuilds: the bound on waiting requests is global.
+    shedding = LoadShedding(
+        settings.resilience.queue, metrics, priorities=services.identify is not None
+    )
+    router = Router(build_table(settings, default_providers(registry), shedding))
     openai = OpenAIService(
         build_pipeline(services, router, metrics),
         router.model_names,

@@ -32,6 +32,9 @@ class Description:
     """The model name the backend knows."""
     stream_usage: bool
     """Whether the gateway asks it for a usage chunk on streams."""
+    max_concurrency: int | None = None
+    """Requests the gateway lets run on it at once (`sluice.routing.capacity`); None for a
+    backend that queues and refuses for itself."""
 
 
 class Provider(Protocol):
@@ -71,7 +74,9 @@ class OpenAIProvider:
         return OpenAIHTTPBackend(name, spec, resolve_secret(spec.api_key))
 
     def describe(self, spec: OpenAIDeployment, public_model: str) -> Description:
-        return Description(spec.api_base, spec.model or public_model, spec.stream_usage)
+        return Description(
+            spec.api_base, spec.model or public_model, spec.stream_usage, spec.max_concurrency
+        )
 
     def secrets(self, spec: OpenAIDeployment) -> list[str | None]:
         return [spec.api_key]

@@ -9,6 +9,7 @@ from typing import Any
 
 from sluice.backends.base import Backend, Route, UpstreamCall
 from sluice.protocol import wants_usage
+from sluice.routing.capacity import Capacity
 
 
 class Outcome(enum.Enum):
@@ -32,6 +33,7 @@ class Deployment:
     """Ask the upstream for a usage chunk on streams (stripped unless the client asked)."""
     outstanding: int = 0
     """Attempts under way in this process."""
+    capacity: Capacity | None = None  # its concurrency cap and queue (None: uncapped here)
 
     def begin(self) -> None:
         """An attempt starts (the attempts step calls this, then `end` exactly once)."""
