@@ -45,6 +45,7 @@ from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.shadow import Shadow, ShadowLink, ShadowTraffic
 from sluice.pipeline.steps import Handler, Step, compose
+from sluice.routing.capacity import LoadShedding
 from sluice.routing.monitor import HealthMonitor
 from sluice.routing.reload import ConfigSource, Reloader
 from sluice.routing.router import Router
@@ -81,9 +82,13 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
     providers = default_providers(registry)
-    router = Router(build_table(settings, providers, metrics=metrics).table)
-    monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     services = build_services(settings, metrics)
+    # One per process, kept across table rebuilds: the bound on waiting requests is global.
+    shedding = LoadShedding(
+        settings.resilience.queue, metrics, priorities=services.identify is not None
+    )
+    router = Router(build_table(settings, providers, metrics=metrics, shedding=shedding).table)
+    monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
     pipeline, shadow_link = build_pipeline(
         services,
@@ -101,6 +106,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         metrics,
         on_swap=[shadow_link.update],
         on_reload=[partial(_reprice, services.prices)],
+        shedding=shedding,
     )
     openai = OpenAIService(
         pipeline,

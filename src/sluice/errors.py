@@ -13,6 +13,8 @@
     ├── MisdirectedRequestError      421 invalid_request_error   (a Host not served)
     ├── RateLimitError               429 rate_limit_error        (carries Retry-After)
     ├── ServiceUnavailableError      503 service_unavailable     (draining, overloaded)
+    │   └── DeploymentBusyError      503 (a deployment's cap and queue are full; Retry-After)
+    │       └── ReservedCapacityError   429 rate_limit_error (only the priority keys' share is left)
     └── UpstreamError                502 upstream_error          (anything from a backend)
         ├── UpstreamConnectError     502 (unreachable, reset before a response)
         ├── UpstreamTimeoutError     504 (connect, first byte or total timeout)
@@ -157,6 +159,16 @@ class DeploymentBusyError(ServiceUnavailableError):
     attempts step moves on to the next candidate without an upstream call."""
 
     default_code = "deployment_busy"
+
+
+class ReservedCapacityError(DeploymentBusyError):
+    """What is left of a deployment's slots and queue is kept for keys with priority > 0:
+    429 to this caller (its class's share is in use), though still "busy" to the attempts
+    step, which tries the next candidate as for any busy deployment."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "priority_capacity_reserved"
 
 
 class UpstreamError(SluiceError):

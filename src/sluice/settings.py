@@ -78,7 +78,9 @@ class OpenAIDeployment(_Strict):
     model: str | None = Field(None, description="the upstream's model name (default: public name)")
     weight: float = Field(1.0, gt=0)
     timeout: TimeoutSettings = TimeoutSettings()
-    max_concurrency: int = Field(256, ge=1, description="connection cap to this upstream")
+    max_concurrency: int = Field(
+        256, ge=1, description="requests (and connections) to this upstream at once; more queue"
+    )
     ca_file: str | None = Field(
         None, description="PEM bundle to verify an https upstream (default: system CAs)"
     )

@@ -33,7 +33,8 @@ class Description:
     stream_usage: bool
     """Whether the gateway asks it for a usage chunk on streams."""
     max_concurrency: int | None = None
-    """Requests it takes at once (None: it queues its own, as the local engine does)."""
+    """Requests the gateway lets run on it at once (`sluice.routing.capacity`); None for a
+    backend that queues and refuses for itself."""
 
 
 class Provider(Protocol):

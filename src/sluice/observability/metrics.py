@@ -245,6 +245,30 @@ class GatewayMetrics:
         self.fallbacks_for = ChildCache(self.fallbacks)
         self.retry_budget_exhausted_for = ChildCache(self.retry_budget_exhausted)
         self.retry_budget_for = ChildCache(self.retry_budget)
+        # Load shedding (`sluice.routing.capacity`): each deployment binds its children once.
+        self.shed = Counter(
+            "sluice_shed_requests_total",
+            "Requests a deployment refused without an upstream call, by reason: queue_full, "
+            "wait_timeout (waited, or would have waited, past max_wait), reserved (only the "
+            "share kept for priority keys was left).",
+            ["model", "deployment", "reason"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "sluice_queue_wait_seconds",
+            "Time requests waited in a deployment's queue for a concurrency slot (only those "
+            "that found no slot free), whether they got one or were refused.",
+            ["model", "deployment"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_waiting = Gauge(
+            "sluice_queue_waiting_requests",
+            "Requests waiting in a deployment's queue for a concurrency slot now.",
+            ["model", "deployment"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
 
 
 class ChildCache(Generic[M]):

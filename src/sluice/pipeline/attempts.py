@@ -142,6 +142,8 @@ class Attempts:
     def _served(
         self, ctx: RequestContext, deployment: Deployment, reply: Reply, now: float
     ) -> None:
+        if ctx.slot is not None:
+            _give_back_slot(ctx)
         ctx.attempts += 1
         first_byte = self._clock() - now
         if type(reply) is StreamReply:
@@ -153,6 +155,8 @@ class Attempts:
     def _failed(
         self, ctx: RequestContext, deployment: Deployment, error: SluiceError, now: float
     ) -> Failure:
+        if ctx.slot is not None:
+            _give_back_slot(ctx)
         failure = judge(error)
         first_byte = self._clock() - now if failure.responded else None
         throttled = failure.outcome is Outcome.THROTTLED
@@ -164,6 +168,8 @@ class Attempts:
         return failure
 
     def _interrupted(self, ctx: RequestContext, deployment: Deployment) -> None:
+        if ctx.slot is not None:
+            _give_back_slot(ctx)
         deployment.end(Outcome.OK, None)  # no verdict: cancelled, or the gateway's fault
         ctx.attempts += 1
 
@@ -374,6 +380,13 @@ def _headers(deployment: str, model: str, attempts: int) -> Headers:
         (b"x-sluice-model", model.encode()),
         (b"x-sluice-attempts", str(attempts).encode()),
     ]
+
+
+def _give_back_slot(ctx: RequestContext) -> None:
+    """The attempt's concurrency slot (`sluice.pipeline.backend`), once it has ended."""
+    assert ctx.slot is not None
+    ctx.slot.release()
+    ctx.slot = None
 
 
 def _stream_ended(deployment: Deployment, first_byte: float, ctx: RequestContext) -> None:

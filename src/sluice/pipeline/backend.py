@@ -4,6 +4,11 @@ A complete answer comes back as the upstream's bytes (the attempts step reads it
 a stream comes back open, once its first event has arrived, with its events framed and
 its usage read as they pass (`sluice.pipeline.sse`). For a complete answer this returns the
 backend's own coroutine, adding none of its own.
+
+The call holds one of the deployment's concurrency slots (`sluice.routing.capacity`) until
+the answer is read (the attempts step gives it back, `ctx.slot`) or the stream is closed;
+none free means a wait in its bounded queue or a `DeploymentBusyError` at once, which the
+attempts step takes as "try the next candidate".
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from sluice.pipeline.context import RequestContext
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.sse import relay_events
 from sluice.pipeline.steps import Reply
+from sluice.routing.capacity import Capacity
 
 
 def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
@@ -26,15 +32,35 @@ def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
     call = deployment.call(
         ctx.upstream_route, ctx.model, ctx.body, ctx.raw, ctx.request_id, ctx.stream
     )
+    high = False
     if ctx.principal is not None and ctx.principal.key is not None:
         call.priority = ctx.principal.key.priority  # the key's, never the body's
+        high = call.priority > 0
+    capacity = deployment.capacity
+    if capacity is not None and not capacity.take(high):
+        return _wait_then_call(ctx, deployment.backend, call, capacity, high)
     if not ctx.stream:
+        ctx.slot = capacity
         return deployment.backend.send(call)
-    return _open_stream(ctx, deployment.backend, call)
+    return _open_stream(ctx, deployment.backend, call, capacity)
 
 
-async def _open_stream(ctx: RequestContext, backend: Backend, call: UpstreamCall) -> Reply:
+async def _wait_then_call(
+    ctx: RequestContext, backend: Backend, call: UpstreamCall, capacity: Capacity, high: bool
+) -> Reply:
+    await capacity.wait(high)  # a slot, or DeploymentBusyError (at once or at max_wait)
+    if not ctx.stream:
+        ctx.slot = capacity
+        return await backend.send(call)
+    return await _open_stream(ctx, backend, call, capacity)
+
+
+async def _open_stream(
+    ctx: RequestContext, backend: Backend, call: UpstreamCall, capacity: Capacity | None
+) -> Reply:
     stack = AsyncExitStack()
+    if capacity is not None:
+        stack.callback(capacity.release)  # once, when the stream closes (or fails to open)
     try:
         chunks = await stack.enter_async_context(backend.stream(call))
         events = relay_events(chunks, ctx, strip_usage=call.strip_usage)

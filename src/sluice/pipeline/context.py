@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from sluice.pipeline.auth import Principal
     from sluice.pipeline.budgets import BudgetHold
     from sluice.pipeline.limits import Admission, Ticket
+    from sluice.routing.capacity import Capacity
     from sluice.routing.deployment import Deployment
     from sluice.routing.plan import Plan
 
@@ -50,6 +51,8 @@ class RequestContext:
     deployment: str | None = None
     """Its id, for metrics, logs and the usage record."""
     upstream_started: float = 0.0
+    slot: Capacity | None = None
+    """The concurrency slot a complete answer's attempt holds, given back when it ends."""
     attempts: int = 0
     upstream_seconds: float = 0.0
     ttft_seconds: float | None = None

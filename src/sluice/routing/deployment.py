@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.backends.base import Backend, Route, UpstreamCall
 from sluice.protocol import wants_usage
+from sluice.routing.capacity import Capacity
 
 if TYPE_CHECKING:
     from sluice.routing.health import DeploymentHealth
@@ -41,6 +42,7 @@ class Deployment:
     is nothing to balance or eject, so nothing is measured)."""
     outstanding: int = 0
     """Attempts under way in this process."""
+    capacity: Capacity | None = None  # its concurrency cap and queue (None: uncapped here)
 
     def begin(self) -> None:
         """An attempt starts (the attempts step calls this, then `end` exactly once)."""

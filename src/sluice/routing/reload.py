@@ -35,6 +35,7 @@ from typing import Any
 from sluice.backends.registry import ProviderRegistry
 from sluice.errors import ConflictError, InvalidRequestError, NotFoundError
 from sluice.observability.metrics import GatewayMetrics
+from sluice.routing.capacity import LoadShedding
 from sluice.routing.deployment import Deployment
 from sluice.routing.router import Router
 from sluice.routing.table import Table, build_table
@@ -96,6 +97,7 @@ class Reloader:
         on_swap: Sequence[Callable[[Table], None]] = (),
         on_reload: Sequence[Callable[[Settings], None]] = (),
         appliers: Mapping[str, Callable[[Settings], None]] | None = None,
+        shedding: LoadShedding | None = None,
     ) -> None:
         """``on_swap`` hooks see every table swapped in (a reload's or a weight
         change's), ``on_reload`` hooks every reload's settings (the price table);
@@ -107,6 +109,7 @@ class Reloader:
         self._router = router
         self._providers = providers
         self._metrics = metrics
+        self._shedding = shedding
         self._on_swap = list(on_swap)
         self._on_reload = list(on_reload)
         self._appliers = dict(appliers or {})
@@ -147,7 +150,9 @@ class Reloader:
             settings = self.check()
             previous = self._router.table
             try:
-                built = build_table(settings, self._providers, previous, self._metrics)
+                built = build_table(
+                    settings, self._providers, previous, self._metrics, shedding=self._shedding
+                )
             except ConfigError as exc:  # a secret that cannot be read, a missing extra
                 self._metrics.reloads.labels("invalid").inc()
                 raise InvalidRequestError(str(exc), code="invalid_config") from None

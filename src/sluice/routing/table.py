@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from sluice.backends.registry import ProviderRegistry
 from sluice.observability.metrics import GatewayMetrics
 from sluice.routing.balancer import POLICIES, Balancer
+from sluice.routing.capacity import LoadShedding
 from sluice.routing.deployment import Deployment
 from sluice.routing.health import Clock, DeploymentHealth, EjectionPool
 from sluice.routing.plan import ModelRoute
@@ -79,10 +80,13 @@ def build_table(
     previous: Table | None = None,
     metrics: GatewayMetrics | None = None,
     clock: Clock = time.monotonic,
+    shedding: LoadShedding | None = None,
 ) -> Built:
     """The table for ``settings``, reusing ``previous``'s unchanged deployments (with
     their health). A model with several deployments gets a balancer and per-deployment
-    outlier detection; one with a single deployment has nothing to balance."""
+    outlier detection; one with a single deployment has nothing to balance. ``shedding``
+    gives each new deployment its concurrency cap and queue (a kept one keeps its own,
+    with the requests it holds)."""
     health = settings.resilience.health
     reusable = previous.specs if previous is not None else {}
     routes: dict[str, ModelRoute] = {}
@@ -106,6 +110,10 @@ def build_table(
                     described.stream_usage,
                     max_concurrency=described.max_concurrency,
                 )
+                if shedding is not None:
+                    deployment.capacity = shedding.capacity(
+                        model.name, name, described.max_concurrency
+                    )
                 fresh.append(deployment)
             specs.setdefault(key, (spec, deployment))
             deployments.append(deployment)
