@@ -503,7 +503,7 @@ async def test_a_busy_deployment_is_skipped_without_a_call_or_a_retry() -> None:
     assert ctx.attempts == 1
     assert isinstance(raised, UpstreamStatusError)
     assert c.backend.calls == []
-    assert a.outcomes == [Outcome.OK]
+    assert a.outcomes == [Outcome.NO_VERDICT]
     assert a.ends[0][1] is None
 
 

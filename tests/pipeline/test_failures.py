@@ -56,7 +56,7 @@ def test_an_upstream_429_tells_the_client_when_to_come_back() -> None:
 @pytest.mark.parametrize(
     ("error", "outcome", "step"),
     [
-        (DeploymentBusyError("full"), Outcome.OK, Next.BUSY),
+        (DeploymentBusyError("full"), Outcome.NO_VERDICT, Next.BUSY),
         (UpstreamAuthError("refused"), Outcome.FAILED, Next.ELSEWHERE),
         (
             UpstreamError("too large", code="upstream_response_too_large"),

@@ -265,3 +265,19 @@ def test_time_to_first_byte_is_smoothed_and_forgotten_when_old() -> None:
     assert h.latency(clock.now) is None
     succeed(d, first_byte=0.5)
     assert h.latency(clock.now) == 0.5  # a fresh start, not a blend with the stale value
+
+
+def test_an_attempt_without_a_verdict_frees_its_probe_and_judges_nothing() -> None:
+    # A busy refusal or a client that left says nothing of the deployment: a half-open one
+    # stays half-open (not closed as by a success), its probe place free for the next.
+    clock = FakeClock()
+    d, _ = deployments(clock, consecutive_failures=1, half_open_probes=1, ejection_base=5)
+    fail(d)
+    sit_out(clock, d)
+    h = health(d)
+    d.begin()
+    assert not h.available(clock.now)
+    d.end(Outcome.NO_VERDICT, None)
+    assert h.state is State.HALF_OPEN
+    assert h.available(clock.now)
+    assert d.outstanding == 0

@@ -170,7 +170,7 @@ class Attempts:
     def _interrupted(self, ctx: RequestContext, deployment: Deployment) -> None:
         if ctx.slot is not None:
             _give_back_slot(ctx)
-        deployment.end(Outcome.OK, None)  # no verdict: cancelled, or the gateway's fault
+        deployment.end(Outcome.NO_VERDICT, None)  # cancelled, or the gateway's fault
         ctx.attempts += 1
 
     async def _recover(

@@ -79,7 +79,7 @@ _POLICY_INNER_CODES = frozenset({"ResponsibleAIPolicyViolation"})  # Azure's inn
 
 def judge(error: SluiceError) -> Failure:
     if isinstance(error, DeploymentBusyError):
-        return Failure(error, Outcome.OK, Next.BUSY, responded=False)
+        return Failure(error, Outcome.NO_VERDICT, Next.BUSY, responded=False)
     if isinstance(error, UpstreamStatusError):
         return _judge_status(error)
     if isinstance(error, UpstreamConnectError):

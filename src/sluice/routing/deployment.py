@@ -23,6 +23,9 @@ class Outcome(enum.Enum):
     """A connect error, reset, timeout or 5xx: counts against the deployment's health."""
     THROTTLED = "throttled"
     """A 429: back-pressure, not a health failure (the deployment cools for Retry-After)."""
+    NO_VERDICT = "no_verdict"
+    """Says nothing of the deployment: no call was made (it was busy), the client left,
+    or the gateway itself failed. Frees the attempt's place and judges nothing."""
 
 
 @dataclass(slots=True)

@@ -139,6 +139,8 @@ class DeploymentHealth:
         if outcome is Outcome.THROTTLED:
             self._cool(now, retry_after_s)
             return
+        if outcome is Outcome.NO_VERDICT:
+            return
         slow = first_byte_s is not None and first_byte_s > self._settings.slow_call_seconds
         if outcome is Outcome.OK and first_byte_s is not None:
             self._sample_ttfb(now, first_byte_s)
