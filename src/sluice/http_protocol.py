@@ -80,6 +80,15 @@ _EXTENSIONS: MappingProxyType[str, MappingProxyType[str, object]] = MappingProxy
 )
 
 
+def header_pairs(block: bytes, out: list[tuple[bytes, bytes]]) -> None:
+    """Append the header lines of a ``HEADER_BLOCK`` to ``out`` as ASGI header pairs, for
+    servers without the extension (the block's lines are the one source of both)."""
+    for line in block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b": ")
+            out.append((name, value))
+
+
 UVICORN_RANGE = Covered("uvicorn", (0, 54), (0, 60))
 """uvicorn releases whose httptools protocol this module was written and tested for."""
 

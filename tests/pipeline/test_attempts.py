@@ -206,7 +206,8 @@ def served(ctx: RequestContext) -> str:
 
 
 def headers(ctx: RequestContext) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in ctx.response_headers or ()}
+    lines = (ctx.response_headers or b"").decode().split("\r\n")
+    return dict(line.split(": ", 1) for line in lines if line)
 
 
 async def drain(reply: StreamReply, ctx: RequestContext) -> bytes:

@@ -24,13 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sluice.api.edge import EdgeChecks
 from sluice.api.errors import send_error
 from sluice.errors import ServiceUnavailableError, SluiceError
-from sluice.http_protocol import HEADER_BLOCK
+from sluice.http_protocol import HEADER_BLOCK, header_pairs
 from sluice.lifecycle import Lifecycle
 from sluice.observability.logging import AccessLog
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.context import SCOPE_KEY, RequestContext
-from sluice.pipeline.limits.headers import ratelimit_header_block, ratelimit_headers
+from sluice.pipeline.limits.headers import ratelimit_header_block
 
 _API_ROUTES = {
     f"{prefix}/{route}": route
@@ -97,15 +97,18 @@ class ObserveRequests:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [*message.get("headers", ()), id_header]
-                if ctx.response_headers is not None:  # x-sluice-*: which deployment served
-                    headers += ctx.response_headers
+                # x-sluice-* (which deployment served) and x-ratelimit-*, as header lines:
+                # a server with Sluice's header-block extension takes them ready-made
+                # (sluice.http_protocol), any other as ordinary headers.
+                block = ctx.response_headers
                 if ctx.admission is not None:
-                    # A server with Sluice's header-block extension takes the x-ratelimit-*
-                    # headers as ready-made lines (sluice.http_protocol), any other as headers.
+                    limits = ratelimit_header_block(ctx.admission)
+                    block = limits if block is None else block + limits
+                if block:
                     if HEADER_BLOCK in (scope.get("extensions") or ()):
-                        message[HEADER_BLOCK] = ratelimit_header_block(ctx.admission)
+                        message[HEADER_BLOCK] = block
                     else:
-                        ratelimit_headers(ctx.admission, headers)
+                        header_pairs(block, headers)
                 message["headers"] = headers
             await send(message)
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -60,7 +61,9 @@ from sluice.routing.plan import Plan
 from sluice.routing.router import Router
 from sluice.routing.settings import RetrySettings
 
-Headers = list[tuple[bytes, bytes]]
+Headers = bytes
+"""Response header lines (`sluice.http_protocol.HEADER_BLOCK`)."""
+_UNSAFE_IN_HEADER = re.compile(rb"[^\x21-\x7e ]")
 _MAX_CACHED_HEADERS = 4096
 
 
@@ -270,7 +273,7 @@ class Attempts:
             and answer.next in (Next.RETRY, Next.ELSEWHERE)
             and answer.outcome is not Outcome.THROTTLED
         ):
-            headers.append((b"x-should-retry", b"false"))  # the gateway has retried already
+            headers += b"x-should-retry: false\r\n"  # the gateway has retried already
         ctx.response_headers = headers
         return error
 
@@ -375,11 +378,17 @@ class _Course:
 
 
 def _headers(deployment: str, model: str, attempts: int) -> Headers:
-    return [
-        (b"x-sluice-deployment", deployment.encode()),
-        (b"x-sluice-model", model.encode()),
-        (b"x-sluice-attempts", str(attempts).encode()),
-    ]
+    """The ``x-sluice-*`` header lines (names from the configuration, made safe for a
+    header all the same)."""
+    return b"x-sluice-deployment: %s\r\nx-sluice-model: %s\r\nx-sluice-attempts: %d\r\n" % (
+        _header_value(deployment),
+        _header_value(model),
+        attempts,
+    )
+
+
+def _header_value(text: str) -> bytes:
+    return _UNSAFE_IN_HEADER.sub(b"?", text.encode())
 
 
 def _give_back_slot(ctx: RequestContext) -> None:

@@ -62,7 +62,7 @@ class RequestContext:
     client_disconnected: bool = False
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
-    response_headers: list[tuple[bytes, bytes]] | None = None
+    response_headers: bytes | None = None
     """Headers for the client's response, set by the attempts step (``x-sluice-*``); the
     list may be shared between requests: never changed in place."""
 

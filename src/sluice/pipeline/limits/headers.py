@@ -40,12 +40,3 @@ def ratelimit_header_block(admission: Admission) -> bytes:
     if a.limit_tokens is not None:
         return _TOKEN_LINES % (a.limit_tokens, a.remaining_tokens or 0, a.reset_tokens or 0)
     return b""
-
-
-def ratelimit_headers(admission: Admission, out: list[tuple[bytes, bytes]]) -> None:
-    """Append the headers of `ratelimit_header_block` to ``out`` as ASGI header pairs, for
-    servers without the extension (their one source is the block's format)."""
-    for line in ratelimit_header_block(admission).split(b"\r\n"):
-        if line:
-            name, _, value = line.partition(b": ")
-            out.append((name, value))
