@@ -67,15 +67,6 @@ from aiohttp import web
 
 from sluice.testing.faults import Draw, Fault, FaultInjector, MockFaults, retry_after_headers
 
-__all__ = [
-    "MockBehaviour",
-    "MockFaults",
-    "MockStats",
-    "MockUpstream",
-    "build_mock_app",
-    "run_mock_upstream",
-]
-
 
 @dataclass
 class MockBehaviour:
