@@ -196,7 +196,8 @@ class UpstreamAuthError(UpstreamError):
 
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with an error status; its body is relayed unchanged, and a 429's
-    or 503's Retry-After (``retry_after``, seconds) with it."""
+    or 503's Retry-After (``retry_after``, seconds) with it. ``should_retry`` is the
+    upstream's ``x-should-retry`` (OpenAI's), None when it sent none."""
 
     def __init__(
         self,
@@ -204,6 +205,7 @@ class UpstreamStatusError(UpstreamError):
         body: bytes,
         content_type: str = "application/json",
         retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         headers = None
         if retry_after is not None and status in (429, 503):
@@ -213,6 +215,7 @@ class UpstreamStatusError(UpstreamError):
         self.upstream_body = body
         self.content_type = content_type
         self.retry_after = retry_after
+        self.should_retry = should_retry
 
     @property
     def http_status(self) -> int:

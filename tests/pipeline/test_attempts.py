@@ -448,6 +448,26 @@ async def test_a_long_retry_after_is_not_waited_for() -> None:
     assert "x-should-retry" not in headers(ctx)
 
 
+async def test_an_upstream_that_says_not_to_retry_is_called_once_and_so_says_the_answer() -> None:
+    world = World(backoff_max=1.0)
+    a = world.deployment("m/0", UpstreamStatusError(429, b"", retry_after=0.1, should_retry=False))
+    world.model("m", a)
+    ctx, _ = await world.fail("m")
+    assert len(a.backend.calls) == 1
+    assert world.clock.sleeps == []
+    assert headers(ctx)["x-should-retry"] == "false"  # nor should the client's SDK
+
+
+async def test_another_deployment_serves_after_one_says_not_to_retry() -> None:
+    world = World()
+    a = world.deployment("m/0", UpstreamStatusError(500, b"", should_retry=False))
+    b = world.deployment("m/1")
+    world.model("m", a, b)
+    ctx, _ = await world.run("m")
+    assert headers(ctx)["x-sluice-deployment"] == "m/1"
+    assert len(a.backend.calls) == 1
+
+
 async def test_a_throttled_deployment_is_passed_over_for_another() -> None:
     world = World()
     a = world.deployment("m/0", UpstreamStatusError(429, b"", retry_after=30))

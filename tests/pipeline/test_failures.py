@@ -85,3 +85,22 @@ def test_judgements(error: UpstreamError, outcome: Outcome, step: Next) -> None:
 
 def test_a_throttled_failure_carries_its_wait() -> None:
     assert judge(UpstreamStatusError(429, b"", retry_after=3)).retry_after == 3
+
+
+@pytest.mark.parametrize("status", [429, 500, 503, 408])
+def test_an_upstream_that_says_not_to_retry_is_not_called_again(status: int) -> None:
+    # OpenAI's x-should-retry: false (an exhausted quota's 429, say): never this deployment
+    # again; another deployment or a fallback may still serve.
+    refused = judge(UpstreamStatusError(status, b"{}", should_retry=False))
+    assert refused.next is Next.ELSEWHERE
+    assert refused.outcome is judge(UpstreamStatusError(status, b"{}")).outcome
+    assert judge(UpstreamStatusError(status, b"{}", should_retry=True)).next is Next.RETRY
+
+
+def test_x_should_retry_is_read_from_the_upstreams_headers() -> None:
+    from sluice.backends.openai_http import should_retry
+
+    assert should_retry({b"x-should-retry": b"false"}) is False
+    assert should_retry({b"x-should-retry": b"True"}) is True
+    assert should_retry({b"x-should-retry": b"maybe"}) is None
+    assert should_retry({}) is None

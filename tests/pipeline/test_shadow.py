@@ -22,7 +22,7 @@ from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.shadow import Shadow, ShadowLink, ShadowTraffic
 from sluice.pipeline.steps import Reply
-from sluice.routing.deployment import Deployment
+from sluice.routing.deployment import Deployment, Outcome
 from sluice.routing.plan import ModelRoute
 from sluice.routing.router import Router
 from sluice.routing.settings import ShadowSettings
@@ -289,3 +289,23 @@ def test_through_the_gateway_a_slow_shadow_never_delays_the_answer(
         metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
         assert 'sluice_shadow_matches_total{alias="gpt",result="match"} 1.0' in metrics
         assert 'sluice_alias_choices_total{alias="gpt",version="gpt-a"} 1.0' in metrics
+
+
+async def test_a_copy_cancelled_at_shutdown_judges_nothing() -> None:
+    ends: list[Outcome] = []
+
+    class Judged(Deployment):
+        def end(self, outcome: Outcome, *args: Any) -> None:
+            super().end(outcome, *args)
+            ends.append(outcome)
+
+    gateway = Gateway(ShadowBackend())
+    judged = Judged("gpt-s/0", gateway.shadow_deployment.backend, "up-s", 1.0)
+    gateway.table.routes["gpt-s"] = ModelRoute("gpt-s", [judged])
+    await gateway.request()
+    await asyncio.sleep(0)
+    assert gateway.traffic.in_flight == 1
+    await gateway.traffic.close()
+    # The shadow deployment did not fail: the gateway stopped waiting for it.
+    assert ends == [Outcome.NO_VERDICT]
+    assert judged.outstanding == 0

@@ -93,6 +93,18 @@ def test_weights_change_only_within_the_alias_versions() -> None:
         alias.reweighted({"gpt-a": -1})
 
 
+def test_weights_whose_total_overflows_are_refused() -> None:
+    # Each weight is finite, but their sum is not: the draw would pick past the last version.
+    huge = 1.5e308
+    with pytest.raises(ValueError, match="finite"):
+        canary().reweighted({"gpt-a": huge, "gpt-b": huge})
+    with pytest.raises(ValueError, match="finite"):
+        AliasSettings(
+            name="gpt",
+            versions=[{"model": "gpt-a", "weight": huge}, {"model": "gpt-b", "weight": huge}],
+        )
+
+
 def _settings(**extra: object) -> Settings:
     spec = {"provider": "openai", "api_base": "http://127.0.0.1:9/v1"}
     config: dict[str, object] = {

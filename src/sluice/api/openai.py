@@ -10,11 +10,10 @@ after its first byte ends with an SSE error event.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
@@ -122,7 +121,7 @@ class OpenAIService:
         ctx.receive = receive
         reply = await self._pipeline(ctx)
         if isinstance(reply, StreamReply):
-            await self._stream(ctx, reply)(scope, receive, send)
+            await self._send_stream(ctx, reply, scope, receive, send)
             return
         body = reply.body
         await send(
@@ -137,29 +136,36 @@ class OpenAIService:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _stream(self, ctx: RequestContext, reply: StreamReply) -> Response:
-        async def events() -> AsyncIterator[bytes]:
-            ended = False
-            try:
-                async for data in reply.events:
-                    yield data
-                ended = True
-            except UpstreamError as exc:
-                ended = True
-                upstream_failed(self._metrics, ctx, exc)
-                yield error_event(exc)
-            finally:
-                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-                ctx.client_disconnected = not ended
-                await reply.close()
+    async def _send_stream(
+        self, ctx: RequestContext, reply: StreamReply, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        events = self._events(ctx, reply)
+        response = StreamingResponse(events, media_type="text/event-stream", headers=STREAM_HEADERS)
+        try:
+            await response(scope, receive, send)
+        finally:
+            # However the response ended, the relay's end runs now (the request's state,
+            # then the upstream's close, which gives back the deployment's slot): not when
+            # the relay is garbage-collected, as it would be after a client that left
+            # mid-event (a server may report that by an error that skips a response's
+            # background task). Closing twice is safe; one never started is closed here.
+            await events.aclose()
+            await reply.close()
 
-        # The background task closes the upstream even if the body never started.
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers=STREAM_HEADERS,
-            background=BackgroundTask(reply.close),
-        )
+    async def _events(self, ctx: RequestContext, reply: StreamReply) -> AsyncGenerator[bytes]:
+        ended = False
+        try:
+            async for data in reply.events:
+                yield data
+            ended = True
+        except UpstreamError as exc:
+            ended = True
+            upstream_failed(self._metrics, ctx, exc)
+            yield error_event(exc)
+        finally:
+            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            ctx.client_disconnected = not ended
+            await reply.close()
 
 
 class _Proxy:

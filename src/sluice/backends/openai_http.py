@@ -154,7 +154,9 @@ class OpenAIHTTPBackend:
         self, status: int, body: bytes, content_type: str, headers: dict[bytes, bytes]
     ) -> UpstreamError:
         if status not in (401, 403):
-            return UpstreamStatusError(status, body, content_type, _retry_after(headers))
+            return UpstreamStatusError(
+                status, body, content_type, _retry_after(headers), should_retry(headers)
+            )
         text = scrub(body[: _LOGGED_BODY * 2].decode("utf-8", "replace"))
         if self._api_key:
             text = text.replace(self._api_key, "[redacted]")
@@ -188,6 +190,12 @@ def _retry_after(headers: dict[bytes, bytes]) -> float | None:
     if seconds is not None:
         return seconds
     return retry_after_seconds(headers.get(b"retry-after"))
+
+
+def should_retry(headers: dict[bytes, bytes]) -> bool | None:
+    """OpenAI's ``x-should-retry`` hint (``true`` / ``false``); None when absent or neither."""
+    value = headers.get(b"x-should-retry", b"").strip().lower()
+    return True if value == b"true" else False if value == b"false" else None
 
 
 def _payload(call: UpstreamCall) -> bytes:

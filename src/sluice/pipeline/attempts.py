@@ -47,7 +47,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-from sluice.errors import ServiceUnavailableError, SluiceError, UpstreamError
+from sluice.errors import (
+    ServiceUnavailableError,
+    SluiceError,
+    UpstreamError,
+    UpstreamStatusError,
+)
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import Rates
@@ -267,13 +272,16 @@ class Attempts:
                 headers={"Retry-After": "1"},
             )
         headers = _headers(deployment.id, model, ctx.attempts)
-        if (
+        retried = (
             ctx.attempts
             and self._settings.attempts > 1
             and answer.next in (Next.RETRY, Next.ELSEWHERE)
             and answer.outcome is not Outcome.THROTTLED
-        ):
-            headers += b"x-should-retry: false\r\n"  # the gateway has retried already
+        )
+        # The gateway has retried already, or the upstream said not to (its own header).
+        said_no = isinstance(error, UpstreamStatusError) and error.should_retry is False
+        if retried or said_no:
+            headers += b"x-should-retry: false\r\n"
         ctx.response_headers = headers
         return error
 

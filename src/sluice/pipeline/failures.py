@@ -6,6 +6,8 @@
     upstream 5xx, 408                         FAILED        the same one after a backoff)
     upstream 429, engine queue full           THROTTLED   retry (the same one no sooner than
                                                             its Retry-After)
+    upstream 5xx, 408 or 429 with its         (as above)  another deployment, never this one
+      ``x-should-retry: false``
     engine stopped or overloaded (503)        FAILED      retry
     upstream 401/403 (credentials refused)    FAILED      another deployment, never this one
     any other upstream failure (a body too    FAILED      another deployment, never this one
@@ -103,10 +105,13 @@ def judge(error: SluiceError) -> Failure:
 
 def _judge_status(error: UpstreamStatusError) -> Failure:
     status = error.upstream_status
+    # An upstream's "x-should-retry: false" (OpenAI's) is honoured for the deployment that
+    # sent it: never called again for this request, though another one may serve it.
+    again = Next.ELSEWHERE if error.should_retry is False else Next.RETRY
     if status == 429:
-        return Failure(error, Outcome.THROTTLED, Next.RETRY, True, error.retry_after)
+        return Failure(error, Outcome.THROTTLED, again, True, error.retry_after)
     if status >= 500 or status == 408:
-        return Failure(error, Outcome.FAILED, Next.RETRY, True, error.retry_after)
+        return Failure(error, Outcome.FAILED, again, True, error.retry_after)
     if status == 400:
         refused = _refusal(error.upstream_body)
         if refused is not None:

@@ -166,15 +166,16 @@ class ShadowTraffic:
         self, deployment: Deployment, call: UpstreamCall, primary: Primary, compare: _Comparison
     ) -> None:
         started = self._clock()
-        outcome, seconds = Outcome.FAILED, None
+        # Cancelled (the app stopping) or a backend's bug says nothing of the deployment.
+        outcome, seconds = Outcome.NO_VERDICT, None
         deployment.begin()
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await deployment.backend.send(call)
             outcome, seconds = Outcome.OK, self._clock() - started
         except (SluiceError, TimeoutError) as exc:
-            if isinstance(exc, UpstreamStatusError) and exc.upstream_status == 429:
-                outcome = Outcome.THROTTLED
+            throttled = isinstance(exc, UpstreamStatusError) and exc.upstream_status == 429
+            outcome = Outcome.THROTTLED if throttled else Outcome.FAILED
             self._failed(compare, exc)
             return
         except Exception as exc:  # a backend's bug: reported, never raised into the loop

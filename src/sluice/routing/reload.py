@@ -114,6 +114,8 @@ class Reloader:
         self._on_reload = list(on_reload)
         self._appliers = dict(appliers or {})
         self._lock = asyncio.Lock()
+        self._signal_waiting = False
+        """A SIGHUP's reload is waiting for the lock (it has not read the file yet)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retiring: list[Deployment] = []
 
@@ -147,37 +149,41 @@ class Reloader:
     async def reload(self) -> ReloadReport:
         """Apply the configuration file's routing now (see the module's doc)."""
         async with self._lock:
-            settings = self.check()
-            previous = self._router.table
-            try:
-                built = build_table(
-                    settings, self._providers, previous, self._metrics, shedding=self._shedding
-                )
-            except ConfigError as exc:  # a secret that cannot be read, a missing extra
-                self._metrics.reloads.labels("invalid").inc()
-                raise InvalidRequestError(str(exc), code="invalid_config") from None
-            started = await asyncio.gather(
-                *(d.backend.start() for d in built.fresh), return_exceptions=True
+            return await self._reload()
+
+    async def _reload(self) -> ReloadReport:
+        """`reload`, the lock held."""
+        settings = self.check()
+        previous = self._router.table
+        try:
+            built = build_table(
+                settings, self._providers, previous, self._metrics, shedding=self._shedding
             )
-            failure = next((r for r in started if isinstance(r, BaseException)), None)
-            if failure is not None:
-                await _close(built.fresh)
-                self._metrics.reloads.labels("failed").inc()
-                raise InvalidRequestError(
-                    f"a new deployment did not start ({failure}); nothing was changed.",
-                    code="reload_failed",
-                )
-            # The switch: one event-loop turn, nothing awaited.
-            self._install(built.table)
-            for hook in self._on_reload:
-                hook(settings)
-            for section, apply in self._appliers.items():
-                if getattr(settings, section) != getattr(self.settings, section):
-                    apply(settings)
-            self.settings = settings
-            self._metrics.reloads.labels("ok").inc()
-            if built.retired:
-                self._retire(built.retired, *_grace(previous, built.retired, settings))
+        except ConfigError as exc:  # a secret that cannot be read, a missing extra
+            self._metrics.reloads.labels("invalid").inc()
+            raise InvalidRequestError(str(exc), code="invalid_config") from None
+        started = await asyncio.gather(
+            *(d.backend.start() for d in built.fresh), return_exceptions=True
+        )
+        failure = next((r for r in started if isinstance(r, BaseException)), None)
+        if failure is not None:
+            await _close(built.fresh)
+            self._metrics.reloads.labels("failed").inc()
+            raise InvalidRequestError(
+                f"a new deployment did not start ({failure}); nothing was changed.",
+                code="reload_failed",
+            )
+        # The switch: one event-loop turn, nothing awaited.
+        self._install(built.table)
+        for hook in self._on_reload:
+            hook(settings)
+        for section, apply in self._appliers.items():
+            if getattr(settings, section) != getattr(self.settings, section):
+                apply(settings)
+        self.settings = settings
+        self._metrics.reloads.labels("ok").inc()
+        if built.retired:
+            self._retire(built.retired, *_grace(previous, built.retired, settings))
         report = ReloadReport(
             built.table.generation,
             started=len(built.fresh),
@@ -193,14 +199,22 @@ class Reloader:
         os.kill(os.getppid(), signal.SIGHUP)
 
     def signalled(self) -> None:
-        """SIGHUP: reload in the background; the outcome is logged."""
+        """SIGHUP: reload in the background; the outcome is logged. Signals that arrive
+        while a reload waits to read the file are served by that reload (it reads the file
+        as it is then), so a storm of them costs at most one reload more than the one
+        running, not one each."""
+        if self._signal_waiting:
+            return
+        self._signal_waiting = True
         task = asyncio.get_running_loop().create_task(self._reload_logged())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _reload_logged(self) -> None:
         try:
-            await self.reload()
+            async with self._lock:
+                self._signal_waiting = False  # a signal from now on needs another read
+                await self._reload()
         except (InvalidRequestError, ConflictError) as exc:
             log.error("configuration reload refused: %s", exc.message, extra={"code": exc.code})
         except Exception:

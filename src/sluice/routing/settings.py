@@ -3,7 +3,9 @@ load shedding and model versions (read by `sluice.settings`; see docs/resilience
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -128,9 +130,20 @@ class AliasSettings(_Strict):
 
     @model_validator(mode="after")
     def _some_weight(self) -> AliasSettings:
-        if not any(version.weight > 0 for version in self.versions):
-            raise ValueError(f"alias {self.name!r}: at least one version needs a weight > 0")
+        check_weights(self.name, [version.weight for version in self.versions])
         models = [version.model for version in self.versions]
         if len(set(models)) != len(models):
             raise ValueError(f"alias {self.name!r}: a model is listed twice among its versions")
         return self
+
+
+def check_weights(alias: str, weights: Sequence[float]) -> None:
+    """Raise ValueError unless ``weights`` can split traffic: finite, >= 0, one > 0, and a
+    finite total (each version's share is drawn against the running total)."""
+    for weight in weights:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"alias {alias!r}: weights must be finite numbers >= 0")
+    if not math.isfinite(sum(weights)):
+        raise ValueError(f"alias {alias!r}: the weights' total must be finite; scale them down")
+    if not any(weight > 0 for weight in weights):
+        raise ValueError(f"alias {alias!r}: at least one version needs a weight > 0")

@@ -17,10 +17,10 @@ import bisect
 import hashlib
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sluice.routing.settings import AliasSettings, ShadowSettings, StickySettings
+from sluice.routing.settings import AliasSettings, ShadowSettings, StickySettings, check_weights
 
 MAX_STICKY_KEY = 256
 """Characters of a user id or header value that are hashed: a longer one (hostile, or a
@@ -93,11 +93,3 @@ class Alias:
             raise ValueError(f"alias {self.name!r} has no version {unknown[0]!r}")
         versions = tuple((model, weights.get(model, weight)) for model, weight in self.versions)
         return Alias(self.name, versions, self.sticky, self.shadow)
-
-
-def check_weights(alias: str, weights: Sequence[float]) -> None:
-    for weight in weights:
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"alias {alias!r}: weights must be finite numbers >= 0")
-    if not any(weight > 0 for weight in weights):
-        raise ValueError(f"alias {alias!r}: at least one version needs a weight > 0")
