@@ -45,7 +45,7 @@ EJECTION_WINDOW_S = 5.0  # Sluice's health window; LiteLLM's cooldown lasts as l
 TARGET_SUCCESS_PCT, TARGET_CALLS_PER_REQUEST, TARGET_DOWN_P99_MS = 99.9, 1.25, 50.0
 
 
-def sluice_config(ports: dict[str, int]) -> dict[str, Any]:
+def sluice_config(ports: dict[str, int], backoff_initial: float | None = None) -> dict[str, Any]:
     def deployment(name: str) -> dict[str, Any]:
         return {
             "provider": "openai",
@@ -55,12 +55,15 @@ def sluice_config(ports: dict[str, int]) -> dict[str, Any]:
             "timeout": {"connect": 1, "first_byte": TIMEOUT_S, "total": 30},
         }
 
+    retries: dict[str, Any] = {"attempts": 3}
+    if backoff_initial is not None:
+        retries["backoff_initial"] = backoff_initial
     return {
         "logging": {"level": "info", "access_log": True},
         "usage": {"enabled": False},
         "models": [{"name": MODEL, "deployments": [deployment("good"), deployment("bad")]}],
         "resilience": {
-            "retries": {"attempts": 3},
+            "retries": retries,
             # A 35% failure share ejects (the default, 50%, would not).
             "health": {"window": EJECTION_WINDOW_S, "min_requests": 20, "error_rate": 0.25},
         },
@@ -365,6 +368,9 @@ def main() -> int:
     )
     parser.add_argument("--down-requests", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1, help="of the bad deployment's faults")
+    parser.add_argument(
+        "--backoff-initial", type=float, help="Sluice's resilience.retries.backoff_initial"
+    )
     parser.add_argument("--skip-sluice", action="store_true")
     parser.add_argument("--skip-litellm", action="store_true")
     parser.add_argument("--litellm-venv", default="bench/.work/litellm-venv")
@@ -383,7 +389,10 @@ def main() -> int:
             ready = f"http://{HOST}:{port}/mock/faults"
             bench.start(f"mock-{name}", argv, cores=AUX, env=env, ready=ready)
         mocks = Mocks(ports)
-        configs = {"sluice": sluice_config(ports), "litellm": litellm_config(ports)}
+        configs = {
+            "sluice": sluice_config(ports, args.backoff_initial),
+            "litellm": litellm_config(ports),
+        }
         paths = {}
         for name, settings in configs.items():
             paths[name] = bench.work / f"{name}.yaml"
