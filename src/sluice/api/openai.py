@@ -107,16 +107,14 @@ class OpenAIService:
         if self._identify is None:
             return None
         ctx: RequestContext = request.scope[SCOPE_KEY]
-        _describe_client(ctx, request)
+        _describe_client(ctx, request.scope)
         await self._identify.identify(ctx)
         key = ctx.principal.key if ctx.principal is not None else None
         return set(key.models) if key is not None and key.models is not None else None
 
     async def proxy(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope[SCOPE_KEY]
-        ctx.headers = scope["headers"]
-        ctx.query_string = scope["query_string"]
-        ctx.client = scope.get("client")
+        _describe_client(ctx, scope)
         ctx.route = route
         ctx.receive = receive
         reply = await self._pipeline(ctx)
@@ -179,8 +177,7 @@ class _Proxy:
         return self._service.proxy(self._route, scope, receive, send)
 
 
-def _describe_client(ctx: RequestContext, request: Request) -> None:
-    scope = request.scope
+def _describe_client(ctx: RequestContext, scope: Scope) -> None:
     ctx.headers = scope["headers"]
     ctx.query_string = scope["query_string"]
     ctx.client = scope.get("client")

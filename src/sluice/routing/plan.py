@@ -27,13 +27,22 @@ class ModelRoute:
             self.balancer = Balancer(self.deployments, Weighted(), time.monotonic)
         self.fixed = None
         if len(self.deployments) == 1:
-            self.fixed = Plan(
-                self.name,
-                self.deployments,
-                self.fallbacks,
-                self.context_window_fallbacks,
-                self.content_policy_fallbacks,
-            )
+            self.fixed = self._plan(self.deployments)
+
+    def plan(self, rng: random.Random) -> Plan:
+        """This request's plan: the one every request shares when it cannot vary."""
+        if self.fixed is not None:
+            return self.fixed
+        return self._plan(self.order(rng))
+
+    def _plan(self, candidates: list[Deployment]) -> Plan:
+        return Plan(
+            self.name,
+            candidates,
+            self.fallbacks,
+            self.context_window_fallbacks,
+            self.content_policy_fallbacks,
+        )
 
     def order(self, rng: random.Random) -> list[Deployment]:
         """The deployments in the order to try them: the balancing policy's choice first,

@@ -49,15 +49,7 @@ class Router:
         route = table.routes.get(model)
         if route is None:
             route = table.routes[table.aliases[model].choose(self._rng, sticky_key)]
-        if route.fixed is not None:
-            return route.fixed
-        return Plan(
-            route.name,
-            route.order(self._rng),
-            route.fallbacks,
-            route.context_window_fallbacks,
-            route.content_policy_fallbacks,
-        )
+        return route.plan(self._rng)
 
     def alias(self, name: str) -> Alias | None:
         return self.table.aliases.get(name)
