@@ -29,12 +29,8 @@ class Tables:
     def __init__(self, table: dict[str, list[Deployment]]) -> None:
         self.table = table
 
-    @property
-    def model_names(self) -> list[str]:
-        return list(self.table)
-
-    def deployments(self, model: str) -> list[Deployment]:
-        return self.table[model]
+    def model_deployments(self) -> list[tuple[str, Deployment]]:
+        return [(model, d) for model, group in self.table.items() for d in group]
 
 
 def sample(metrics: GatewayMetrics, name: str, deployment: str) -> float | None:
@@ -134,3 +130,21 @@ async def test_the_http_backend_probes_get_models() -> None:
             await unreachable.probe()
     finally:
         await unreachable.close()
+
+
+def test_an_alias_publishes_nothing_of_its_own_and_stops_nothing() -> None:
+    # An alias is a public name without deployments: the gauges are its models'.
+    from sluice.routing.settings import AliasSettings, VersionSettings
+    from sluice.routing.versions import Alias
+
+    clock = FakeClock()
+    group = deployments(clock, count=2)
+    alias = Alias.of(AliasSettings(name="a", versions=[VersionSettings(model="m", weight=1)]))
+    metrics = GatewayMetrics(CollectorRegistry())
+    HealthMonitor(Router(Table({"m": ModelRoute("m", group)}, {"a": alias})), metrics).publish()
+    published = {
+        (s.labels["model"], s.labels["deployment"])
+        for metric in metrics.deployment_outstanding.collect()
+        for s in metric.samples
+    }
+    assert published == {("m", d.id) for d in group}

@@ -34,10 +34,7 @@ interval, so rounds never overlap)."""
 class Table(Protocol):
     """What the monitor reads of the router: the current table, whatever replaced it."""
 
-    @property
-    def model_names(self) -> list[str]: ...
-
-    def deployments(self, model: str) -> list[Deployment]: ...
+    def model_deployments(self) -> list[tuple[str, Deployment]]: ...
 
 
 class HealthMonitor:
@@ -72,7 +69,7 @@ class HealthMonitor:
         metrics = self._metrics
         now = self._clock()
         seen = set()
-        for model, deployment in self._deployments():
+        for model, deployment in self._router.model_deployments():
             labels = (model, deployment.id)
             seen.add(labels)
             health = deployment.health
@@ -99,7 +96,7 @@ class HealthMonitor:
         """One round of active probes, all deployments at once."""
         timeout = self._probe_interval or PROBE_TIMEOUT
         rounds = []
-        for _, deployment in self._deployments():
+        for _, deployment in self._router.model_deployments():
             probe: Callable[[], Awaitable[bool]] | None = getattr(deployment.backend, "probe", None)
             if deployment.health is not None and probe is not None:
                 rounds.append(self._probe_one(deployment.id, deployment.health, probe, timeout))
@@ -119,10 +116,6 @@ class HealthMonitor:
             log.info("active probe of deployment %s failed: %s", name, exc)
             ok = False
         health.probed(ok)
-
-    def _deployments(self) -> list[tuple[str, Deployment]]:
-        router = self._router
-        return [(model, d) for model in router.model_names for d in router.deployments(model)]
 
     async def _publishing(self) -> None:
         while True:

@@ -57,6 +57,10 @@ class Router:
     def deployments(self, model: str) -> list[Deployment]:
         return self.table.routes[model].deployments
 
+    def model_deployments(self) -> list[tuple[str, Deployment]]:
+        """Every (model, deployment) of the current table (an alias has none of its own)."""
+        return [(name, d) for name, route in self.table.routes.items() for d in route.deployments]
+
     def backends(self) -> list[Backend]:
         return [d.backend for d in self.table.deployments()]
 
