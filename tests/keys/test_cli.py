@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
+from sluice.keys.cli import create_key, list_keys, update_key
+from sluice.settings import ConfigError, Settings
 from sluice.testing.mock_upstream import MockUpstream
 from tests.api.test_keys_and_limits import MASTER, auth_config
 from tests.gateway import running_gateway
@@ -65,3 +69,50 @@ def test_keys_create_list_revoke_and_usage(upstream: MockUpstream, tmp_path: Pat
     missing = sluice("keys", "revoke", "--config", str(path), "key_000000000000")
     assert missing.returncode == 1
     assert "no API key" in missing.stderr
+
+
+def test_cache_settings_from_the_command_line(tmp_path: Path) -> None:
+    # What `sluice keys create/update` call, straight (the flags are parsed in sluice.cli).
+    settings = Settings(data_dir=str(tmp_path))
+    created = asyncio.run(
+        create_key(
+            settings,
+            {
+                "models": None,
+                "meta": (),
+                "team": "search",
+                "cache_controls": False,
+                "semantic_cache": "on",
+            },
+        )
+    )
+    key_id = re.search(r"id:\s+(key_[0-9a-f]+)", created).group(1)  # type: ignore[union-attr]
+    listed = asyncio.run(list_keys(settings, False))
+    row = next(line for line in listed.splitlines() if key_id in line)
+    assert "search" in row
+    assert row.endswith("semantic")  # no "controls": requests may not steer the cache
+
+    updated = asyncio.run(
+        update_key(
+            settings, key_id, {"no_team": True, "cache_controls": True, "semantic_cache": "model"}
+        )
+    )
+    assert updated == f"updated {key_id}: team=- cache_controls=on semantic_cache=model"
+    row = next(
+        line for line in asyncio.run(list_keys(settings, False)).splitlines() if key_id in line
+    )
+    assert row.endswith("  controls")
+
+    for options, message in [
+        ({"team": "a\nb"}, "team: Value error, a team name must be printable"),
+        ({"team": "x" * 201}, "team: String should have at most 200 characters"),
+        ({"semantic_cache": "maybe"}, "--semantic-cache must be one of on, off, model"),
+        ({"team": "a", "no_team": True}, "cannot be given together"),
+        ({}, "nothing to change"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            asyncio.run(update_key(settings, key_id, options))
+    with pytest.raises(ConfigError, match="invalid key settings: team"):
+        asyncio.run(create_key(settings, {"team": "\x1b[2J"}))
+    with pytest.raises(LookupError, match="no API key"):
+        asyncio.run(update_key(settings, "key_000000000000", {"team": "a"}))

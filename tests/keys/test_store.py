@@ -49,6 +49,9 @@ async def test_create_and_get_round_trip_every_field(db: Database) -> None:
         budget_period="monthly",
         expires_at=NOW + timedelta(days=30),
         metadata={"team": "search", "tags": ["a", "b"]},
+        team="search",
+        cache_controls=False,
+        semantic_cache=True,
     )
     await store.create(key)
 
@@ -78,6 +81,9 @@ async def test_defaults_are_null_models_and_empty_metadata(db: Database) -> None
     assert got.spend_usd == 0.0
     assert got.budget_period is None
     assert got.period_started_at is None
+    assert got.team is None
+    assert got.cache_controls is True
+    assert got.semantic_cache is None
 
 
 async def test_duplicate_id_or_hash_is_a_conflict(db: Database) -> None:
@@ -176,3 +182,30 @@ async def test_changing_the_budget_period_starts_a_new_period(db: Database) -> N
     lifetime = await store.update(key.id, now=NOW, budget_period=None)
     assert lifetime is not None
     assert lifetime.period_started_at is None
+
+
+async def test_cache_settings_change_and_come_back_as_booleans(db: Database) -> None:
+    store = KeyStore(db)
+    key = make_key()
+    await store.create(key)
+
+    updated = await store.update(
+        key.id, team="Équipe données 7", cache_controls=False, semantic_cache=False
+    )
+    assert updated is not None
+    # `is`, not ==: SQLite's RETURNING and plain reads must both give real booleans.
+    assert (updated.team, updated.cache_controls, updated.semantic_cache) == (
+        "Équipe données 7",
+        False,
+        False,
+    )
+    assert updated.cache_controls is False
+    assert updated.semantic_cache is False
+    assert await store.get(key.id) == updated
+
+    back = await store.update(key.id, team=None, cache_controls=True, semantic_cache=None)
+    assert back is not None
+    assert (back.team, back.cache_controls, back.semantic_cache) == (None, True, None)
+    assert back.cache_controls is True
+    assert await store.get_by_hash(key.key_hash) == back
+    assert [k.cache_controls for k in await store.list()] == [True]

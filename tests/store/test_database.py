@@ -2,17 +2,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import insert, inspect, text
 
 from sluice.store.database import Database, default_database_url, normalise_url
 from sluice.store.migrate import MIGRATIONS_DIR, current_revision, downgrade, upgrade
-from sluice.store.schema import metadata
+from sluice.store.schema import api_keys, metadata
 from tests.store.conftest import BACKENDS, temp_postgres_database
+
+HEAD = "0003"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -60,7 +63,7 @@ async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) ->
     db = Database(fresh_url)
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0002"
+        assert await current_revision(db.engine) == HEAD
         async with db.engine.connect() as conn:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
             indexes = await conn.run_sync(
@@ -79,29 +82,69 @@ async def test_start_migrates_to_head_and_rerunning_is_a_noop(fresh_url: str) ->
         assert diffs == []
 
         await upgrade(db.writer)  # again: nothing to do, nothing breaks
-        assert await current_revision(db.engine) == "0002"
+        assert await current_revision(db.engine) == HEAD
     finally:
         await db.close()
 
     again = Database(fresh_url)  # a restart runs migrations again
     await again.start()
     try:
-        assert await current_revision(again.engine) == "0002"
+        assert await current_revision(again.engine) == HEAD
         await downgrade(again.writer, "base")
         async with again.engine.connect() as conn:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert not {"api_keys", "usage_records"} & tables
         await upgrade(again.writer)
-        assert await current_revision(again.engine) == "0002"
+        assert await current_revision(again.engine) == HEAD
     finally:
         await again.close()
+
+
+async def test_0003_gives_existing_keys_default_cache_settings_and_goes_back(
+    fresh_url: str,
+) -> None:
+    db = Database(fresh_url)
+    await db.start()
+    try:
+        await downgrade(db.writer, "0002")
+        async with db.writer.begin() as conn:
+            # Only the columns named here are sent, all of which 0002 has.
+            await conn.execute(
+                insert(api_keys).values(
+                    id="key_old",
+                    key_hash="h",
+                    display="d",
+                    created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                )
+            )
+        await upgrade(db.writer)
+        assert await current_revision(db.engine) == HEAD
+        async with db.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("SELECT team, cache_controls, semantic_cache FROM api_keys")
+                )
+            ).one()
+        # An existing key keeps what every key could do before: steer the cache.
+        assert (row.team, bool(row.cache_controls), row.semantic_cache) == (None, True, None)
+
+        await downgrade(db.writer, "0002")
+        async with db.engine.connect() as conn:
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("api_keys")}
+            )
+            ids = (await conn.execute(text("SELECT id FROM api_keys"))).scalars().all()
+        assert not {"team", "cache_controls", "semantic_cache"} & columns
+        assert ids == ["key_old"]
+    finally:
+        await db.close()
 
 
 async def test_replicas_starting_together_migrate_once(fresh_url: str) -> None:
     replicas = [Database(fresh_url) for _ in range(4)]
     try:
         await asyncio.gather(*(r.start() for r in replicas))
-        assert await current_revision(replicas[0].engine) == "0002"
+        assert await current_revision(replicas[0].engine) == HEAD
     finally:
         for replica in replicas:
             await replica.close()
@@ -124,7 +167,7 @@ async def test_in_memory_sqlite_works(tmp_path: Path) -> None:
     db = Database("sqlite://")
     await db.start()
     try:
-        assert await current_revision(db.engine) == "0002"
+        assert await current_revision(db.engine) == HEAD
     finally:
         await db.close()
 

@@ -4,7 +4,7 @@
     POST   /admin/keys          create a key; the secret is in the 201 answer and nowhere else
     GET    /admin/keys          list keys (``include_revoked=true`` for all)
     GET    /admin/keys/{id}     one key
-    PATCH  /admin/keys/{id}     change models, limits, budget, expiry, metadata
+    PATCH  /admin/keys/{id}     change models, limits, budget, expiry, metadata, cache settings
     DELETE /admin/keys/{id}     revoke (every replica's key cache drops it)
 """
 
@@ -41,6 +41,9 @@ class KeyView(BaseModel):
     priority: int
     metadata: dict[str, Any]
     created_at: datetime
+    team: str | None
+    cache_controls: bool
+    semantic_cache: bool | None
 
     @classmethod
     def of(cls, record: KeyRecord) -> KeyView:

@@ -12,6 +12,7 @@ from sluice.keys import format as key_format
 from sluice.keys.invalidation import KeyInvalidation
 from sluice.keys.store import KeyRecord, KeyStore
 from sluice.store.periods import current_period_start
+from sluice.store.types import storable_text
 
 Period = Literal["daily", "weekly", "monthly"]
 
@@ -32,6 +33,25 @@ def to_utc(moment: datetime) -> datetime:
 
 
 UtcMoment = Annotated[datetime, AfterValidator(to_utc)]
+
+TEAM_MAX_LENGTH = 200
+
+
+def team_name(name: str) -> str:
+    """``name`` if it can name a team: printable (no control, format or separator characters
+    but the space, no lone surrogates, no NUL: `storable_text`) and without surrounding
+    spaces, which would make two teams that read the same. The name becomes part of a cache
+    namespace and is shown in listings and logs, so nothing in it may hide or fake text."""
+    if not (name.isprintable() and storable_text(name)):
+        raise ValueError("a team name must be printable text (no control characters)")
+    if name != name.strip():
+        raise ValueError("a team name must not start or end with spaces")
+    return name
+
+
+TeamName = Annotated[
+    str, Field(min_length=1, max_length=TEAM_MAX_LENGTH, strict=True), AfterValidator(team_name)
+]
 
 MAX_NESTING = 32
 """Levels of objects and arrays in a key's metadata."""
@@ -94,6 +114,17 @@ class KeySettings(BaseModel):
     metadata: Annotated[dict[str, Any], AfterValidator(storable)] = Field(
         default_factory=dict, description="user, team, …"
     )
+    team: TeamName | None = Field(
+        None, description="the team whose keys may share cached answers (cache namespace 'team')"
+    )
+    cache_controls: bool = Field(
+        True,
+        strict=True,
+        description="may requests steer the cache (Cache-Control, the body's 'cache' field)",
+    )
+    semantic_cache: bool | None = Field(
+        None, strict=True, description="semantic cache on or off for this key; null: the model's"
+    )
 
 
 class KeyService:
@@ -125,6 +156,9 @@ class KeyService:
             priority=spec.priority,
             metadata=spec.metadata,
             created_at=now,
+            team=spec.team,
+            cache_controls=spec.cache_controls,
+            semantic_cache=spec.semantic_cache,
         )
         await self.store.create(record)
         await self._invalidation.publish(record.key_hash)  # forget a cached "unknown key"

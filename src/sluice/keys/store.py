@@ -29,6 +29,9 @@ MUTABLE_FIELDS: frozenset[str] = frozenset(
         "expires_at",
         "priority",
         "metadata",
+        "team",
+        "cache_controls",
+        "semantic_cache",
     }
 )
 
@@ -58,6 +61,9 @@ class KeyRecord:
     priority: int = 0  # the embedded engine's queue order for this key (higher first)
     metadata: dict[str, Any] = field(default_factory=dict)
     created_at: datetime = field(default_factory=utcnow)
+    team: str | None = None  # keys of one team may share cached answers (namespace "team")
+    cache_controls: bool = True  # False: the request's Cache-Control / body `cache` are ignored
+    semantic_cache: bool | None = None  # opt in or out of the semantic cache; None: the model's
 
     def __post_init__(self) -> None:
         if self.budget_period is not None and not is_budget_period(self.budget_period):

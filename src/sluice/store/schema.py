@@ -53,6 +53,11 @@ api_keys = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     # the embedded engine's queue order for this key's requests (higher first)
     Column("priority", Integer, nullable=False, server_default=text("0")),
+    # the cache's per-key settings: the team whose keys may share answers, whether the
+    # request may steer the cache, and the semantic cache opt-in (null: the model decides)
+    Column("team", Text, nullable=True),
+    Column("cache_controls", Boolean, nullable=False, server_default=text("true")),
+    Column("semantic_cache", Boolean, nullable=True),
 )
 
 usage_records = Table(
