@@ -33,6 +33,10 @@ from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.registry import default_providers
+from sluice.cache.admin import cache_admin_router
+from sluice.cache.build import build_cache
+from sluice.cache.step import CacheStep
+from sluice.cache.verify import same_meaning
 from sluice.keys.service import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.listener import MetricsListener
@@ -64,6 +68,7 @@ _EXPOSED_HEADERS = [
     "x-sluice-deployment",
     "x-sluice-model",
     "x-sluice-attempts",
+    "x-sluice-cache",
     *(
         f"x-ratelimit-{part}-{unit}"
         for part in ("limit", "remaining", "reset")
@@ -90,6 +95,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     router = Router(build_table(settings, providers, metrics=metrics, shedding=shedding).table)
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
+    cache = build_cache(settings, router, registry, services.redis, same_meaning)
     pipeline, shadow_link = build_pipeline(
         services,
         router,
@@ -97,6 +103,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         shadows,
         settings.server.max_body_bytes,
         settings.resilience.retries,
+        cache.step if cache is not None else None,
     )
     reloader = Reloader(
         settings,
@@ -105,7 +112,10 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         providers,
         metrics,
         on_swap=[shadow_link.update],
-        on_reload=[partial(_reprice, services.prices)],
+        on_reload=[
+            partial(_reprice, services.prices),
+            *([cache.reconfigure] if cache is not None else []),
+        ],
         shedding=shedding,
     )
     openai = OpenAIService(
@@ -130,6 +140,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         await services.start()
         await asyncio.gather(*(backend.start() for backend in router.backends()))
         monitor.start()
+        if cache is not None:
+            cache.start()
         if listener is not None:
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
@@ -155,6 +167,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
             await monitor.close()
             await shadows.close()
             await reloader.close()
+            if cache is not None:
+                await cache.close()
             await asyncio.gather(*(backend.close() for backend in router.backends()))
             await services.close()
             access_log.flush()
@@ -174,6 +188,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     api.include_router(
         routing_admin_router(router, reloader, services.master_key, services.auth_lockout)
     )
+    api.include_router(cache_admin_router(cache, services.master_key, services.auth_lockout))
     install_error_handlers(api)
     install_openapi(api, router.model_names)
 
@@ -219,6 +234,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     app.state.health_monitor = monitor
     app.state.reloader = reloader
     app.state.shadows = shadows
+    app.state.cache = cache
     app.state.services = services
     return app
 
@@ -230,6 +246,7 @@ def build_pipeline(
     shadows: ShadowTraffic,
     max_body_bytes: int,
     retries: RetrySettings,
+    cache: CacheStep | None = None,
 ) -> tuple[Handler, ShadowLink]:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
     configuration does not use are left out, not skipped per request; the shadow step is
@@ -240,12 +257,15 @@ def build_pipeline(
     steps.append(ReadRequest(router.knows, max_body_bytes))
     if services.admit is not None:
         steps.append(services.admit)
-    # The cache step goes here: after admission (hits are still limited and recorded),
-    # before planning (a hit needs no deployment).
     plan = MakePlan(router, metrics)
-    steps += [plan, Attempts(metrics, router, retries, services.prices)]
+    steps.append(plan)
+    # The cache after admission (a hit is still limited and recorded) and after the plan
+    # (its key holds the model that serves: an alias's version).
+    if cache is not None:
+        steps.append(cache)
+    steps.append(Attempts(metrics, router, retries, services.prices))
     pipeline = compose(steps, call_backend)
-    link = ShadowLink(plan, Shadow(router, shadows))
+    link = ShadowLink(cache or plan, Shadow(router, shadows))
     link.update(router.table)
     return pipeline, link
 

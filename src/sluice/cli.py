@@ -205,7 +205,7 @@ def _missing_secrets(settings: Settings, providers: ProviderRegistry) -> list[st
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke virtual API keys (straight in the configured database)."""
+    """Create, list, update and revoke virtual API keys (straight in the configured database)."""
 
 
 _config_option = click.option(
@@ -227,6 +227,17 @@ _config_option = click.option(
 @click.option("--budget-period", type=click.Choice(["daily", "weekly", "monthly"]))
 @click.option("--expires-at", type=click.DateTime(), help="Expiry (UTC).")
 @click.option("--meta", multiple=True, help="Metadata as key=value (repeatable).")
+@click.option("--team", help="Team whose keys may share cached answers.")
+@click.option(
+    "--cache-controls/--no-cache-controls",
+    default=None,
+    help="May requests steer the cache (Cache-Control, body 'cache')? Default: yes.",
+)
+@click.option(
+    "--semantic-cache",
+    type=click.Choice(["on", "off", "model"]),
+    help="Semantic cache for this key; 'model' (default) follows the model's setting.",
+)
 def keys_create(config_path: str | None, **options: Any) -> None:
     """Create a key and print its secret (shown only now)."""
     from sluice.keys.cli import create_key
@@ -243,6 +254,28 @@ def keys_list(config_path: str | None, include_revoked: bool) -> None:
     from sluice.keys.cli import list_keys
 
     click.echo(_run(list_keys(_load_or_exit(config_path), include_revoked)))
+
+
+@keys.command("update")
+@_config_option
+@click.argument("key_id")
+@click.option("--team", help="Team whose keys may share cached answers.")
+@click.option("--no-team", is_flag=True, help="The key belongs to no team.")
+@click.option(
+    "--cache-controls/--no-cache-controls",
+    default=None,
+    help="May requests steer the cache (Cache-Control, body 'cache')?",
+)
+@click.option(
+    "--semantic-cache",
+    type=click.Choice(["on", "off", "model"]),
+    help="Semantic cache for this key; 'model' follows the model's setting.",
+)
+def keys_update(config_path: str | None, key_id: str, **options: Any) -> None:
+    """Change a key's cache settings; running replicas drop their cached copy."""
+    from sluice.keys.cli import update_key
+
+    click.echo(_run(update_key(_load_or_exit(config_path), key_id, options)))
 
 
 @keys.command("revoke")

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sluice.cache.settings import CacheSettings, ModelCacheSettings
 from sluice.routing.settings import AliasSettings, Balancing, ResilienceSettings
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
@@ -193,6 +194,9 @@ class ModelSettings(_Strict):
     content_policy_fallbacks: list[str] = Field(
         default_factory=list, description="models tried when the upstream refuses the content"
     )
+    cache: ModelCacheSettings = Field(
+        ModelCacheSettings(), description="this model's cache settings (docs/caching.md)"
+    )
 
 
 class ServerSettings(_Strict):
@@ -344,6 +348,7 @@ class Settings(BaseSettings):
         default_factory=list, description="public names split across model versions (canary)"
     )
     resilience: ResilienceSettings = ResilienceSettings()
+    cache: CacheSettings = CacheSettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:
@@ -369,6 +374,22 @@ class Settings(BaseSettings):
             for name in named:
                 if name not in models:
                     raise ValueError(f"alias {alias.name!r} names unknown model {name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _cache_has_what_it_needs(self) -> Settings:
+        cache = self.cache
+        if cache.redis and self.redis_url is None:
+            raise ValueError("cache.redis is true but redis_url is not set")
+        embedding = cache.semantic.embedding_model
+        semantic = [model.name for model in self.models if model.cache.semantic]
+        if semantic and embedding is None:
+            raise ValueError(
+                f"model {semantic[0]!r} turns on the semantic cache, but "
+                "cache.semantic.embedding_model names no embedding model"
+            )
+        if embedding is not None and embedding not in {model.name for model in self.models}:
+            raise ValueError(f"cache.semantic.embedding_model names unknown model {embedding!r}")
         return self
 
     @classmethod

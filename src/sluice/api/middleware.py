@@ -4,7 +4,8 @@ It is the outermost layer of Sluice's own code: it gives each request its id (al
 by the server: it keys the usage record and the parallel slot), keeps the client's
 well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or the
 server's id when the client sent none) with the key's ``x-ratelimit-*`` headers and the
-``x-sluice-*`` headers of the attempts (`RequestContext.response_headers`), refuses
+``x-sluice-*`` headers of the attempts and the cache (`RequestContext.response_headers`,
+``cache``), refuses
 new work with 503 once the process stops accepting and, at the door, a Host not served
 or a body that is not JSON (`sluice.api.edge`), and after the last byte (or the
 client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
@@ -38,6 +39,10 @@ _API_ROUTES = {
     for route in ("chat/completions", "completions", "embeddings", "models")
 }
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_CACHE_HEADERS = {
+    result: b"x-sluice-cache: %s\r\n" % result.encode()
+    for result in ("hit", "semantic-hit", "coalesced", "miss", "bypass")
+}
 _VALID_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -101,6 +106,9 @@ class ObserveRequests:
                 # a server with Sluice's header-block extension takes them ready-made
                 # (sluice.http_protocol), any other as ordinary headers.
                 block = ctx.response_headers
+                if ctx.cache is not None:
+                    cache = _CACHE_HEADERS[ctx.cache]
+                    block = cache if block is None else block + cache
                 if ctx.admission is not None:
                     limits = ratelimit_header_block(ctx.admission)
                     block = limits if block is None else block + limits
@@ -173,6 +181,8 @@ class ObserveRequests:
             record["completion_tokens"] = ctx.completion_tokens
         if ctx.ttft_seconds is not None:
             record["ttft_ms"] = round(ctx.ttft_seconds * 1000, 3)
+        if ctx.cache is not None:
+            record["cache"] = ctx.cache
         if ctx.error_kind is not None:
             record["error"] = ctx.error_kind
         if ctx.client_disconnected:

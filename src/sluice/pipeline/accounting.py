@@ -4,7 +4,8 @@
 reservations with them; `Accounting.finish` records them). When the upstream reported no
 usage (a stream cut short), the prompt is counted at its bound (one token per byte of the
 body, as its budget hold was) and the completion as the number of content events relayed
-(which undercounts events that carry several tokens).
+(which undercounts events that carry several tokens). An answer from the cache costs
+nothing: its tokens are recorded, at zero cost (`sluice.cache.step`).
 
 A request to an alias is charged, and recorded, as the version that served it (each model
 has its own prices); its budget hold was taken at the alias's price, the most any of its
@@ -28,6 +29,9 @@ def charged(ctx: RequestContext, prices: dict[str, Rates]) -> tuple[int, int, fl
     # the prompt is counted at its bound, as its budget hold was: never less than it was.
     prompt = ctx.prompt_tokens if ctx.prompt_tokens is not None else ctx.body_bytes
     completion = ctx.completion_tokens if ctx.completion_tokens is not None else ctx.content_events
+    if ctx.cache_hit:  # no upstream call of its own: the tokens are recorded, not priced
+        ctx.charged = (prompt, completion, 0.0)
+        return ctx.charged
     rates = prices.get(served_model(ctx))
     ctx.charged = (prompt, completion, cost_usd(rates, prompt, completion))
     return ctx.charged
@@ -65,7 +69,7 @@ class Accounting:
                     cost,
                     latency_s * 1000.0,
                     status,
-                    False,  # cache_hit
+                    ctx.cache_hit,
                     ctx.stream,
                     ctx.client_request_id,
                 ),

@@ -80,7 +80,9 @@ class Admit:
         if ctx.accepted:
             prompt, completion, cost = charged(ctx, self._prices)
             if ctx.ticket is not None:
-                self._limiter.settle_nowait(ctx.ticket, prompt + completion)
+                # A cached answer used no upstream tokens: it counts toward RPM only.
+                used = 0 if ctx.cache_hit else prompt + completion
+                self._limiter.settle_nowait(ctx.ticket, used)
             if ctx.budget_hold is not None:
                 self._budgets.release_nowait(ctx.budget_hold, to_nano(cost))
             return

@@ -389,13 +389,13 @@ def _headers(deployment: str, model: str, attempts: int) -> Headers:
     """The ``x-sluice-*`` header lines (names from the configuration, made safe for a
     header all the same)."""
     return b"x-sluice-deployment: %s\r\nx-sluice-model: %s\r\nx-sluice-attempts: %d\r\n" % (
-        _header_value(deployment),
-        _header_value(model),
+        header_value(deployment),
+        header_value(model),
         attempts,
     )
 
 
-def _header_value(text: str) -> bytes:
+def header_value(text: str) -> bytes:
     return _UNSAFE_IN_HEADER.sub(b"?", text.encode())
 
 

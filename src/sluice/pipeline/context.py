@@ -66,6 +66,13 @@ class RequestContext:
     """Headers for the client's response, set by the attempts step (``x-sluice-*``); the
     list may be shared between requests: never changed in place."""
 
+    cache: str | None = None
+    """What the cache step did (hit, semantic-hit, coalesced, miss, bypass): the
+    ``x-sluice-cache`` header; None where no cache runs."""
+    cache_hit: bool = False
+    """Answered without an upstream call of its own: costs nothing, counts no tokens
+    against TPM, and its usage record says ``cache_hit``."""
+
     # Admission and what is charged.
     prompt_estimate: int = 0
     body_bytes: int = 0

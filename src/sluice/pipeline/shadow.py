@@ -286,17 +286,18 @@ def _content(route: str, answer: dict[str, Any] | None) -> list[Any] | None:
 
 
 class ShadowLink:
-    """Keeps the shadow step after the plan step while some alias has a shadow, and out
+    """Keeps the shadow step right after ``after`` (the plan step, or the cache step: a
+    request answered from the cache is not copied) while some alias has a shadow, and out
     of the pipeline otherwise: called with each table the router swaps in."""
 
-    def __init__(self, plan: Step, shadow: Shadow) -> None:
-        self._plan = plan
+    def __init__(self, after: Step, shadow: Shadow) -> None:
+        self._after = after
         self._shadow = shadow
 
     def update(self, table: Table) -> None:
-        linked = self._plan.next is self._shadow
+        linked = self._after.next is self._shadow
         if table.shadowed and not linked:
-            self._shadow.next = self._plan.next
-            self._plan.next = self._shadow
+            self._shadow.next = self._after.next
+            self._after.next = self._shadow
         elif linked and not table.shadowed:
-            self._plan.next = self._shadow.next
+            self._after.next = self._shadow.next

@@ -1,6 +1,6 @@
 """The per-request pipeline: an ordered list of steps, each wrapping the next.
 
-    identify → read → admit (settles at the end) → cache → plan → attempts → backend
+    identify → read → admit (settles at the end) → plan → cache → attempts → backend
 
 A step is an object with one job; `compose` links each to the one after it (``next``), so
 running a request is one call per step and no step knows which others exist. The app

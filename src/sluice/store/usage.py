@@ -385,8 +385,8 @@ class UsageStore:
     ) -> list[dict[str, Any]]:
         """Totals per group, over ``since <= created_at < until``.
 
-        Each row has ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``
-        and the grouped columns: ``key_id``, ``model``, ``day`` ('YYYY-MM-DD', UTC).
+        Each row has ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``,
+        ``cache_hits`` (requests answered from the cache, at no cost) and the grouped columns: ``key_id``, ``model``, ``day`` ('YYYY-MM-DD', UTC).
         """
         if not all(storable_text(v) for v in (key_id, model) if v is not None):
             return []  # no record has such a key or model
@@ -400,6 +400,7 @@ class UsageStore:
             func.coalesce(func.sum(t.c.prompt_tokens), 0).label("prompt_tokens"),
             func.coalesce(func.sum(t.c.completion_tokens), 0).label("completion_tokens"),
             func.coalesce(func.sum(t.c.cost_usd), 0.0).label("cost_usd"),
+            func.coalesce(func.sum(case((t.c.cache_hit, 1), else_=0)), 0).label("cache_hits"),
         )
         if key_id is not None:
             stmt = stmt.where(t.c.key_id == key_id)
@@ -427,7 +428,7 @@ class UsageStore:
 
 def _row(row: Any) -> dict[str, Any]:
     values = dict(row)
-    for name in ("requests", "prompt_tokens", "completion_tokens"):
+    for name in ("requests", "prompt_tokens", "completion_tokens", "cache_hits"):
         values[name] = int(values[name])
     values["cost_usd"] = float(values["cost_usd"])
     return values

@@ -1,0 +1,234 @@
+"""Coalescing: identical requests in flight at once share one upstream call.
+
+The first request with a key leads: it goes upstream as usual. Requests with the same key
+that arrive before its answer is complete follow: they wait for that answer instead of
+calling the upstream themselves. A complete answer is handed to every follower at once; a
+stream is fanned out event by event as it arrives (`Watch`), each follower at its own pace
+from a shared buffer, each getting the usage chunk only if it asked for it.
+
+The stream is read by a task of its own, so that a watcher's cancellation (its client
+leaving) cannot cut the read short for the others. If the leader's client leaves while
+followers still watch, the stream goes on for them, and the leader's request ends with
+the stream (so the upstream call it pays for is whole in its usage record); once nobody
+watches, the upstream call is aborted.
+
+A leader that fails before its answer starts does not strand its followers: a failure that
+is the request's own (the upstream refused it with a 4xx) is their answer too; any other
+(the upstream down, the leader cancelled) sends them back to lead or follow again, so one
+of them retries. A follower goes round at most `MAX_ROUNDS` times, so a dead upstream is
+not called once per follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from sluice.cache.answer import DONE, Answer, event_data, stored_now, usage_event
+from sluice.errors import SluiceError, UpstreamConnectError, UpstreamStatusError
+from sluice.pipeline.reply import StreamReply
+
+MAX_ROUNDS = 2
+_END = b"\n\n"
+
+
+class Flight:
+    """One upstream call and everyone waiting on it."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.answer: Answer | None = None
+        """The complete answer, once it is (a stream's once it ended with [DONE])."""
+        self.error: BaseException | None = None
+        self.retry = False
+        """The leader failed in a way a follower may retry (not the request's own fault)."""
+        self.stream: Streaming | None = None
+        """Set once the leader's stream has opened: followers then watch it."""
+        self._started = asyncio.Event()  # a stream opened, or the end
+        self._ended = asyncio.Event()  # a complete answer, or a failure
+
+    async def started(self) -> None:
+        """Until there is something to relay: a stream to watch, an answer or a failure."""
+        await self._started.wait()
+
+    async def ended(self) -> None:
+        """Until the answer is complete, or failed."""
+        await self._ended.wait()
+
+    def resolve(self, answer: Answer) -> None:
+        self.answer = answer
+        self._started.set()
+        self._ended.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.retry = not shared_failure(error)
+        self._started.set()
+        self._ended.set()
+
+    def streaming(self, stream: Streaming) -> None:
+        self.stream = stream
+        self._started.set()
+
+
+def shared_failure(error: BaseException) -> bool:
+    """A failure every identical request would meet: the upstream refused the request
+    itself (4xx other than 408 and 429)."""
+    if isinstance(error, UpstreamStatusError):
+        status = error.upstream_status
+        return 400 <= status < 500 and status not in (408, 429)
+    return False
+
+
+class Streaming:
+    """A stream read by a task of its own (so that no watcher's cancellation, such as its
+    client leaving, can cut the upstream read short for the others) into a buffer that
+    every watcher reads at its own pace."""
+
+    def __init__(
+        self,
+        upstream: StreamReply,
+        on_end: Callable[[Streaming], None],
+        tokens: Callable[[], tuple[int | None, int | None]],
+    ) -> None:
+        self._upstream = upstream
+        self._on_end = on_end
+        self.tokens = tokens
+        """The call's prompt and completion tokens (the leader's counts, whole at the end)."""
+        self.events: list[bytes] = []
+        """Events so far, without their blank-line ends, [DONE] or usage-only chunks."""
+        self.usage: bytes | None = None
+        """The upstream's usage-only event, when it reached the gateway whole."""
+        self.done = False
+        self.complete = False
+        """Ended with [DONE] (and is therefore storable)."""
+        self.error: BaseException | None = None
+        self.watchers = 0
+        self._changed = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._task = asyncio.create_task(self._pump(), name="coalesced stream")
+
+    async def _pump(self) -> None:
+        error: BaseException | None = None
+        try:
+            async for data in self._upstream.events:
+                self._add(data)
+        except asyncio.CancelledError:
+            error = _abandoned()  # every watcher left: the call is aborted
+        except Exception as exc:  # an upstream failure: every watcher relays it
+            error = exc
+        finally:
+            await self._upstream.close()
+            self._finish(error)
+
+    def _add(self, data: bytes) -> None:
+        for event in data.split(_END):
+            if not event:
+                continue
+            if event == DONE or event.startswith(b"data:[DONE]"):
+                self.complete = True
+            elif b'"usage"' in event and _usage_only(event):
+                self.usage = event
+            else:
+                self.events.append(event)
+        self._wake()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    async def ended(self) -> None:
+        await self._ended.wait()
+
+    def stop(self) -> None:
+        """Nobody watches any more: abort the upstream call."""
+        if not self.done:
+            self._task.cancel()
+
+    def _finish(self, error: BaseException | None) -> None:
+        self.done = True
+        self.error = error
+        if error is not None:
+            self.complete = False
+        self._wake()
+        self._ended.set()
+        self._on_end(self)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def _usage_only(event: bytes) -> bool:
+    chunk = event_data(event)
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and "usage" in chunk
+
+
+class Watch:
+    """One request's view of a shared stream: what it has not yet sent, then its end."""
+
+    def __init__(self, stream: Streaming, *, include_usage: bool, leader: bool) -> None:
+        self._stream = stream
+        self._include_usage = include_usage
+        self._leader = leader
+        self._sent = 0
+        self._ended = False
+        self._closed = False
+        stream.watchers += 1
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> bytes:
+        stream = self._stream
+        while True:
+            if self._sent < len(stream.events):
+                batch = stream.events[self._sent :]
+                self._sent = len(stream.events)
+                return _END.join(batch) + _END
+            if stream.done:
+                if self._ended:
+                    raise StopAsyncIteration
+                self._ended = True
+                if stream.error is not None:
+                    raise stream.error
+                tail = b""
+                if self._include_usage:
+                    first = stream.events[0] if stream.events else None
+                    tail = (stream.usage or usage_event(first, *stream.tokens())) + _END
+                return tail + DONE + _END
+            await stream.changed()
+
+    async def close(self) -> None:
+        """This request is done with the stream (its end, or its client left). The last
+        watcher to leave aborts the call; the leader's request waits for the stream's end,
+        so that its usage record has the whole call it paid for."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._stream
+        stream.watchers -= 1
+        if stream.watchers == 0:
+            stream.stop()
+        if self._leader:
+            await stream.ended()
+
+
+def _abandoned() -> SluiceError:
+    return UpstreamConnectError(
+        "The shared upstream stream was closed before it finished.",
+        code="upstream_stream_incomplete",
+    )
+
+
+def stream_answer(
+    stream: Streaming, prompt_tokens: int | None, completion_tokens: int | None, prompt: str | None
+) -> Answer:
+    return Answer(
+        status=200,
+        body=None,
+        events=tuple(stream.events),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        stored_at=stored_now(),
+        prompt=prompt,
+    )

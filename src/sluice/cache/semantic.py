@@ -1,0 +1,218 @@
+"""The semantic cache: answer a prompt that means the same as one answered before.
+
+Opt-in per model (``cache: {semantic: true}``) or per key (``semantic_cache``). Only chat
+requests whose last message is the user's plain text take part. Their *scope* pins
+everything but that text (namespace, model, parameters, system prompt and earlier turns:
+`sluice.cache.key.scope_of`), so a hit can only differ from the request in how its last
+question is worded. Within the scope the last turn is embedded (the configured embedding
+model, served like any other: `RouterEmbedder`), compared by cosine similarity with the
+prompts stored there, and the best one at or above the threshold is taken if the second
+check (`sluice.cache.verify`) agrees that nothing that changes the answer differs (numbers,
+names, negation). The threshold's default was chosen on labelled paraphrase pairs
+(docs/semantic-cache.md).
+
+The index is in process memory (numpy: a scope holds few prompts, and a matrix product over
+them costs microseconds), bounded by ``max_entries`` across scopes, the least recently used
+scope dropped first. With the Redis tier, every stored prompt is also appended to its
+scope's Redis stream, and a lookup first reads what other processes added since its last
+look: every replica finds every replica's answers. The answers themselves stay in the
+answer store; an index entry whose answer expired is dropped when found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+import redis.asyncio as aioredis
+
+from sluice.cache.answer import Answer
+from sluice.cache.metrics import CacheMetrics
+from sluice.cache.settings import SemanticSettings
+from sluice.cache.tiers import AnswerStore, Location
+from sluice.observability.outages import OutageLog
+from sluice.routing.router import Router
+
+log = logging.getLogger("sluice.cache")
+STREAM_PREFIX = "sluice:semantic:"
+_STREAM_LENGTH = 1000  # prompts kept per scope on Redis (approximately: MAXLEN ~)
+_CANDIDATES = 3  # best matches tried when the first one's answer has expired
+
+Vector = np.ndarray[Any, np.dtype[np.float32]]
+
+
+class Embedder(Protocol):
+    async def __call__(self, text: str) -> Vector: ...
+
+
+@dataclass(slots=True)
+class Remember:
+    """A prompt to index once its answer is stored."""
+
+    scope: str
+    text: str
+    vector: Vector
+
+
+@dataclass(slots=True)
+class _Scope:
+    vectors: Vector
+    names: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    synced: str = "0-0"
+    """The last Redis stream id read into this scope."""
+
+
+class SemanticCache:
+    def __init__(
+        self,
+        settings: SemanticSettings,
+        embed: Embedder,
+        store: AnswerStore,
+        metrics: CacheMetrics,
+        verify: Callable[[str, str], bool],
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        self._settings = settings
+        self._embed = embed
+        self._store = store
+        self._metrics = metrics
+        self._verify = verify
+        self._redis = redis
+        self._scopes: OrderedDict[str, _Scope] = OrderedDict()
+        self._entries = 0
+        self._outages = OutageLog(log, "semantic cache unavailable (answering from upstream)")
+
+    async def lookup(
+        self, scope: str, text: str, namespace_tag: str, model_tag: str
+    ) -> tuple[tuple[Answer, float] | None, Remember | None]:
+        """The best stored answer for ``text`` in ``scope`` and its similarity (None when
+        none passes), and what to index once this request's own answer is stored."""
+        try:
+            vector = await self._embed(text)
+        except Exception as exc:  # an embedding failure costs the hit, never the request
+            self._outages.failed(exc)
+            return None, None
+        remember = Remember(scope, text, vector)
+        if self._redis is not None:
+            await self._sync(scope)
+        held = self._scopes.get(scope)
+        if held is None or not held.names:
+            return None, remember
+        self._scopes.move_to_end(scope)
+        similarities = held.vectors @ vector
+        order = np.argsort(-similarities)[:_CANDIDATES]
+        for row in order:
+            similarity = float(similarities[row])
+            if similarity < self._settings.threshold:
+                break
+            name = held.names[row]
+            answer = self._store.get_now(name)
+            if answer is None:
+                answer = await self._store.get_shared(_location(name))
+            if answer is None:
+                continue  # expired or flushed: its entry goes when the scope is rebuilt
+            if self._settings.verify and not self._verify(text, held.texts[row]):
+                self._metrics.semantic_rejected.inc()
+                continue
+            return (answer, similarity), remember
+        return None, remember
+
+    def remember(self, prompt: Remember, location: Location, ttl: float) -> None:
+        """Index ``prompt`` as the question ``location``'s answer was given to (kept on
+        Redis, when shared, as long as that answer)."""
+        self._add(prompt.scope, prompt.vector, location.name, prompt.text)
+        if self._redis is not None:
+            self._store.background(self._publish(prompt, location.name, ttl))
+
+    def _add(self, scope: str, vector: Vector, name: str, text: str) -> None:
+        held = self._scopes.get(scope)
+        if held is None:
+            held = self._scopes[scope] = _Scope(np.empty((0, vector.shape[0]), np.float32))
+        if name in held.names:
+            return
+        held.vectors = np.vstack([held.vectors, vector[np.newaxis, :]])
+        held.names.append(name)
+        held.texts.append(text)
+        self._entries += 1
+        self._scopes.move_to_end(scope)
+        while self._entries > self._settings.max_entries and len(self._scopes) > 1:
+            _, dropped = self._scopes.popitem(last=False)
+            self._entries -= len(dropped.names)
+
+    async def _publish(self, prompt: Remember, name: str, ttl: float) -> None:
+        assert self._redis is not None
+        stream = STREAM_PREFIX + prompt.scope
+        fields = {"v": prompt.vector.astype(np.float32).tobytes(), "t": prompt.text, "n": name}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(stream, fields, maxlen=_STREAM_LENGTH, approximate=True)  # type: ignore[arg-type]
+                pipe.expire(stream, max(1, int(ttl)))
+                await pipe.execute()
+        except (aioredis.RedisError, OSError) as exc:
+            self._outages.failed(exc)
+
+    async def _sync(self, scope: str) -> None:
+        """Read what other processes indexed in ``scope`` since the last look."""
+        assert self._redis is not None
+        held = self._scopes.get(scope)
+        start = "(" + held.synced if held is not None else "-"
+        try:
+            entries = await self._redis.xrange(STREAM_PREFIX + scope, min=start)
+        except (aioredis.RedisError, OSError) as exc:
+            self._outages.failed(exc)
+            return
+        for entry_id, fields in entries or ():
+            if not isinstance(entry_id, bytes) or fields is None:
+                continue
+            try:
+                vector = np.frombuffer(_as_bytes(fields[b"v"]), dtype=np.float32)
+                text = _as_bytes(fields[b"t"]).decode()
+                name = _as_bytes(fields[b"n"]).decode()
+            except (KeyError, UnicodeDecodeError, ValueError):
+                continue  # not an entry this code wrote
+            self._add(scope, vector, name, text)
+            synced = self._scopes.get(scope)
+            if synced is not None:
+                synced.synced = entry_id.decode()
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _location(name: str) -> Location:
+    namespace_tag, model_tag, key = name.split(":", 2)
+    return Location(namespace_tag, model_tag, key)
+
+
+class RouterEmbedder:
+    """Embeds with a model the gateway serves (a local-embedding model, or any remote
+    embeddings deployment): the plan's first deployment, called directly."""
+
+    def __init__(self, router: Router, model: str) -> None:
+        self._router = router
+        self._model = model
+
+    async def __call__(self, text: str) -> Vector:
+        plan = self._router.plan(self._model)
+        deployment = plan.candidates[0]
+        call = deployment.call(
+            "embeddings",
+            self._model,
+            {"model": self._model, "input": text},
+            None,
+            "cache-" + os.urandom(8).hex(),
+            False,
+        )
+        reply = await deployment.backend.send(call)
+        data = orjson.loads(reply.body)["data"][0]["embedding"]
+        vector = np.asarray(data, dtype=np.float32)
+        norm = float(np.linalg.norm(vector))
+        return vector / norm if norm > 0 else vector
