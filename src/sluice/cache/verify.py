@@ -96,7 +96,7 @@ _STOPWORDS: Final = frozenset(
     who whom whose when where why how all any both each few more most other some such only
     own same than too very just also said says say told according while after before
     during between through again further once because until against among per via yet
-    whether upon s t
+    whether upon s t percent pct please tell hi hello hey thanks thank
     """.split()  # noqa: SIM905 (a list literal of 130 words reads worse)
 )
 # Words that point a relation one way; the word after them must not move to another.
@@ -283,13 +283,13 @@ def _flipped(a: Signals, b: Signals) -> bool:
         left, right = _OPPOSITE_OF[word]
         if (right if word == left else left) in only_b:
             return True
-    # A word both prompts share may not sit after different direction words in each.
+    # A direction word may not move from one shared word to another: "Celsius to Fahrenheit"
+    # against "Fahrenheit to Celsius". Gaining or losing one ("agreed to the hikes", "agreed
+    # to impose the hikes") is rewording, which the new-words rule weighs.
     shared = a.words & b.words
-    roles_a: dict[str, set[str]] = {}
-    for role, word in a.directions:
-        if word in shared:
-            roles_a.setdefault(word, set()).add(role)
-    return any(word in roles_a and role not in roles_a[word] for role, word in b.directions)
+    moved_a = {(r, w) for r, w in a.directions if w in shared} - b.directions
+    moved_b = {(r, w) for r, w in b.directions if w in shared} - a.directions
+    return bool({r for r, _ in moved_a} & {r for r, _ in moved_b})
 
 
 def mismatch(
@@ -313,7 +313,9 @@ def mismatch(
     new_a = len(a.words - b.words)
     new_b = len(b.words - a.words)
     shorter = min(len(a.words), len(b.words))
-    if max(new_a, new_b) > max_new_words * shorter or abs(new_a - new_b) > max_imbalance:
+    # One new word is allowed even in a three-word prompt ("What's" / "Tell me").
+    allowed = max(1.0, max_new_words * shorter)
+    if max(new_a, new_b) > allowed or abs(new_a - new_b) > max_imbalance:
         return "words"
     return None
 
