@@ -173,14 +173,14 @@ def _panel(
         )
         out.append(f'<text x="{sx(0) - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>')
         xv = xmax * i / 5
-        out.append(f'<text x="{sx(xv):.1f}" y="{sy(0) + 14}" text-anchor="middle">{xv:.2g}</text>')
+        out.append(f'<text x="{sx(xv):.1f}" y="{sy(0) + 14}" text-anchor="middle">{xv:.3g}</text>')
     if guide_x is not None:
         out.append(
             f'<line x1="{sx(guide_x):.1f}" x2="{sx(guide_x):.1f}" y1="{sy(0)}" y2="{sy(1)}" '
             'stroke="#c33" stroke-dasharray="4 3"/>'
         )
     for name, pts in series.items():
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts if x <= xmax)
         out.append(
             f'<polyline points="{path}" fill="none" stroke="{COLOURS[name]}" stroke-width="2"/>'
         )
@@ -221,11 +221,11 @@ def svg(alone: list[Point], checked: list[Point], default: float, part: str) -> 
     )
     body += _panel(
         W + 16,
-        "Hits against false hits",
+        "Hits against false hits (up to 5%)",
         "false-hit rate (near misses served)",
         "hit rate",
         {"cosine alone": roc(alone), "cosine + check": roc(checked)},
-        0.5,
+        0.05,
         (d.false_hit_rate, d.hit_rate),
         0.01,
     )
