@@ -36,7 +36,6 @@ from sluice.backends.registry import default_providers
 from sluice.cache.admin import cache_admin_router
 from sluice.cache.build import build_cache
 from sluice.cache.step import CacheStep
-from sluice.cache.verify import same_meaning
 from sluice.keys.service import KeyService
 from sluice.lifecycle import Lifecycle, Phase
 from sluice.observability.listener import MetricsListener
@@ -95,7 +94,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     router = Router(build_table(settings, providers, metrics=metrics, shedding=shedding).table)
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
-    cache = build_cache(settings, router, registry, services.redis, same_meaning)
+    cache = build_cache(settings, router, registry, services.redis)
     pipeline, shadow_link = build_pipeline(
         services,
         router,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -14,6 +13,7 @@ from sluice.cache.metrics import CacheMetrics
 from sluice.cache.semantic import RouterEmbedder, SemanticCache
 from sluice.cache.step import CacheStep, ModelPolicy
 from sluice.cache.tiers import AnswerStore, MemoryTier, RedisTier
+from sluice.cache.verify import SecondCheck
 from sluice.routing.router import Router
 from sluice.settings import Settings
 from sluice.store.channel import Channel
@@ -95,7 +95,6 @@ def build_cache(
     router: Router,
     registry: CollectorRegistry,
     redis: aioredis.Redis | None,
-    verify: Callable[[str, str], bool],
 ) -> Cache | None:
     """The cache, or None when no model is cached (no step in the pipeline at all)."""
     policies = cache_policies(settings)
@@ -117,7 +116,7 @@ def build_cache(
             RouterEmbedder(router, cache.semantic.embedding_model),
             store,
             metrics,
-            verify,
+            SecondCheck() if cache.semantic.verify else None,
             shared,
         )
     step = CacheStep(cache, policies, store, metrics, semantic)

@@ -50,17 +50,23 @@ class CacheMetrics:
         )
         self.semantic_rejected = Counter(
             "sluice_cache_semantic_rejected_total",
-            "Candidates above the similarity threshold that the second check turned down.",
+            "Candidates above the similarity threshold that the second check turned down, by "
+            "the signal that differed (number, entity, negation, direction, words).",
+            ["reason"],
             registry=registry,
         )
         self._requests_for = ChildCache(self.requests)
         self._not_stored_for = ChildCache(self.not_stored)
+        self._rejected_for = ChildCache(self.semantic_rejected)
 
     def result(self, model: str, result: str) -> None:
         self._requests_for(model, result).inc()
 
     def skipped(self, reason: str) -> None:
         self._not_stored_for(reason).inc()
+
+    def rejected(self, reason: str) -> None:
+        self._rejected_for(reason).inc()
 
     def stored(self, size: int, entries: int) -> None:
         self.bytes.set(size)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +35,7 @@ from sluice.cache.answer import Answer
 from sluice.cache.metrics import CacheMetrics
 from sluice.cache.settings import SemanticSettings
 from sluice.cache.tiers import AnswerStore, Location
+from sluice.cache.verify import SecondCheck, Signals, signals
 from sluice.observability.outages import OutageLog
 from sluice.routing.router import Router
 
@@ -64,7 +64,8 @@ class Remember:
 class _Scope:
     vectors: Vector
     names: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+    signals: list[Signals] = field(default_factory=list)
+    """Each stored prompt read once for the second check."""
     synced: str = "0-0"
     """The last Redis stream id read into this scope."""
 
@@ -76,14 +77,14 @@ class SemanticCache:
         embed: Embedder,
         store: AnswerStore,
         metrics: CacheMetrics,
-        verify: Callable[[str, str], bool],
+        check: SecondCheck | None,
         redis: aioredis.Redis | None = None,
     ) -> None:
         self._settings = settings
         self._embed = embed
         self._store = store
         self._metrics = metrics
-        self._verify = verify
+        self._check = check
         self._redis = redis
         self._scopes: OrderedDict[str, _Scope] = OrderedDict()
         self._entries = 0
@@ -108,6 +109,7 @@ class SemanticCache:
         self._scopes.move_to_end(scope)
         similarities = held.vectors @ vector
         order = np.argsort(-similarities)[:_CANDIDATES]
+        asked: Signals | None = None
         for row in order:
             similarity = float(similarities[row])
             if similarity < self._settings.threshold:
@@ -118,9 +120,12 @@ class SemanticCache:
                 answer = await self._store.get_shared(_location(name))
             if answer is None:
                 continue  # expired or flushed: its entry goes when the scope is rebuilt
-            if self._settings.verify and not self._verify(text, held.texts[row]):
-                self._metrics.semantic_rejected.inc()
-                continue
+            if self._check is not None:
+                asked = asked or signals(text)
+                reason = self._check.reason(asked, held.signals[row])
+                if reason is not None:
+                    self._metrics.rejected(reason)
+                    continue
             return (answer, similarity), remember
         return None, remember
 
@@ -139,7 +144,7 @@ class SemanticCache:
             return
         held.vectors = np.vstack([held.vectors, vector[np.newaxis, :]])
         held.names.append(name)
-        held.texts.append(text)
+        held.signals.append(signals(text))
         self._entries += 1
         self._scopes.move_to_end(scope)
         while self._entries > self._settings.max_entries and len(self._scopes) > 1:

@@ -386,7 +386,8 @@ class UsageStore:
         """Totals per group, over ``since <= created_at < until``.
 
         Each row has ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cost_usd``,
-        ``cache_hits`` (requests answered from the cache, at no cost) and the grouped columns: ``key_id``, ``model``, ``day`` ('YYYY-MM-DD', UTC).
+        ``cache_hits`` (requests answered from the cache, at no cost) and the grouped
+        columns: ``key_id``, ``model``, ``day`` ('YYYY-MM-DD', UTC).
         """
         if not all(storable_text(v) for v in (key_id, model) if v is not None):
             return []  # no record has such a key or model
