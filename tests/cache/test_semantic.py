@@ -135,3 +135,47 @@ def test_paraphrases_are_answered_from_the_cache_with_minilm(
     assert ask(GERMANY) == "miss"  # near in meaning, another answer
     assert ask("What is the capital of France?", seed=3) == "miss"  # another scope
     assert mock.stats.requests == 3
+
+
+@pytest.mark.redis
+def test_replicas_share_the_index_through_redis() -> None:
+    """What one process indexes, another finds (its answer from the Redis tier)."""
+    import os
+
+    import redis.asyncio as aioredis
+
+    from sluice.cache.tiers import RedisTier
+    from tests.services import require_redis
+
+    url = require_redis()
+    vectors = {FRANCE: unit(0.0), REWORDED: unit(0.1)}
+    scope = "scope-" + os.urandom(4).hex()
+
+    async def scenario() -> tuple[Answer, float] | None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            caches = []
+            for _ in range(2):  # two processes: each its own memory, one Redis
+                store = AnswerStore(MemoryTier(1 << 20), RedisTier(client))
+                settings = SemanticSettings(embedding_model="e", threshold=0.9)
+                metrics = CacheMetrics(CollectorRegistry())
+                caches.append(
+                    (
+                        SemanticCache(
+                            settings, Fixed(vectors), store, metrics, SecondCheck(), client
+                        ),
+                        store,
+                    )
+                )
+            (writer, writer_store), (reader, _) = caches
+            where = stored(writer_store, "k-" + scope)
+            writer.remember(Remember(scope, FRANCE, vectors[FRANCE]), where, 60)
+            await writer_store.close()  # the background writes have landed
+            found, _ = await reader.lookup(scope, REWORDED, "ns", "m")
+            return found
+        finally:
+            await client.aclose()
+
+    found = asyncio.run(scenario())
+    assert found is not None
+    assert found[0].body == b'{"answer":"Paris"}'
