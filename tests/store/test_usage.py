@@ -196,7 +196,7 @@ async def test_query_groups_and_filters(db: Database) -> None:
     late = datetime(2025, 3, 5, 23, 59, 59, 999_000, tzinfo=UTC)
     await store.insert_many(
         [
-            rec("a1", key_id="key_a", model="m1", created_at=DAY1),
+            rec("a1", key_id="key_a", model="m1", created_at=DAY1, cache_hit=True),
             rec("a2", key_id="key_a", model="m1", created_at=late, cost_usd=0.5),
             rec("a3", key_id="key_a", model="m2", created_at=DAY2, prompt_tokens=100),
             rec("b1", key_id="key_b", model="m1", created_at=DAY2, completion_tokens=7),
@@ -207,18 +207,20 @@ async def test_query_groups_and_filters(db: Database) -> None:
     rows = await store.query()
     assert rows == [
         {"key_id": "key_a", "model": "m1", "day": "2025-03-05", "requests": 2,
-         "prompt_tokens": 20, "completion_tokens": 10, "cost_usd": 1.5},
+         "prompt_tokens": 20, "completion_tokens": 10, "cost_usd": 1.5, "cache_hits": 1},
         {"key_id": "key_a", "model": "m2", "day": "2025-03-06", "requests": 1,
-         "prompt_tokens": 100, "completion_tokens": 5, "cost_usd": 1.0},
+         "prompt_tokens": 100, "completion_tokens": 5, "cost_usd": 1.0, "cache_hits": 0},
         {"key_id": "key_b", "model": "m1", "day": "2025-03-06", "requests": 1,
-         "prompt_tokens": 10, "completion_tokens": 7, "cost_usd": 1.0},
+         "prompt_tokens": 10, "completion_tokens": 7, "cost_usd": 1.0, "cache_hits": 0},
         {"key_id": None, "model": "m1", "day": "2025-03-06", "requests": 1,
-         "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 1.0},
+         "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 1.0, "cache_hits": 0},
     ]  # fmt: skip
 
     by_day = await store.query(group_by=["day"])
     assert [(r["day"], r["requests"]) for r in by_day] == [("2025-03-05", 2), ("2025-03-06", 3)]
-    assert set(by_day[0]) == {"day", "requests", "prompt_tokens", "completion_tokens", "cost_usd"}
+    assert set(by_day[0]) == {
+        "day", "requests", "prompt_tokens", "completion_tokens", "cost_usd", "cache_hits"
+    }  # fmt: skip
 
     by_model = await store.query(key_id="key_a", group_by=["model"])
     assert [(r["model"], r["requests"], r["cost_usd"]) for r in by_model] == [
@@ -227,11 +229,14 @@ async def test_query_groups_and_filters(db: Database) -> None:
     ]
     assert await store.query(model="m2", group_by=["key"]) == [
         {"key_id": "key_a", "requests": 1, "prompt_tokens": 100, "completion_tokens": 5,
-         "cost_usd": 1.0},
+         "cost_usd": 1.0, "cache_hits": 0},
     ]  # fmt: skip
 
     window = await store.query(since=late, until=DAY2, group_by=[])
-    assert window == [{"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5}]
+    assert window == [
+        {"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cost_usd": 0.5,
+         "cache_hits": 0}
+    ]  # fmt: skip
     assert await store.query(since=DAY2 + timedelta(seconds=1), group_by=[]) == []
     assert await store.query(key_id="key_missing") == []
 
