@@ -15,7 +15,7 @@ from sluice.store.migrate import MIGRATIONS_DIR, current_revision, downgrade, up
 from sluice.store.schema import api_keys, metadata
 from tests.store.conftest import BACKENDS, temp_postgres_database
 
-HEAD = "0003"
+HEAD = "0004"
 
 
 @pytest.fixture(params=BACKENDS)

@@ -279,5 +279,5 @@ def test_spool_lines_keep_their_format() -> None:
     assert record.created_us == micros(NOW) + 7
     assert record.created_at == NOW.replace(microsecond=7)
     assert record.client_request_id is None  # older lines have no client id
-    assert record.to_json() == {**json.loads(line), "client_request_id": None}
+    assert record.to_json() == {**json.loads(line), "client_request_id": None, "batch_id": None}
     assert UsageRecord.from_json(record.to_json()) == record

@@ -72,6 +72,7 @@ class Accounting:
                     ctx.cache_hit,
                     ctx.stream,
                     ctx.client_request_id,
+                    ctx.batch_id,
                 ),
             )
         )

@@ -27,6 +27,8 @@ class RequestContext:
     route: str = "other"
     client_request_id: str | None = None
     """The client's ``X-Request-ID``: for correlation only."""
+    batch_id: str | None = None
+    """The batch this request is a line of (`sluice.batches.runner`)."""
 
     # What the client sent (set by the HTTP layer before the pipeline runs).
     headers: list[tuple[bytes, bytes]] = ()  # type: ignore[assignment]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -77,7 +79,79 @@ usage_records = Table(
     Column("created_at", UTCDateTime(), nullable=False),
     # the client's X-Request-ID, for correlation only (request_id is the server's)
     Column("client_request_id", Text, nullable=True),
+    # the batch a request was a line of (`sluice.batches`); null for interactive requests
+    Column("batch_id", Text, nullable=True),
     Index(None, "key_id"),
     Index(None, "client_request_id"),
     Index(None, "created_at"),
+    Index(None, "batch_id"),
+)
+
+# Files uploaded through the Files API (`sluice.batches.files`) and written by batches.
+files = Table(
+    "files",
+    metadata,
+    Column("id", Text, primary_key=True),  # "file-<24 hex>"
+    Column("key_id", Text, nullable=True),  # the owner; null: the master key (or no keys)
+    Column("purpose", Text, nullable=False),  # batch | batch_output
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("storage", Text, nullable=False),  # where the content is: disk | database
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "key_id", "created_at"),
+)
+
+# A file's content when kept in the database (files.storage = 'database').
+file_contents = Table(
+    "file_contents",
+    metadata,
+    Column("file_id", Text, primary_key=True),
+    Column("content", LargeBinary, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Text, primary_key=True),  # "batch_<24 hex>"
+    Column("key_id", Text, nullable=True),
+    Column("endpoint", Text, nullable=False),
+    Column("input_file_id", Text, nullable=False),
+    Column("completion_window", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("output_file_id", Text, nullable=True),
+    Column("error_file_id", Text, nullable=True),
+    Column("errors", JSON(none_as_null=True), nullable=True),  # validation errors, by line
+    Column("metadata", JSON(none_as_null=True), nullable=True),
+    Column("request_total", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("in_progress_at", UTCDateTime(), nullable=True),
+    Column("expires_at", UTCDateTime(), nullable=True),
+    Column("finalizing_at", UTCDateTime(), nullable=True),
+    Column("completed_at", UTCDateTime(), nullable=True),
+    Column("failed_at", UTCDateTime(), nullable=True),
+    Column("expired_at", UTCDateTime(), nullable=True),
+    Column("cancelling_at", UTCDateTime(), nullable=True),
+    Column("cancelled_at", UTCDateTime(), nullable=True),
+    Index(None, "status"),
+    Index(None, "key_id", "created_at"),
+)
+
+# One row per line of a batch's input: claimed with a lease, its result written once.
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", Text, primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, as the error messages count
+    Column("custom_id", Text, nullable=False),
+    Column("body", Text, nullable=False),  # the request body as uploaded (JSON text)
+    # queued | running | done | failed | cancelled | expired
+    Column("state", Text, nullable=False, server_default=text("'queued'")),
+    Column("lease_owner", Text, nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("status_code", Integer, nullable=True),  # the answer's HTTP status
+    Column("result", Text, nullable=True),  # the answer's body (JSON text)
+    Column("request_id", Text, nullable=True),  # the usage record's
+    Index(None, "batch_id", "state"),
+    Index(None, "state", "lease_until"),
 )

@@ -73,6 +73,8 @@ class UsageRecord(NamedTuple):
     stream: bool = False
     client_request_id: str | None = None
     """The client's ``X-Request-ID``, for correlation only: ``request_id`` is the server's."""
+    batch_id: str | None = None
+    """The batch the request was a line of (`sluice.batches`); None for interactive ones."""
 
     @property
     def created_at(self) -> datetime:
@@ -160,7 +162,7 @@ _PG_INSERT = f"""\
 WITH batch ({_COLUMNS}) AS (
     SELECT r->>0, r->>1, TIMESTAMPTZ 'epoch' + (r->>2)::int8 * INTERVAL '1 microsecond',
         r->>3, r->>4, (r->>5)::int4, (r->>6)::int4, (r->>7)::float8, (r->>8)::float8,
-        (r->>9)::int4, (r->>10)::bool, (r->>11)::bool, r->>12
+        (r->>9)::int4, (r->>10)::bool, (r->>11)::bool, r->>12, r->>13
     FROM json_array_elements($1::json) AS r
 ), inserted AS (
     INSERT INTO usage_records ({_COLUMNS})
@@ -170,7 +172,7 @@ WITH batch ({_COLUMNS}) AS (
 )
 SELECT request_id FROM batch EXCEPT ALL SELECT request_id FROM inserted"""
 # SQLite: the batch goes in as multi-row INSERT ... VALUES statements of up to 1,024 rows
-# (13,312 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
+# (14,336 parameters; SQLite allows 32,766), each one sqlite3_step. Python's sqlite3
 # releases the GIL around every step: executemany's step per row made the writer thread and
 # the event loop trade the GIL (two context switches) for every record, and cost more CPU
 # a record than this. The insert is optimistic: a batch rarely holds ids that are stored
@@ -217,7 +219,7 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
     extend = params.extend
     for (
         request_id, model, us, key_id, deployment, prompt_tokens, completion_tokens, cost_usd,
-        latency_ms, status, cache_hit, stream, client_request_id,
+        latency_ms, status, cache_hit, stream, client_request_id, batch_id,
     ) in records:  # fmt: skip
         second = us // 1_000_000
         prefix = seconds.get(second)
@@ -228,7 +230,7 @@ def _sqlite_params(records: Sequence[UsageRecord], seconds: dict[int, str]) -> l
                 request_id, model, f"{prefix}{_DIGITS3[us // 1000 % 1000]}{_DIGITS3[us % 1000]}",
                 key_id, deployment,
                 prompt_tokens, completion_tokens, cost_usd, latency_ms, status,
-                1 if cache_hit else 0, 1 if stream else 0, client_request_id,
+                1 if cache_hit else 0, 1 if stream else 0, client_request_id, batch_id,
             )
         )  # fmt: skip
     return params
