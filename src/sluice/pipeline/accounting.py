@@ -53,26 +53,28 @@ class Accounting:
         recorder writes in the background)."""
         if not ctx.accepted or self._recorder is None:
             return
+        self._recorder.record(self.record_of(ctx, status, latency_s))
+
+    def record_of(self, ctx: RequestContext, status: int, latency_s: float) -> UsageRecord:
+        """The usage record of a request that reached a backend (``ctx.accepted``)."""
         prompt, completion, cost = charged(ctx, self._prices)
         # In UsageRecord's field order, by tuple.__new__ (no Python-level constructor call).
-        self._recorder.record(
-            new_tuple(
-                UsageRecord,
-                (
-                    ctx.request_id,
-                    served_model(ctx),
-                    ctx.created_us,
-                    ctx.principal.key_id if ctx.principal is not None else None,
-                    ctx.deployment,
-                    prompt,
-                    completion,
-                    cost,
-                    latency_s * 1000.0,
-                    status,
-                    ctx.cache_hit,
-                    ctx.stream,
-                    ctx.client_request_id,
-                    ctx.batch_id,
-                ),
-            )
+        return new_tuple(
+            UsageRecord,
+            (
+                ctx.request_id,
+                served_model(ctx),
+                ctx.created_us,
+                ctx.principal.key_id if ctx.principal is not None else None,
+                ctx.deployment,
+                prompt,
+                completion,
+                cost,
+                latency_s * 1000.0,
+                status,
+                ctx.cache_hit,
+                ctx.stream,
+                ctx.client_request_id,
+                ctx.batch_id,
+            ),
         )

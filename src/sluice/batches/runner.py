@@ -1,0 +1,328 @@
+"""The batch worker: every process claims batch lines and runs them through the request
+pipeline, as interactive requests run, at a lower priority and within a share of each
+model's capacity.
+
+A line becomes a request as the HTTP layer would make it (its body the line's ``body``,
+its caller the batch's owner), entering the pipeline after identification: admission
+(limits, budgets), planning, the cache, attempts and the backend all apply. Its usage
+record (request id ``<batch id>-<line>``, the batch's id on it) is written to the database
+before its answer is: a worker that dies in between leaves a line that runs again, and its
+second record, with the same request id, is not written again (usage inserts are
+idempotent by request id), so each line is charged once, whatever happens to its worker.
+(The upstream may then have been called twice; the key is charged once.)
+
+A line the gateway refuses before any upstream call (429: the key's RPM, TPM or parallel
+limit, its budget; 503: every deployment at capacity) is not an answer: it goes back to the queue and the
+worker waits before claiming again. Every ``housekeeping`` seconds a worker also queues
+again lines whose lease ran out, closes the queued lines of batches past their window, and
+finalises the batches that have no line left to run (output and error files, final status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from sluice.backends.base import UpstreamReply
+from sluice.batches.files import FileStore
+from sluice.batches.metrics import BatchMetrics
+from sluice.batches.settings import BatchSettings
+from sluice.batches.store import BatchRecord, BatchStore, Claim, Outcome
+from sluice.batches.validate import ENDPOINTS
+from sluice.errors import AuthenticationError, ServiceUnavailableError, SluiceError
+from sluice.keys.store import KeyStore
+from sluice.pipeline.accounting import Accounting
+from sluice.pipeline.auth import MASTER, Principal
+from sluice.pipeline.context import RequestContext
+from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.steps import Handler
+from sluice.routing.router import Router
+from sluice.store.periods import utcnow
+from sluice.store.usage import UsageStore, now_micros
+
+log = logging.getLogger("sluice.batches")
+_KEY_TTL = 5.0  # seconds a batch owner's key record is reused (revocations reach it then)
+
+
+@dataclass(slots=True)
+class _Owner:
+    key_id: str | None
+    endpoint: str
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        settings: BatchSettings,
+        store: BatchStore,
+        files: FileStore,
+        pipeline: Handler,
+        router: Router,
+        accounting: Accounting,
+        usage: UsageStore | None,
+        keys: KeyStore | None,
+        metrics: BatchMetrics,
+        *,
+        authenticated: bool,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._files = files
+        self._pipeline = pipeline  # entered after identification
+        self._router = router
+        self._accounting = accounting
+        self._usage = usage
+        self._keys = keys
+        self._metrics = metrics
+        self._authenticated = authenticated
+        self.worker = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._running: set[asyncio.Task[None]] = set()
+        self._by_model: dict[str, int] = {}
+        self._owners: dict[str, _Owner] = {}
+        self._principals: dict[str | None, tuple[float, Principal | None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._pause_until = 0.0
+        self._last_housekeeping = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batch worker")
+
+    async def close(self) -> None:
+        """Stop claiming; give the lines under way ``drain`` seconds, then abandon them
+        (their leases lapse and another worker runs them)."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._running:
+            _, pending = await asyncio.wait(self._running, timeout=self._settings.drain)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                claimed = await self._turn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database away: try again later, never die
+                log.exception("batch worker turn failed; retrying")
+                claimed = 0
+            if not claimed:
+                await asyncio.sleep(self._settings.poll_interval)
+
+    async def _turn(self) -> int:
+        clock = time.monotonic()
+        if clock - self._last_housekeeping >= self._settings.housekeeping:
+            self._last_housekeeping = clock
+            await self._housekeeping()
+        free = self._settings.concurrency - len(self._running)
+        if free <= 0 or clock < self._pause_until:
+            return 0
+        lease = timedelta(seconds=self._settings.lease_seconds)
+        claims = await self._store.claim(self.worker, free, utcnow() + lease)
+        for claim in claims:
+            task = asyncio.create_task(self._run(claim))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return len(claims)
+
+    async def _housekeeping(self) -> None:
+        now = utcnow()
+        lapsed = await self._store.requeue_lapsed(now)
+        if lapsed:
+            self._metrics.lease_expiries.inc(lapsed)
+        await self._store.expire_due(now)
+        for batch in await self._store.take_finalization(now):
+            await self._finalise(batch)
+        self._metrics.publish(await self._store.line_counts())
+
+    async def _run(self, claim: Claim) -> None:
+        owner = await self._owner(claim.batch_id)
+        model = _model_of(claim.body)
+        async with self._share(model):
+            started = time.perf_counter()
+            ctx = RequestContext(
+                request_id=f"{claim.batch_id}-{claim.line}",
+                started=started,
+                route=ENDPOINTS[owner.endpoint],
+                created_us=now_micros(),
+                batch_id=claim.batch_id,
+            )
+            ctx.headers = []
+            ctx.receive = _body_of(claim.body)
+            status, body = await self._answer(ctx, owner)
+        if status in (429, 503) and not ctx.accepted:
+            # Refused by the gateway's own limits or load shedding before any upstream
+            # call: not an answer. Back to the queue; this worker waits before claiming more.
+            await self._store.release(claim, self.worker)
+            self._pause_until = time.monotonic() + self._settings.retry_after
+            self._metrics.requeued.inc()
+            return
+        if ctx.accepted and self._usage is not None:
+            latency = time.perf_counter() - started
+            await self._usage.insert_many([self._accounting.record_of(ctx, status, latency)])
+        written = await self._store.finish_line(
+            claim, self.worker, status_code=status, result=body, request_id=ctx.request_id
+        )
+        self._metrics.lines.labels("done" if status == 200 else "failed").inc()
+        if not written:
+            self._metrics.lost_leases.inc()
+
+    async def _answer(self, ctx: RequestContext, owner: _Owner) -> tuple[int, bytes]:
+        """The line's status and body, as the HTTP layer would have sent them."""
+        try:
+            ctx.principal = await self._principal(owner.key_id)
+            reply = await self._pipeline(ctx)
+            if isinstance(reply, StreamReply):  # validation refuses streams; be safe
+                await reply.close()
+                raise ServiceUnavailableError("A batch line cannot stream.")
+            assert isinstance(reply, UpstreamReply)
+            return reply.status, reply.body
+        except SluiceError as error:
+            ctx.error_kind = error.kind
+            return error.http_status, error.body()
+        finally:
+            for finish in ctx.at_end or ():
+                finish(ctx)
+
+    async def _principal(self, key_id: str | None) -> Principal | None:
+        """The batch owner as the pipeline sees a caller: its key record (revoked or
+        expired keys fail their lines with 401), the master key, or nobody (no keys)."""
+        if not self._authenticated:
+            return None
+        if key_id is None:
+            return MASTER
+        cached = self._principals.get(key_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < _KEY_TTL:
+            principal = cached[1]
+        else:
+            assert self._keys is not None
+            record = await self._keys.get(key_id)
+            principal = Principal(record) if record is not None and record.active() else None
+            self._principals[key_id] = (now, principal)
+        if principal is None:
+            raise AuthenticationError(
+                "The API key that created this batch was revoked or has expired.",
+                code="invalid_api_key",
+            )
+        return principal
+
+    async def _owner(self, batch_id: str) -> _Owner:
+        owner = self._owners.get(batch_id)
+        if owner is None:
+            batch = await self._store.get(batch_id)
+            assert batch is not None
+            owner = self._owners[batch_id] = _Owner(batch.key_id, batch.endpoint)
+        return owner
+
+    @contextlib.asynccontextmanager
+    async def _share(self, model: str | None) -> Any:
+        """Hold one of the batch's places on ``model``: at most ``share`` of its
+        deployments' capacity (at least one) runs batch lines at once, in this process."""
+        limit = self._limit(model)
+        key = model or ""
+        while self._by_model.get(key, 0) >= limit:
+            await asyncio.sleep(0.01)
+        self._by_model[key] = self._by_model.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._by_model[key] -= 1
+
+    def _limit(self, model: str | None) -> int:
+        if model is None or not self._router.knows(model):
+            return 1
+        try:
+            plan = self._router.plan(model)
+        except KeyError:
+            return 1
+        capacity = 0
+        for deployment in plan.candidates:
+            cap = deployment.capacity.limit if deployment.capacity is not None else None
+            capacity += cap or deployment.max_concurrency or self._settings.concurrency
+        return max(1, math.floor(capacity * self._settings.share))
+
+    async def _finalise(self, batch: BatchRecord) -> None:
+        """Write the output and error files of a batch whose lines have all ended, and give
+        it its last status."""
+        outcomes = await self._store.outcomes(batch.id)
+        output, errors = _files_of(batch.id, outcomes)
+        output_id = error_id = None
+        if output:
+            written = await self._files.create(
+                batch.key_id, "batch_output", f"{batch.id}_output.jsonl", output
+            )
+            output_id = written.id
+        if errors:
+            written = await self._files.create(
+                batch.key_id, "batch_output", f"{batch.id}_error.jsonl", errors
+            )
+            error_id = written.id
+        await self._store.close(
+            batch, output_file_id=output_id, error_file_id=error_id, now=utcnow()
+        )
+        self._owners.pop(batch.id, None)
+        self._metrics.batches.labels("finalised").inc()
+
+
+def _files_of(batch_id: str, outcomes: list[Outcome]) -> tuple[bytes, bytes]:
+    """The output file (answers with status 200) and the error file (the rest), in
+    OpenAI's line format, one line per input line, in input order."""
+    output: list[bytes] = []
+    errors: list[bytes] = []
+    for outcome in outcomes:
+        line: dict[str, Any] = {
+            "id": f"batch_req_{batch_id.removeprefix('batch_')}_{outcome.line}",
+            "custom_id": outcome.custom_id,
+        }
+        if outcome.state in ("done", "failed"):
+            line["response"] = {
+                "status_code": outcome.status_code,
+                "request_id": outcome.request_id,
+                "body": orjson.Fragment(outcome.result or "null"),
+            }
+            line["error"] = None
+        else:
+            line["response"] = None
+            line["error"] = {
+                "code": f"batch_{outcome.state}",
+                "message": f"The line did not run: the batch was {outcome.state}.",
+            }
+        (output if outcome.state == "done" else errors).append(orjson.dumps(line))
+    return _lines(output), _lines(errors)
+
+
+def _lines(items: list[bytes]) -> bytes:
+    return b"\n".join(items) + b"\n" if items else b""
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        model = orjson.loads(body).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def _body_of(body: bytes) -> Callable[[], Awaitable[MutableMapping[str, Any]]]:
+    """An ASGI ``receive`` that hands the request step the line's body."""
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+

@@ -1,0 +1,472 @@
+"""Batches and their lines in the database: created whole, claimed line by line with a
+lease, each line's answer written once, finalised once.
+
+The queue is the ``batch_lines`` table itself. A worker claims lines with one ``UPDATE``
+that marks them running under its name until ``lease_until``; on PostgreSQL the rows it
+picks are locked ``FOR UPDATE SKIP LOCKED``, so replicas claiming at once take disjoint
+lines without waiting on each other; on SQLite writers are serialised by the database lock
+(``BEGIN IMMEDIATE``, `sluice.store.database`), which gives the same. A line whose lease
+ran out (its worker died) is queued again (`requeue_lapsed`). A line's answer is written
+only by the worker holding its lease (`finish_line`), so a line that two workers ran (the
+first too slow for its lease) has one answer. Nothing here is a lock of our own: the
+database's row locks and conditional updates do the coordinating.
+
+A batch is finalised by whichever worker first moves it from ``in_progress`` (or
+``cancelling``) to ``finalizing`` once none of its lines is queued or running: one
+conditional update, one winner.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, bindparam, exists, func, insert, select, text, update
+
+from sluice.batches.validate import Line, LineError
+from sluice.store.database import Database
+from sluice.store.periods import utcnow
+from sluice.store.schema import batch_lines, batches
+from sluice.store.types import UTCDateTime, storable_text
+
+OPEN_STATES = ("queued", "running")
+FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+_INSERT_CHUNK = 500
+FINALIZE_RETRY = timedelta(minutes=5)
+"""A batch left in ``finalizing`` this long (its finaliser died) is finalised again."""
+
+
+def new_batch_id() -> str:
+    return "batch_" + os.urandom(12).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    queued: int = 0
+    running: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    id: str
+    key_id: str | None
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: datetime
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    in_progress_at: datetime | None = None
+    expires_at: datetime | None = None
+    finalizing_at: datetime | None = None
+    completed_at: datetime | None = None
+    failed_at: datetime | None = None
+    expired_at: datetime | None = None
+    cancelling_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    request_total: int = 0
+    counts: Counts = field(default_factory=Counts)
+
+    def to_openai(self) -> dict[str, Any]:
+        """OpenAI's batch object."""
+
+        def seconds(moment: datetime | None) -> int | None:
+            return int(moment.timestamp()) if moment is not None else None
+
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": seconds(self.created_at),
+            "in_progress_at": seconds(self.in_progress_at),
+            # An expired batch reports when it expired; others when they will.
+            "expires_at": seconds(self.expires_at),
+            "finalizing_at": seconds(self.finalizing_at),
+            "completed_at": seconds(self.completed_at),
+            "failed_at": seconds(self.failed_at),
+            "expired_at": seconds(self.expired_at),
+            "cancelling_at": seconds(self.cancelling_at),
+            "cancelled_at": seconds(self.cancelled_at),
+            "request_counts": {
+                "total": self.counts.total or self.request_total,
+                "completed": self.counts.completed,
+                "failed": self.counts.failed,
+            },
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A line a worker holds the lease of."""
+
+    batch_id: str
+    line: int
+    custom_id: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished line, as the output and error files list it."""
+
+    line: int
+    custom_id: str
+    state: str
+    status_code: int | None
+    result: str | None
+    request_id: str | None
+
+
+def _batch(row: Any, counts: Counts | None = None) -> BatchRecord:
+    values = dict(row._mapping)
+    return BatchRecord(**values, counts=counts or Counts())
+
+
+class BatchStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def create(
+        self,
+        *,
+        key_id: str | None,
+        endpoint: str,
+        input_file_id: str,
+        completion_window: timedelta,
+        window_name: str,
+        metadata: dict[str, str] | None,
+        lines: Sequence[Line],
+        errors: Sequence[LineError],
+    ) -> BatchRecord:
+        """A new batch: ``failed`` at once with ``errors`` when its input was refused, else
+        ``in_progress`` with its lines queued (validation ran before: there is nothing to
+        wait for in ``validating``)."""
+        now = utcnow()
+        values: dict[str, Any] = {
+            "id": new_batch_id(),
+            "key_id": key_id,
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": window_name,
+            "metadata": metadata,
+            "created_at": now,
+            "request_total": len(lines),
+        }
+        if errors:
+            values |= {
+                "status": "failed",
+                "failed_at": now,
+                "errors": [e.to_openai() for e in errors],
+            }
+        else:
+            values |= {
+                "status": "in_progress",
+                "in_progress_at": now,
+                "expires_at": now + completion_window,
+            }
+        async with self._db.writer.begin() as conn:
+            await conn.execute(insert(batches).values(values))
+            for start in range(0, len(lines), _INSERT_CHUNK):
+                chunk = lines[start : start + _INSERT_CHUNK]
+                await conn.execute(
+                    insert(batch_lines),
+                    [
+                        {
+                            "batch_id": values["id"],
+                            "line": line.number,
+                            "custom_id": line.custom_id,
+                            "body": line.body.decode(),
+                            "state": "queued",
+                        }
+                        for line in chunk
+                    ],
+                )
+        found = await self.get(values["id"])
+        assert found is not None
+        return found
+
+    async def get(self, batch_id: str, owner: str | None | object = ...) -> BatchRecord | None:
+        """The batch with its line counts; None when missing or (``owner`` given: a key id,
+        or None for the master key) owned by another."""
+        if not storable_text(batch_id):
+            return None
+        async with self._db.engine.connect() as conn:
+            row = (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
+            if row is None or (owner is not ... and row.key_id != owner):
+                return None
+            states = await conn.execute(
+                select(batch_lines.c.state, func.count())
+                .where(batch_lines.c.batch_id == batch_id)
+                .group_by(batch_lines.c.state)
+            )
+            by_state = {state: int(n) for state, n in states}
+        return _batch(row, _counts(by_state, row.request_total))
+
+    async def list(
+        self, owner: str | None, *, limit: int, after: str | None
+    ) -> tuple[list[BatchRecord], bool]:
+        """The owner's batches, newest first, after the batch ``after``; and whether there
+        are more."""
+        query = select(batches).where(_owned_by(owner))
+        if after is not None and storable_text(after):
+            anchor = select(batches.c.created_at, batches.c.id).where(batches.c.id == after)
+            async with self._db.engine.connect() as conn:
+                point = (await conn.execute(anchor)).first()
+            if point is not None:
+                query = query.where(
+                    (batches.c.created_at < point.created_at)
+                    | and_(batches.c.created_at == point.created_at, batches.c.id < point.id)
+                )
+        query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
+        async with self._db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        found = [await self.get(row.id) for row in rows[:limit]]
+        return [b for b in found if b is not None], len(rows) > limit
+
+    async def cancel(self, batch_id: str) -> bool:
+        """``in_progress`` → ``cancelling``: no line starts from now on (those running
+        finish); False when the batch is in no state to cancel."""
+        now = utcnow()
+        async with self._db.writer.begin() as conn:
+            moved = await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id, batches.c.status == "in_progress")
+                .values(status="cancelling", cancelling_at=now)
+            )
+            if moved.rowcount == 1:
+                await _close_queued(conn, batch_id, "cancelled")
+        return bool(moved.rowcount == 1)
+
+    # The workers' side.
+
+    async def requeue_lapsed(self, now: datetime) -> int:
+        """Queue again the running lines whose lease ran out (their worker died or
+        stalled); how many."""
+        async with self._db.writer.begin() as conn:
+            result = await conn.execute(
+                update(batch_lines)
+                .where(batch_lines.c.state == "running", batch_lines.c.lease_until < now)
+                .values(state="queued", lease_owner=None, lease_until=None)
+            )
+        return int(result.rowcount or 0)
+
+    async def expire_due(self, now: datetime) -> list[str]:
+        """Batches past their completion window: their queued lines will not run."""
+        async with self._db.writer.begin() as conn:
+            due = (
+                await conn.execute(
+                    update(batches)
+                    .where(
+                        batches.c.status == "in_progress",
+                        batches.c.expires_at < now,
+                        batches.c.expired_at.is_(None),
+                    )
+                    .values(expired_at=now)
+                    .returning(batches.c.id)
+                )
+            ).all()
+            for (batch_id,) in due:
+                await _close_queued(conn, batch_id, "expired")
+        return [batch_id for (batch_id,) in due]
+
+    async def claim(self, worker: str, count: int, lease_until: datetime) -> list[Claim]:
+        """Up to ``count`` queued lines of running batches (oldest batch first), leased to
+        ``worker`` until ``lease_until``."""
+        if count <= 0:
+            return []
+        lock = " FOR UPDATE OF l SKIP LOCKED" if self._db.dialect == "postgresql" else ""
+        until = bindparam("until", lease_until, type_=UTCDateTime())
+        statement = text(
+            "UPDATE batch_lines SET state = 'running', lease_owner = :worker, "
+            "lease_until = :until, attempts = attempts + 1 "
+            "WHERE (batch_id, line) IN ("
+            "SELECT l.batch_id, l.line FROM batch_lines l JOIN batches b ON b.id = l.batch_id "
+            "WHERE l.state = 'queued' AND b.status = 'in_progress' AND b.expired_at IS NULL "
+            f"ORDER BY b.created_at, l.batch_id, l.line LIMIT :count{lock}) "
+            "RETURNING batch_id, line, custom_id, body"
+        ).bindparams(until, worker=worker, count=count)
+        async with self._db.writer.begin() as conn:
+            rows = (await conn.execute(statement)).all()
+        return [Claim(r.batch_id, r.line, r.custom_id, r.body.encode()) for r in rows]
+
+    async def finish_line(
+        self,
+        claim: Claim,
+        worker: str,
+        *,
+        status_code: int,
+        result: bytes,
+        request_id: str,
+    ) -> bool:
+        """Write a line's answer, once: only while ``worker`` still holds its lease. False
+        when it does not (the line was taken over, or the batch cancelled or expired)."""
+        async with self._db.writer.begin() as conn:
+            written = await conn.execute(
+                update(batch_lines)
+                .where(
+                    batch_lines.c.batch_id == claim.batch_id,
+                    batch_lines.c.line == claim.line,
+                    batch_lines.c.state == "running",
+                    batch_lines.c.lease_owner == worker,
+                )
+                .values(
+                    state="done" if status_code == 200 else "failed",
+                    status_code=status_code,
+                    result=result.decode(errors="replace"),
+                    request_id=request_id,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+        return bool(written.rowcount == 1)
+
+    async def release(self, claim: Claim, worker: str) -> None:
+        """Give a claimed line back to the queue unanswered (the gateway refused it for
+        now: a limit, a full deployment)."""
+        async with self._db.writer.begin() as conn:
+            await conn.execute(
+                update(batch_lines)
+                .where(
+                    batch_lines.c.batch_id == claim.batch_id,
+                    batch_lines.c.line == claim.line,
+                    batch_lines.c.state == "running",
+                    batch_lines.c.lease_owner == worker,
+                )
+                .values(state="queued", lease_owner=None, lease_until=None)
+            )
+
+    async def take_finalization(self, now: datetime) -> list[BatchRecord]:
+        """The batches this worker is to finalise: those with no line queued or running,
+        each moved to ``finalizing`` by one conditional update (one worker wins each), and
+        those whose finaliser died ``FINALIZE_RETRY`` ago."""
+        open_lines = exists().where(
+            batch_lines.c.batch_id == batches.c.id, batch_lines.c.state.in_(OPEN_STATES)
+        )
+        async with self._db.engine.connect() as conn:
+            ready = (
+                await conn.execute(
+                    select(batches.c.id, batches.c.status).where(
+                        batches.c.status.in_(("in_progress", "cancelling")), ~open_lines
+                    )
+                )
+            ).all()
+        taken: list[BatchRecord] = []
+        for batch_id, status in ready:
+            async with self._db.writer.begin() as conn:
+                moved = await conn.execute(
+                    update(batches)
+                    .where(batches.c.id == batch_id, batches.c.status == status, ~open_lines)
+                    .values(status="finalizing", finalizing_at=now)
+                )
+            if moved.rowcount == 1:
+                record = await self.get(batch_id)
+                if record is not None:
+                    taken.append(record)
+        async with self._db.writer.begin() as conn:
+            stale = (
+                await conn.execute(
+                    update(batches)
+                    .where(
+                        batches.c.status == "finalizing",
+                        batches.c.finalizing_at < now - FINALIZE_RETRY,
+                    )
+                    .values(finalizing_at=now)
+                    .returning(batches.c.id)
+                )
+            ).all()
+        for (batch_id,) in stale:
+            record = await self.get(batch_id)
+            if record is not None:
+                taken.append(record)
+        return taken
+
+    async def outcomes(self, batch_id: str) -> list[Outcome]:
+        """Every line's end, in input order."""
+        async with self._db.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        batch_lines.c.line,
+                        batch_lines.c.custom_id,
+                        batch_lines.c.state,
+                        batch_lines.c.status_code,
+                        batch_lines.c.result,
+                        batch_lines.c.request_id,
+                    )
+                    .where(batch_lines.c.batch_id == batch_id)
+                    .order_by(batch_lines.c.line)
+                )
+            ).all()
+        return [Outcome(*row) for row in rows]
+
+    async def close(
+        self,
+        batch: BatchRecord,
+        *,
+        output_file_id: str | None,
+        error_file_id: str | None,
+        now: datetime,
+    ) -> None:
+        """``finalizing`` → its last status: cancelled, expired, or completed."""
+        if batch.cancelling_at is not None:
+            final = {"status": "cancelled", "cancelled_at": now}
+        elif batch.expired_at is not None:
+            final = {"status": "expired"}
+        else:
+            final = {"status": "completed", "completed_at": now}
+        async with self._db.writer.begin() as conn:
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch.id, batches.c.status == "finalizing")
+                .values(output_file_id=output_file_id, error_file_id=error_file_id, **final)
+            )
+
+    async def line_counts(self) -> dict[tuple[str, str], int]:
+        """Lines by batch status and line state (for the metrics)."""
+        async with self._db.engine.connect() as conn:
+            rows = await conn.execute(
+                select(batches.c.status, batch_lines.c.state, func.count())
+                .join(batches, batches.c.id == batch_lines.c.batch_id)
+                .where(batches.c.status.notin_(FINAL_STATUSES))
+                .group_by(batches.c.status, batch_lines.c.state)
+            )
+            return {(status, state): int(n) for status, state, n in rows}
+
+
+def _owned_by(owner: str | None) -> Any:
+    return batches.c.key_id.is_(None) if owner is None else batches.c.key_id == owner
+
+
+async def _close_queued(conn: Any, batch_id: str, state: str) -> None:
+    await conn.execute(
+        update(batch_lines)
+        .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "queued")
+        .values(state=state)
+    )
+
+
+def _counts(by_state: dict[str, int], total: int) -> Counts:
+    failed = sum(by_state.get(s, 0) for s in ("failed", "cancelled", "expired"))
+    return Counts(
+        total=total,
+        completed=by_state.get("done", 0),
+        failed=failed,
+        queued=by_state.get("queued", 0),
+        running=by_state.get("running", 0),
+    )
