@@ -11,7 +11,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DEFAULT_SEMANTIC_THRESHOLD = 0.81
+DEFAULT_SEMANTIC_THRESHOLD = 0.82
 """Cosine similarity of the last user turns, with the second check (`sluice.cache.verify`);
 chosen on the paraphrase pairs (docs/semantic-cache.md)."""
 
