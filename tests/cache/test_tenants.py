@@ -71,10 +71,11 @@ def test_a_team_shares_its_answers_and_only_its_own(mock: MockUpstream, tmp_path
 
 def test_a_key_may_be_denied_the_controls(gw: Gateway, mock: MockUpstream) -> None:
     obedient = gw.new_key(cache_controls=False)["key"]
-    assert result(gw.chat(obedient, **PINNED)) == "miss"
+    first = gw.chat(obedient, **PINNED, cache={"no-store": True})
+    assert result(first) == "miss"
+    assert "cache" not in mock.stats.last_body  # the field never goes upstream
     forced = gw.chat(obedient, **PINNED, cache={"no-cache": True})
-    assert result(forced) == "hit"  # its no-cache is ignored
-    assert "cache" not in mock.stats.last_body
+    assert result(forced) == "hit"  # its no-store was ignored, and so is its no-cache
     assert result(gw.chat(obedient, temperature=0.9, cache={"max-age": 60})) == "bypass"
 
 

@@ -18,6 +18,7 @@ from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -276,5 +277,7 @@ def test_hostile_admin_values_never_answer_a_server_error(
         assert _key_count(admin) == before + (created.status_code == 201)
         patched = admin.patch(f"/admin/keys/{target.key_id}", content=body, headers=headers)
         assert patched.status_code in (200, 400), patched.text
-        usage = admin.get("/admin/usage", params={k: v for k, v in query.items() if v})
+        # Lone surrogates go as their raw (invalid UTF-8) bytes, as a hostile client may send.
+        wire = {k: v.encode("utf-8", "surrogatepass") for k, v in query.items() if v}
+        usage = admin.get("/admin/usage?" + urlencode(wire))
         assert usage.status_code in (200, 400), usage.text

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import re
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-DONE = b"data: [DONE]"
+from sluice.pipeline.sse import event_data
+
 _FORMAT = b"SLC1"
 _LENGTH = struct.Struct("!I")
 # Text is cut after each run of spaces: a word per chunk, as a model streams (roughly).
@@ -44,6 +44,19 @@ class Answer:
     content_type: str = "application/json"
     prompt: str | None = None
     """The last user turn, kept for the semantic cache's second check."""
+
+    @classmethod
+    def from_stream(
+        cls,
+        events: list[bytes],
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        prompt: str | None,
+        stored_at: float,
+    ) -> Answer:
+        """A stream that ended with ``[DONE]``, as its events (usage-only chunk aside)."""
+        return cls(200, None, tuple(events), prompt_tokens, completion_tokens, stored_at, 0.0,
+                   prompt=prompt)  # fmt: skip
 
     @property
     def size(self) -> int:
@@ -105,19 +118,6 @@ class Answer:
             )
         except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
             raise ValueError(f"damaged cached answer: {exc}") from None
-
-
-def stored_now() -> float:
-    return time.time()
-
-
-def event_data(event: bytes) -> Any:
-    """The JSON of one SSE event's ``data:`` lines; None when it has none or is not JSON."""
-    data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def usage_event(first_event: bytes | None, prompt: int | None, completion: int | None) -> bytes:
@@ -268,21 +268,33 @@ def body_to_events(answer: Answer, route: str) -> list[bytes]:
     return events
 
 
-def finish_reasons(answer: Answer) -> set[str]:
-    """Every choice's finish reason (``length`` marks a truncated answer)."""
+def traits(answer: Answer) -> tuple[set[str], bool]:
+    """Every choice's finish reason (``length``: cut short), and whether the answer calls
+    tools (by its messages, not only its finish reason: some upstreams say ``stop``). A body
+    that is not JSON is reported as ``unreadable``: it is not stored."""
     reasons: set[str] = set()
+    tools = False
     if answer.body is not None:
-        parsed = orjson.loads(answer.body) if answer.body[:1] == b"{" else None
-        choices = parsed.get("choices") if isinstance(parsed, dict) else None
-        for choice in choices or ():
-            if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
-                reasons.add(choice["finish_reason"])
-        return reasons
-    for event in answer.events or ():
-        if b'"finish_reason"' not in event:
-            continue
-        chunk = event_data(event)
-        for part in (chunk.get("choices") if isinstance(chunk, dict) else None) or ():
-            if isinstance(part, dict) and isinstance(part.get("finish_reason"), str):
-                reasons.add(part["finish_reason"])
-    return reasons
+        try:
+            parsed = orjson.loads(answer.body)
+        except orjson.JSONDecodeError:
+            return {"unreadable"}, False
+        parts = [(c, c.get("message")) for c in _choices(parsed)]
+    else:
+        parts = []
+        for event in answer.events or ():
+            if b'"finish_reason"' in event or b"tool_calls" in event or b"function_call" in event:
+                parts += [(c, c.get("delta")) for c in _choices(event_data(event))]
+    for choice, message in parts:
+        if isinstance(choice.get("finish_reason"), str):
+            reasons.add(choice["finish_reason"])
+        if isinstance(message, dict) and (
+            message.get("tool_calls") or message.get("function_call")
+        ):
+            tools = True
+    return reasons, tools
+
+
+def _choices(parsed: Any) -> list[dict[str, Any]]:
+    choices = parsed.get("choices") if isinstance(parsed, dict) else None
+    return [c for c in choices if isinstance(c, dict)] if isinstance(choices, list) else []

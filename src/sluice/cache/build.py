@@ -14,6 +14,7 @@ from sluice.cache.semantic import RouterEmbedder, SemanticCache
 from sluice.cache.step import CacheStep, ModelPolicy
 from sluice.cache.tiers import AnswerStore, MemoryTier, RedisTier
 from sluice.cache.verify import SecondCheck
+from sluice.errors import ServiceUnavailableError
 from sluice.routing.router import Router
 from sluice.settings import Settings
 from sluice.store.channel import Channel
@@ -52,9 +53,20 @@ class Cache:
             tag(namespace) if namespace is not None else None,
             tag(model) if model is not None else None,
         )
-        removed = await self.store.flush(*tags)
-        if self.channel is not None:
-            await self.channel.publish(orjson.dumps(tags).decode())
+        try:
+            removed = await self.store.flush(*tags)
+        except (aioredis.RedisError, OSError):
+            raise ServiceUnavailableError(
+                "This process's memory tier was flushed, but Redis did not answer: the "
+                "answers stored there (and other processes' memory) are not flushed. Retry.",
+                code="cache_flush_incomplete",
+            ) from None
+        if self.channel is not None and not await self.channel.publish(orjson.dumps(tags).decode()):
+            raise ServiceUnavailableError(
+                "The answers on Redis were flushed, but other processes could not be told to "
+                "flush their memory. Retry.",
+                code="cache_flush_incomplete",
+            )
         return removed
 
     def _flush_memory(self, message: str) -> None:

@@ -8,9 +8,10 @@ from a shared buffer, each getting the usage chunk only if it asked for it.
 
 The stream is read by a task of its own, so that a watcher's cancellation (its client
 leaving) cannot cut the read short for the others. If the leader's client leaves while
-followers still watch, the stream goes on for them, and the leader's request ends with
-the stream (so the upstream call it pays for is whole in its usage record); once nobody
-watches, the upstream call is aborted.
+followers still watch it or wait for its end (a follower that asked for a complete
+answer), the stream goes on for them, and the leader's request ends with the stream (so
+the upstream call it pays for is whole in its usage record); once nobody watches or
+waits, the upstream call is aborted.
 
 A leader that fails before its answer starts does not strand its followers: a failure that
 is the request's own (the upstream refused it with a 4xx) is their answer too; any other
@@ -22,12 +23,20 @@ not called once per follower.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
-from sluice.cache.answer import DONE, Answer, event_data, stored_now, usage_event
-from sluice.errors import SluiceError, UpstreamConnectError, UpstreamStatusError
+from sluice.cache.answer import Answer, usage_event
+from sluice.errors import (
+    ServiceUnavailableError,
+    SluiceError,
+    UpstreamConnectError,
+    UpstreamStatusError,
+)
 from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.sse import DONE, event_data, usage_only
 
+log = logging.getLogger("sluice.cache")
 MAX_ROUNDS = 2
 _END = b"\n\n"
 
@@ -39,11 +48,15 @@ class Flight:
         self.key = key
         self.answer: Answer | None = None
         """The complete answer, once it is (a stream's once it ended with [DONE])."""
-        self.error: BaseException | None = None
-        self.retry = False
+        self.error: SluiceError | None = None
+        self.retryable = False
         """The leader failed in a way a follower may retry (not the request's own fault)."""
         self.stream: Streaming | None = None
         """Set once the leader's stream has opened: followers then watch it."""
+        self.waiters = 0
+        """Followers waiting for the complete answer (they keep a stream going too)."""
+        self.alone = False
+        """The answer was not for sharing: each follower calls on its own."""
         self._started = asyncio.Event()  # a stream opened, or the end
         self._ended = asyncio.Event()  # a complete answer, or a failure
 
@@ -61,8 +74,24 @@ class Flight:
         self._ended.set()
 
     def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.retry = not shared_failure(error)
+        """The leader's call failed: its error is the followers' answer when the request
+        itself was refused; otherwise they may go round again (`retryable`)."""
+        if isinstance(error, SluiceError):
+            self.error = error
+            self.retryable = not shared_failure(error)
+        else:  # the leader cancelled, or a fault of the gateway's: never shared as such
+            self.error = ServiceUnavailableError(
+                "The identical request this one waited on did not finish; retry.",
+                code="coalesced_request_failed",
+            )
+            self.retryable = True
+        self._started.set()
+        self._ended.set()
+
+    def unshared(self) -> None:
+        """The leader's answer is not the followers' (another model answered it, under the
+        leader's key's checks): each follower makes its own call (`alone`)."""
+        self.alone = True
         self._started.set()
         self._ended.set()
 
@@ -90,9 +119,11 @@ class Streaming:
         upstream: StreamReply,
         on_end: Callable[[Streaming], None],
         tokens: Callable[[], tuple[int | None, int | None]],
+        waiting: Callable[[], int] = lambda: 0,
     ) -> None:
         self._upstream = upstream
         self._on_end = on_end
+        self._waiting = waiting
         self.tokens = tokens
         """The call's prompt and completion tokens (the leader's counts, whole at the end)."""
         self.events: list[bytes] = []
@@ -102,21 +133,24 @@ class Streaming:
         self.done = False
         self.complete = False
         """Ended with [DONE] (and is therefore storable)."""
-        self.error: BaseException | None = None
+        self.error: SluiceError | None = None
         self.watchers = 0
         self._changed = asyncio.Event()
         self._ended = asyncio.Event()
         self._task = asyncio.create_task(self._pump(), name="coalesced stream")
 
     async def _pump(self) -> None:
-        error: BaseException | None = None
+        error: SluiceError | None = None
         try:
             async for data in self._upstream.events:
                 self._add(data)
         except asyncio.CancelledError:
             error = _abandoned()  # every watcher left: the call is aborted
-        except Exception as exc:  # an upstream failure: every watcher relays it
+        except SluiceError as exc:  # an upstream failure: every watcher relays it
             error = exc
+        except Exception:
+            error = _abandoned()
+            log.exception("a shared stream failed in the gateway")
         finally:
             await self._upstream.close()
             self._finish(error)
@@ -125,9 +159,9 @@ class Streaming:
         for event in data.split(_END):
             if not event:
                 continue
-            if event == DONE or event.startswith(b"data:[DONE]"):
+            if event + _END == DONE:  # the relay writes [DONE] one way
                 self.complete = True
-            elif b'"usage"' in event and _usage_only(event):
+            elif b'"usage"' in event and usage_only(event_data(event)):
                 self.usage = event
             else:
                 self.events.append(event)
@@ -139,12 +173,12 @@ class Streaming:
     async def ended(self) -> None:
         await self._ended.wait()
 
-    def stop(self) -> None:
-        """Nobody watches any more: abort the upstream call."""
-        if not self.done:
+    def left(self) -> None:
+        """A watcher left: with nobody watching or waiting any more, abort the call."""
+        if self.watchers == 0 and self._waiting() == 0 and not self.done:
             self._task.cancel()
 
-    def _finish(self, error: BaseException | None) -> None:
+    def _finish(self, error: SluiceError | None) -> None:
         self.done = True
         self.error = error
         if error is not None:
@@ -156,11 +190,6 @@ class Streaming:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
-
-
-def _usage_only(event: bytes) -> bool:
-    chunk = event_data(event)
-    return isinstance(chunk, dict) and chunk.get("choices") == [] and "usage" in chunk
 
 
 class Watch:
@@ -190,12 +219,12 @@ class Watch:
                     raise StopAsyncIteration
                 self._ended = True
                 if stream.error is not None:
-                    raise stream.error
+                    raise stream.error.with_traceback(None)  # one error, many watchers
                 tail = b""
                 if self._include_usage:
                     first = stream.events[0] if stream.events else None
                     tail = (stream.usage or usage_event(first, *stream.tokens())) + _END
-                return tail + DONE + _END
+                return tail + DONE
             await stream.changed()
 
     async def close(self) -> None:
@@ -207,8 +236,7 @@ class Watch:
         self._closed = True
         stream = self._stream
         stream.watchers -= 1
-        if stream.watchers == 0:
-            stream.stop()
+        stream.left()
         if self._leader:
             await stream.ended()
 
@@ -217,18 +245,4 @@ def _abandoned() -> SluiceError:
     return UpstreamConnectError(
         "The shared upstream stream was closed before it finished.",
         code="upstream_stream_incomplete",
-    )
-
-
-def stream_answer(
-    stream: Streaming, prompt_tokens: int | None, completion_tokens: int | None, prompt: str | None
-) -> Answer:
-    return Answer(
-        status=200,
-        body=None,
-        events=tuple(stream.events),
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        stored_at=stored_now(),
-        prompt=prompt,
     )

@@ -32,6 +32,7 @@ DELIVERY_FIELDS = frozenset(
     }
 )
 _SEPARATOR = b"\x00"
+_INT_MIN, _INT_MAX = -(2**63), 2**63
 
 
 def canonical(value: Any) -> Any:
@@ -42,7 +43,9 @@ def canonical(value: Any) -> Any:
     if kind is str or kind is int or kind is bool or value is None:
         return value
     if kind is float:
-        return int(value) if value.is_integer() else value
+        # Only where the integer fits the 64 bits orjson writes; past that a float keeps
+        # its own (shortest, unique) spelling.
+        return int(value) if value.is_integer() and _INT_MIN <= value < _INT_MAX else value
     if kind is list:
         return [canonical(item) for item in value]
     if kind is dict:

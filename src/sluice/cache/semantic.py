@@ -12,11 +12,12 @@ names, negation). The threshold's default was chosen on labelled paraphrase pair
 (docs/semantic-cache.md).
 
 The index is in process memory (numpy: a scope holds few prompts, and a matrix product over
-them costs microseconds), bounded by ``max_entries`` across scopes, the least recently used
-scope dropped first. With the Redis tier, every stored prompt is also appended to its
-scope's Redis stream, and a lookup first reads what other processes added since its last
-look: every replica finds every replica's answers. The answers themselves stay in the
-answer store; an index entry whose answer expired is dropped when found.
+them costs microseconds), bounded by ``max_entries`` prompts in all: the least recently
+used scopes are dropped first, then a scope's oldest prompts. With the Redis tier, every
+stored prompt is also appended to its scope's Redis stream, and a lookup first reads what
+other processes added since its last look: every replica finds every replica's answers.
+The answers themselves stay in the answer store; an index entry whose answer expired is
+skipped when found, and goes with its scope's oldest.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,14 +61,50 @@ class Remember:
     vector: Vector
 
 
-@dataclass(slots=True)
 class _Scope:
-    vectors: Vector
-    names: list[str] = field(default_factory=list)
-    signals: list[Signals] = field(default_factory=list)
-    """Each stored prompt read once for the second check."""
-    synced: str = "0-0"
-    """The last Redis stream id read into this scope."""
+    """One scope's prompts: their vectors in a matrix with room to grow (rows are added in
+    amortised constant time), oldest first."""
+
+    __slots__ = ("_known", "_matrix", "names", "signals", "synced")
+
+    def __init__(self, dimensions: int) -> None:
+        self._matrix: Vector = np.empty((8, dimensions), np.float32)
+        self.names: list[str] = []
+        self._known: set[str] = set()
+        self.signals: list[Signals] = []
+        """Each stored prompt read once for the second check."""
+        self.synced = "0-0"
+        """The last Redis stream id read into this scope."""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def vectors(self) -> Vector:
+        return self._matrix[: len(self.names)]
+
+    def add(self, vector: Vector, name: str, prompt: Signals) -> bool:
+        """Add a prompt; False when its answer is indexed already (this process's own
+        entry, read back from Redis)."""
+        if name in self._known:
+            return False
+        rows = len(self.names)
+        if rows == len(self._matrix):
+            grown = np.empty((2 * rows, self._matrix.shape[1]), np.float32)
+            grown[:rows] = self._matrix
+            self._matrix = grown
+        self._matrix[rows] = vector
+        self.names.append(name)
+        self._known.add(name)
+        self.signals.append(prompt)
+        return True
+
+    def drop_oldest(self, count: int) -> None:
+        keep = len(self.names) - count
+        self._matrix[:keep] = self._matrix[count : count + keep]
+        self._known.difference_update(self.names[:count])
+        del self.names[:count]
+        del self.signals[:count]
 
 
 class SemanticCache:
@@ -104,7 +141,7 @@ class SemanticCache:
         if self._redis is not None:
             await self._sync(scope)
         held = self._scopes.get(scope)
-        if held is None or not held.names:
+        if held is None or not held:
             return None, remember
         self._scopes.move_to_end(scope)
         similarities = held.vectors @ vector
@@ -119,7 +156,7 @@ class SemanticCache:
             if answer is None:
                 answer = await self._store.get_shared(_location(name))
             if answer is None:
-                continue  # expired or flushed: its entry goes when the scope is rebuilt
+                continue  # expired or flushed (its row goes with the oldest, in time)
             if self._check is not None:
                 asked = asked or signals(text)
                 reason = self._check.reason(asked, held.signals[row])
@@ -137,19 +174,24 @@ class SemanticCache:
             self._store.background(self._publish(prompt, location.name, ttl))
 
     def _add(self, scope: str, vector: Vector, name: str, text: str) -> None:
+        """Index one prompt; past ``max_entries`` prompts in all, drop the least recently
+        used scopes, and then this scope's oldest prompts (a quarter at a time, so the
+        matrix is not moved on every insert)."""
         held = self._scopes.get(scope)
         if held is None:
-            held = self._scopes[scope] = _Scope(np.empty((0, vector.shape[0]), np.float32))
-        if name in held.names:
+            held = self._scopes[scope] = _Scope(vector.shape[0])
+        if not held.add(vector, name, signals(text)):
             return
-        held.vectors = np.vstack([held.vectors, vector[np.newaxis, :]])
-        held.names.append(name)
-        held.signals.append(signals(text))
         self._entries += 1
         self._scopes.move_to_end(scope)
-        while self._entries > self._settings.max_entries and len(self._scopes) > 1:
+        limit = self._settings.max_entries
+        while self._entries > limit and len(self._scopes) > 1:
             _, dropped = self._scopes.popitem(last=False)
-            self._entries -= len(dropped.names)
+            self._entries -= len(dropped)
+        if self._entries > limit:
+            excess = max(self._entries - limit, len(held) // 4)
+            held.drop_oldest(excess)
+            self._entries -= excess
 
     async def _publish(self, prompt: Remember, name: str, ttl: float) -> None:
         assert self._redis is not None
@@ -158,7 +200,10 @@ class SemanticCache:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.xadd(stream, fields, maxlen=_STREAM_LENGTH, approximate=True)  # type: ignore[arg-type]
-                pipe.expire(stream, max(1, int(ttl)))
+                # The stream lives as long as its longest-lived answer: an entry with a
+                # short max-age must not cut it short for the older ones.
+                pipe.expire(stream, max(1, int(ttl)), gt=True)
+                pipe.expire(stream, max(1, int(ttl)), nx=True)
                 await pipe.execute()
         except (aioredis.RedisError, OSError) as exc:
             self._outages.failed(exc)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-DEFAULT_SEMANTIC_THRESHOLD = 0.81
+COSINE_ALONE_THRESHOLD = 0.97
+"""Where all-MiniLM-L6-v2's cosine alone keeps false hits at or under 1% (the same data)."""
+DEFAULT_SEMANTIC_THRESHOLD = 0.82
 """Cosine similarity of the last user turns, with the second check (`sluice.cache.verify`);
 chosen on the paraphrase pairs (docs/semantic-cache.md)."""
 
@@ -34,6 +36,16 @@ class SemanticSettings(_Strict):
     max_entries: int = Field(
         50_000, ge=1, description="prompts indexed per process (oldest dropped first)"
     )
+
+    @model_validator(mode="after")
+    def _cosine_alone_needs_a_high_threshold(self) -> SemanticSettings:
+        if not self.verify and self.threshold < COSINE_ALONE_THRESHOLD:
+            raise ValueError(
+                f"cache.semantic.verify is false: cosine similarity alone serves over 1% "
+                f"false hits below {COSINE_ALONE_THRESHOLD} (docs/semantic-cache.md); set "
+                f"threshold to at least {COSINE_ALONE_THRESHOLD}, or keep the second check"
+            )
+        return self
 
 
 class CacheSettings(_Strict):

@@ -22,6 +22,7 @@ tools.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,28 +30,23 @@ from functools import partial
 from typing import Any
 
 from sluice.backends.base import UpstreamReply
-from sluice.cache.answer import (
-    DONE,
-    Answer,
-    body_to_events,
-    finish_reasons,
-    stream_to_body,
-    usage_event,
-)
+from sluice.cache.answer import Answer, body_to_events, stream_to_body, traits, usage_event
 from sluice.cache.controls import NONE, Controls, read_controls
-from sluice.cache.flight import MAX_ROUNDS, Flight, Streaming, Watch, shared_failure, stream_answer
+from sluice.cache.flight import MAX_ROUNDS, Flight, Streaming, Watch, shared_failure
 from sluice.cache.key import request_key, scope_of, tag
 from sluice.cache.metrics import CacheMetrics
 from sluice.cache.semantic import Remember, SemanticCache
 from sluice.cache.settings import CacheSettings
 from sluice.cache.tiers import AnswerStore, Location
 from sluice.errors import SluiceError
-from sluice.pipeline.attempts import header_value
 from sluice.pipeline.context import RequestContext
+from sluice.pipeline.headers import header_value
 from sluice.pipeline.reply import StreamReply
+from sluice.pipeline.sse import DONE
 from sluice.pipeline.steps import Handler, Reply
 from sluice.protocol import wants_usage
 
+log = logging.getLogger("sluice.cache")
 _CACHED_ROUTES = frozenset({"chat/completions", "completions", "embeddings"})
 _TOOL_REASONS = frozenset({"tool_calls", "function_call"})
 _END = b"\n\n"
@@ -66,8 +62,8 @@ class ModelPolicy:
 
 
 @dataclass(slots=True)
-class _Request:
-    """What the cache worked out for one request on its way upstream."""
+class _Pending:
+    """A request on its way upstream: where its answer is to be stored, and how."""
 
     location: Location
     controls: Controls
@@ -105,10 +101,10 @@ class CacheStep:
         field = body.pop("cache", None)
         if field is not None:
             ctx.raw = None  # the gateway's own field never goes upstream
+        controls = self._controls(ctx, field)  # a malformed field is a 400 for every model
         policy = self._policies.get(plan.model)
         if policy is None or ctx.route not in _CACHED_ROUTES:
             return self.next(ctx)
-        controls = self._controls(ctx, field)
         if not self._cacheable(ctx, body, controls):
             ctx.cache = "bypass"
             self._metrics.result(plan.model, "bypass")
@@ -119,63 +115,73 @@ class CacheStep:
         ttl = policy.ttl
         if controls.max_age:
             ttl = min(float(controls.max_age), self._settings.max_ttl)
-        request = _Request(location, controls, ttl)
+        pending = _Pending(location, controls, ttl)
         if not controls.no_cache:
             answer = self._store.get_now(location.name)
             if answer is not None and self._fresh(answer, controls):
                 return self._serve(ctx, answer, "hit")
-        return self._look_further(ctx, request, namespace, policy)
+        return self._look_further(ctx, pending, namespace, policy)
 
     async def _look_further(
-        self, ctx: RequestContext, request: _Request, namespace: str, policy: ModelPolicy
+        self, ctx: RequestContext, pending: _Pending, namespace: str, policy: ModelPolicy
     ) -> Reply:
         """The Redis tier, then the semantic index, then upstream (leading or following)."""
-        controls = request.controls
+        controls = pending.controls
         assert ctx.plan is not None
         model = ctx.plan.model
         if not controls.no_cache:
-            answer = await self._store.get_shared(request.location)
+            answer = await self._store.get_shared(pending.location)
             if answer is not None and self._fresh(answer, controls):
                 return await self._serve(ctx, answer, "hit")
         if self._semantic is not None and self._semantic_wanted(ctx, policy):
             scoped = scope_of(namespace, ctx.route, model, ctx.body)
             if scoped is not None:
                 scope, text = scoped
-                request.prompt = text
-                found, request.remember = await self._semantic.lookup(
-                    scope, text, request.location.namespace_tag, request.location.model_tag
+                pending.prompt = text
+                found, pending.remember = await self._semantic.lookup(
+                    scope, text, pending.location.namespace_tag, pending.location.model_tag
                 )
                 if found is not None and not controls.no_cache:
                     answer, similarity = found
                     if self._fresh(answer, controls):
                         self._metrics.similarity.observe(similarity)
                         return await self._serve(ctx, answer, "semantic-hit")
-        return await self._upstream(ctx, request)
+        return await self._upstream(ctx, pending)
 
-    async def _upstream(self, ctx: RequestContext, request: _Request) -> Reply:
-        key = request.location.key
+    async def _upstream(self, ctx: RequestContext, pending: _Pending) -> Reply:
+        key = pending.location.key
         if not self._settings.coalesce:
-            return await self._lead(ctx, request, None)
+            return await self._lead(ctx, pending, None)
         flight: Flight | None = None
         for _ in range(MAX_ROUNDS):
             flight = self._flights.get(key)
             if flight is None:
                 flight = self._flights[key] = Flight(key)
-                return await self._lead(ctx, request, flight)
-            # A stream is watched as it arrives; a complete answer is needed whole.
-            await (flight.started() if ctx.stream else flight.ended())
+                return await self._lead(ctx, pending, flight)
+            # A stream is watched as it arrives; a complete answer is needed whole (and
+            # the follower waiting for it keeps the leader's stream going).
+            if ctx.stream:
+                await flight.started()
+            else:
+                flight.waiters += 1
+                try:
+                    await flight.ended()
+                finally:
+                    flight.waiters -= 1
+            if flight.alone:
+                return await self._lead(ctx, pending, None)
             stream = flight.stream
             if ctx.stream and stream is not None and not stream.done:
                 return self._watch(ctx, stream)
             if flight.answer is not None:
                 return await self._serve(ctx, flight.answer, "coalesced")
-            if not flight.retry:
+            if not flight.retryable:
                 break
         assert flight is not None
         assert flight.error is not None
-        raise flight.error
+        raise flight.error.with_traceback(None)  # one error object, many followers
 
-    async def _lead(self, ctx: RequestContext, request: _Request, flight: Flight | None) -> Reply:
+    async def _lead(self, ctx: RequestContext, pending: _Pending, flight: Flight | None) -> Reply:
         assert ctx.plan is not None
         ctx.cache = "miss"
         self._metrics.result(ctx.plan.model, "miss")
@@ -186,11 +192,22 @@ class CacheStep:
             if flight is not None:
                 flight.fail(exc)
             if isinstance(exc, SluiceError) and shared_failure(exc) and self._settings.store_errors:
-                self._store_error(ctx, request, exc)
+                self._keep(ctx, pending, _error_answer(exc, pending, self._clock()))
             raise
+        if tag(ctx.plan.model) != pending.location.model_tag:
+            # A fallback model answered, under this pending's key's checks: neither stored
+            # nor handed to followers, who may not be allowed that model.
+            self._metrics.skipped("fallback")
+            self._land(flight)
+            if flight is not None:
+                flight.unshared()
+            return reply
         if isinstance(reply, StreamReply):
             stream = Streaming(
-                reply, partial(self._stream_ended, ctx, request, flight), partial(_tokens, ctx)
+                reply,
+                partial(self._stream_ended, ctx, pending, flight),
+                partial(_tokens, ctx),
+                (lambda: flight.waiters) if flight is not None else (lambda: 0),
             )
             if flight is not None:
                 flight.streaming(stream)
@@ -204,55 +221,65 @@ class CacheStep:
             completion_tokens=ctx.completion_tokens,
             stored_at=self._clock(),
             content_type=reply.content_type,
-            prompt=request.prompt,
+            prompt=pending.prompt,
         )
-        self._keep(ctx, request, answer)
-        self._land(flight)
-        if flight is not None:
-            flight.resolve(answer)
+        try:
+            self._keep(ctx, pending, answer)
+        finally:
+            self._land(flight)
+            if flight is not None:
+                flight.resolve(answer)
         return reply
 
     def _stream_ended(
-        self, ctx: RequestContext, request: _Request, flight: Flight | None, stream: Streaming
+        self, ctx: RequestContext, pending: _Pending, flight: Flight | None, stream: Streaming
     ) -> None:
-        if stream.complete:
-            answer = self._streamed(stream, ctx, request.prompt)
-            self._keep(ctx, request, answer)
-            if flight is not None:
-                flight.resolve(answer)
-        elif flight is not None:
-            flight.fail(stream.error or RuntimeError("stream ended early"))
-        self._land(flight)
-
-    def _streamed(self, stream: Streaming, ctx: RequestContext, prompt: str | None) -> Answer:
-        return dataclasses.replace(
-            stream_answer(stream, ctx.prompt_tokens, ctx.completion_tokens, prompt),
-            stored_at=self._clock(),
-        )
+        try:
+            if stream.complete:
+                answer = Answer.from_stream(
+                    stream.events,
+                    ctx.prompt_tokens,
+                    ctx.completion_tokens,
+                    pending.prompt,
+                    self._clock(),
+                )
+                try:
+                    self._keep(ctx, pending, answer)
+                finally:
+                    if flight is not None:
+                        flight.resolve(answer)
+            elif flight is not None:
+                flight.fail(stream.error or RuntimeError("the stream ended early"))
+        finally:
+            self._land(flight)
 
     def _land(self, flight: Flight | None) -> None:
         """Take the flight off the board: requests from now on lead or hit the store."""
         if flight is not None and self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
 
-    def _keep(self, ctx: RequestContext, request: _Request, answer: Answer) -> None:
-        """Store ``answer`` when it may be (`_refusal` says why not)."""
-        assert ctx.plan is not None
-        reason = self._refusal(ctx, request, answer)
-        if reason is not None:
-            self._metrics.skipped(reason)
-            return
-        stored = dataclasses.replace(answer, expires_at=answer.stored_at + request.ttl)
-        self._store.put(request.location, stored)
-        if request.remember is not None and self._semantic is not None:
-            self._semantic.remember(request.remember, request.location, request.ttl)
+    def _keep(self, ctx: RequestContext, pending: _Pending, answer: Answer) -> None:
+        """Store ``answer`` when it may be (`_refusal` says why not). Storing is best
+        effort: a failure here is counted and logged, never the request's."""
+        try:
+            reason = self._refusal(ctx, pending, answer)
+            if reason is not None:
+                self._metrics.skipped(reason)
+                return
+            stored = dataclasses.replace(answer, expires_at=answer.stored_at + pending.ttl)
+            self._store.put(pending.location, stored)
+            if pending.remember is not None and self._semantic is not None:
+                self._semantic.remember(pending.remember, pending.location, pending.ttl)
+        except Exception:
+            self._metrics.skipped("store_failed")
+            log.exception("an answer could not be stored")
 
-    def _refusal(self, ctx: RequestContext, request: _Request, answer: Answer) -> str | None:
+    def _refusal(self, ctx: RequestContext, pending: _Pending, answer: Answer) -> str | None:
         settings = self._settings
-        if request.controls.no_store:
+        if pending.controls.no_store:
             return "no_store"
         assert ctx.plan is not None
-        if request.location.model_tag != tag(ctx.plan.model):
+        if pending.location.model_tag != tag(ctx.plan.model):
             return "fallback"  # another model answered: not what this key stands for
         if answer.status != 200:
             return None if settings.store_errors else "error"
@@ -260,24 +287,14 @@ class CacheStep:
             return "too_large"
         if ctx.route == "embeddings":
             return None
-        reasons = finish_reasons(answer)
+        reasons, calls_tools = traits(answer)
+        if "unreadable" in reasons:
+            return "unreadable"
         if "length" in reasons and not settings.store_truncated:
             return "truncated"
-        if reasons & _TOOL_REASONS and not settings.store_tool_calls:
+        if (calls_tools or reasons & _TOOL_REASONS) and not settings.store_tool_calls:
             return "tool_calls"
         return None
-
-    def _store_error(self, ctx: RequestContext, request: _Request, error: SluiceError) -> None:
-        answer = Answer(
-            status=error.http_status,
-            body=error.body(),
-            events=None,
-            prompt_tokens=None,
-            completion_tokens=None,
-            stored_at=self._clock(),
-            prompt=request.prompt,
-        )
-        self._keep(ctx, request, answer)
 
     def _serve(self, ctx: RequestContext, answer: Answer, how: str) -> Awaitable[Reply]:
         """Answer ``ctx`` from ``answer`` in the form it asked for."""
@@ -303,7 +320,7 @@ class CacheStep:
             first = events[0] if events else None
             data += usage_event(first, answer.prompt_tokens, answer.completion_tokens) + _END
         ctx.content_events = len(events)
-        return data + DONE + _END
+        return data + DONE
 
     def _watch(self, ctx: RequestContext, stream: Streaming) -> Reply:
         """Follow a stream under way; its counts, known at its end, go on this request's
@@ -381,6 +398,11 @@ class CacheStep:
         if controls.max_age is None:
             return True
         return self._clock() - answer.stored_at <= controls.max_age
+
+
+def _error_answer(error: SluiceError, pending: _Pending, now: float) -> Answer:
+    """An upstream's refusal of the request, to store (``store_errors``)."""
+    return Answer(error.http_status, error.body(), None, None, None, now, prompt=pending.prompt)
 
 
 def _tokens(ctx: RequestContext) -> tuple[int | None, int | None]:

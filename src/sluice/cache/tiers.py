@@ -107,16 +107,40 @@ class MemoryTier:
 
 
 class RedisTier:
-    def __init__(self, redis: aioredis.Redis, prefix: str = REDIS_PREFIX) -> None:
+    """Answers on Redis. After a failure the tier is skipped for ``rest`` seconds: a Redis
+    that stalls would otherwise add its timeout to every miss (and hold a pooled
+    connection for each)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        prefix: str = REDIS_PREFIX,
+        *,
+        rest: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._rest = rest
+        self._clock = clock
+        self._resting_until = 0.0
         self._outages = OutageLog(log, "cache tier on Redis unavailable (serving from upstream)")
 
+    @property
+    def resting(self) -> bool:
+        return self._clock() < self._resting_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self._resting_until = self._clock() + self._rest
+        self._outages.failed(exc)
+
     async def get(self, name: str) -> Answer | None:
+        if self.resting:
+            return None
         try:
             data = await self._redis.get(self._prefix + name)
         except (aioredis.RedisError, OSError) as exc:
-            self._outages.failed(exc)
+            self._failed(exc)
             return None
         if not isinstance(data, bytes):
             return None
@@ -127,14 +151,16 @@ class RedisTier:
 
     async def put(self, location: Location, answer: Answer) -> None:
         left_ms = int((answer.expires_at - time.time()) * 1000)
-        if left_ms <= 0:
+        if left_ms <= 0 or self.resting:
             return
         try:
             await self._redis.set(self._prefix + location.name, answer.to_bytes(), px=left_ms)
         except (aioredis.RedisError, OSError) as exc:
-            self._outages.failed(exc)
+            self._failed(exc)
 
     async def flush(self, namespace_tag: str | None, model_tag: str | None) -> int:
+        """Remove the matching answers; raises `RedisError`/`OSError` when Redis fails (the
+        caller says so: a flush that did not happen must not look done)."""
         pattern = f"{self._prefix}{namespace_tag or '*'}:{model_tag or '*'}:*"
         removed = 0
         batch: list[bytes] = []

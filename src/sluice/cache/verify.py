@@ -46,7 +46,8 @@ both sides, an added clause ("... and its population") only on one."""
 
 _NUMBER: Final = re.compile(r"(?<![A-Za-z0-9])\d+(?:[.,/:]\d+)*(?:st|nd|rd|th|s)?(?![A-Za-z0-9])")
 _NUMERO: Final = re.compile(r"\.\s*\d")  # "No. 11" is a rank, not a negation
-_WORD: Final = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:['\u2019.&=-][A-Za-z0-9]+)*")
+# Hyphens split words: "third-quarter" reads as "third quarter", "Hermon-Taylor" as two names.
+_WORD: Final = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:['\u2019.&=][A-Za-z0-9]+)*")
 _OPENERS: Final = frozenset(" \t\"'\u201c\u2018([*-\u2022")
 _ABBREVIATIONS: Final = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "prof", "gen", "vs"})
 
@@ -74,12 +75,27 @@ _NUMBER_WORDS: Final = {
     "billions": "1e9",
     "trillion": "1e12",
     "dozen": "12",
+    "decade": "10",
     "half": "0.5",
     "quarter": "0.25",
     "twice": "2",
     "double": "2",
     "triple": "3",
+    "second": "2",
+    "third": "3",
+    "fourth": "4",
+    "fifth": "5",
+    "sixth": "6",
+    "seventh": "7",
+    "eighth": "8",
+    "ninth": "9",
+    "tenth": "10",
 }
+# "the third quarter" and "the first half" name a period, not a fraction.
+_PERIOD_WORDS: Final = frozenset({"quarter", "half"})
+_PERIOD_OPENERS: Final = frozenset(
+    {"first", "second", "third", "fourth", "last", "next", "this", "same", "previous", "fiscal"}
+)
 _NEGATIONS: Final = frozenset(
     {"not", "no", "never", "without", "none", "nothing", "nobody", "neither", "nor", "cannot"}
 )
@@ -87,6 +103,14 @@ _NEGATIONS: Final = frozenset(
 _NOT_NAMES: Final = frozenset(
     {"i", "mr", "mrs", "ms", "dr", "sir", "st", "jr", "ok", "a", "co", "corp", "inc", "ltd", "llc"}
 )
+# "X said on Monday" and "X said yesterday" date the report, not the fact reported: a day
+# beside a reporting verb may be missing on one side (but may not differ when both say it).
+_DAYS: Final = frozenset(
+    {"monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"}
+    | {"yesterday", "today", "tonight"}
+)
+_REPORTING: Final = frozenset({"said", "says", "told", "stated", "added", "announced", "reported"})
+_DAY_FILLERS: Final = frozenset({"on", "late", "early", "this", "last"})
 _STOPWORDS: Final = frozenset(
     """
     a an the and or but if then so of in on at by for with about as into onto from to up
@@ -186,6 +210,7 @@ class Signals:
     words: frozenset[str]
     directions: frozenset[tuple[str, str]]
     polar: frozenset[str]
+    days: frozenset[str] = frozenset()
 
 
 def _canonical_number(raw: str) -> str:
@@ -228,6 +253,16 @@ def _stem(word: str) -> str:
     return word[:-1] + "i" if word.endswith("y") else word
 
 
+def _reporting_day(matches: list[re.Match[str]], at: int) -> bool:
+    after = matches[at + 1].group().lower() if at + 1 < len(matches) else ""
+    if after in _REPORTING:
+        return True
+    i = at - 1
+    while i >= 0 and matches[i].group().lower() in _DAY_FILLERS:
+        i -= 1
+    return i >= 0 and matches[i].group().lower() in _REPORTING
+
+
 def signals(text: str) -> Signals:
     """The signals of one prompt (pure, microseconds for a chat-sized text)."""
     numbers = {_canonical_number(m) for m in _NUMBER.findall(text)}
@@ -237,7 +272,10 @@ def signals(text: str) -> Signals:
     polar: set[str] = set()
     negations = 0
     pending: str | None = None  # the direction word waiting for its content word
-    for match in _WORD.finditer(text):
+    days: set[str] = set()
+    previous = ""
+    matches = list(_WORD.finditer(text))
+    for at, match in enumerate(matches):
         token = match.group()
         lower = token.lower().replace("\u2019", "'")
         if lower.endswith("n't"):
@@ -247,15 +285,23 @@ def signals(text: str) -> Signals:
             negations += 1
         if lower.endswith("'s"):
             lower = lower[:-2]
-        lower = lower.replace(".", "")  # U.S. and US are one name
-        if lower in _NUMBER_WORDS:
+        lower = lower.replace(".", "").replace("'", "")  # U.S. is US, O'Neill is ONeill
+        before, previous = previous, lower
+        if lower == "cent" and before == "per":
+            continue  # "per cent" is "percent", a stop word
+        if lower in _NUMBER_WORDS and not (lower in _PERIOD_WORDS and before in _PERIOD_OPENERS):
+            # The number set carries it, so "two" and "2" are no new word for the words rule.
             numbers.add(_NUMBER_WORDS[lower])
+            continue
         if lower in _OPPOSITE_OF:
             polar.add(lower)
         if lower in _DIRECTIONS:
             pending = _DIRECTIONS[lower]
             continue
         if lower in _STOPWORDS or lower in _NOT_NAMES or lower in _NEGATIONS:
+            continue
+        if lower in _DAYS and _reporting_day(matches, at):
+            days.add(_stem(lower))  # stemmed, to meet the same day read as a word
             continue
         stem = _stem(lower)
         if pending is not None:
@@ -273,6 +319,7 @@ def signals(text: str) -> Signals:
         words=frozenset(words),
         directions=frozenset(directions),
         polar=frozenset(polar),
+        days=frozenset(days),
     )
 
 
@@ -300,18 +347,22 @@ def mismatch(
     max_imbalance: int = MAX_IMBALANCE,
 ) -> str | None:
     """The first signal on which two prompts disagree, or None when they agree."""
-    if a.numbers != b.numbers:
-        return "number"
+    if a.numbers != b.numbers or (a.days and b.days and a.days != b.days):
+        return "number"  # a report of Monday is not one of Tuesday
+    # A report's day counts as a word of its prompt when the other names the same day in
+    # another place ("On Monday, X said" / "X said on Monday").
+    words_a = a.words | a.days if a.days else a.words
+    words_b = b.words | b.days if b.days else b.words
     # A name must be in the other prompt too, in any case: at a sentence start it is
     # capitalised like any word, and "Helmand Province" names what "Helmand province" does.
-    if not (a.entities <= b.words and b.entities <= a.words):
+    if not (a.entities <= words_b and b.entities <= words_a):
         return "entity"
     if a.negations != b.negations:
         return "negation"
     if _flipped(a, b):
         return "direction"
-    new_a = len(a.words - b.words)
-    new_b = len(b.words - a.words)
+    new_a = len(a.words - words_b)
+    new_b = len(b.words - words_a)
     shorter = min(len(a.words), len(b.words))
     # One new word is allowed even in a three-word prompt ("What's" / "Tell me").
     allowed = max(1.0, max_new_words * shorter)

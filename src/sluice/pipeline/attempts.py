@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -57,6 +56,7 @@ from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.context import RequestContext
 from sluice.pipeline.costs import Rates
 from sluice.pipeline.failures import Failure, Next, judge
+from sluice.pipeline.headers import header_value
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.retry_budget import RetryBudgets
 from sluice.pipeline.steps import Handler, Reply
@@ -68,7 +68,6 @@ from sluice.routing.settings import RetrySettings
 
 Headers = bytes
 """Response header lines (`sluice.http_protocol.HEADER_BLOCK`)."""
-_UNSAFE_IN_HEADER = re.compile(rb"[^\x21-\x7e ]")
 _MAX_CACHED_HEADERS = 4096
 
 
@@ -393,10 +392,6 @@ def _headers(deployment: str, model: str, attempts: int) -> Headers:
         header_value(model),
         attempts,
     )
-
-
-def header_value(text: str) -> bytes:
-    return _UNSAFE_IN_HEADER.sub(b"?", text.encode())
 
 
 def _give_back_slot(ctx: RequestContext) -> None:

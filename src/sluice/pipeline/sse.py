@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -88,16 +89,26 @@ async def relay_events(
         )
 
 
+def event_data(event: bytes | bytearray) -> Any:
+    """The JSON of one event's ``data:`` lines; None when it has none or is not JSON."""
+    data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def usage_only(chunk: Any) -> bool:
+    """Is this chunk the one that carries nothing but the stream's usage?"""
+    return isinstance(chunk, dict) and chunk.get("choices") == [] and "usage" in chunk
+
+
 def _read_usage(event: bytes | bytearray, ctx: RequestContext) -> bool:
     """Record the usage in ``event``; True when the event carries nothing but usage.
 
     Implausible counts (see `plausible_tokens`) are recorded as unknown.
     """
-    data = b"".join(line[5:].lstrip() for line in event.splitlines() if line.startswith(b"data:"))
-    try:
-        chunk = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
+    chunk = event_data(event)
     usage = chunk.get("usage") if isinstance(chunk, dict) else None
     if not isinstance(usage, dict):
         return False
@@ -105,4 +116,4 @@ def _read_usage(event: bytes | bytearray, ctx: RequestContext) -> bool:
         ctx.prompt_tokens = plausible_tokens(usage["prompt_tokens"])
     if "completion_tokens" in usage:
         ctx.completion_tokens = plausible_tokens(usage["completion_tokens"])
-    return bool(chunk.get("choices") == [])
+    return usage_only(chunk)

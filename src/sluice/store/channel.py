@@ -50,20 +50,27 @@ class Channel:
             return False
         return True
 
+    def _deliver(self, receive: Callable[..., None], *message: str) -> None:
+        """A receiver's failure is logged: it must not end the listening (revocations and
+        flushes would silently stop reaching this process)."""
+        try:
+            receive(*message)
+        except Exception:
+            log.exception("channel %s: a message could not be handled", self.name)
+
     async def _listen(self) -> None:
         backoff = 0.1
         while True:
             try:
                 async with self._redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.name)
-                    self._on_reconnect()
+                    self._deliver(self._on_reconnect)
                     backoff = 0.1
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             data = message["data"]
-                            self._on_message(
-                                data.decode() if isinstance(data, bytes) else str(data)
-                            )
+                            text = data.decode() if isinstance(data, bytes) else str(data)
+                            self._deliver(self._on_message, text)
             except asyncio.CancelledError:
                 raise
             except (aioredis.RedisError, OSError) as exc:
