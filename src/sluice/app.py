@@ -33,6 +33,7 @@ from sluice.api.health import HealthRoutes
 from sluice.api.middleware import ObserveRequests
 from sluice.api.openai import OpenAIService
 from sluice.backends.registry import default_providers
+from sluice.batches.build import build_batches
 from sluice.cache.admin import cache_admin_router
 from sluice.cache.build import build_cache
 from sluice.cache.step import CacheStep
@@ -95,7 +96,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
     cache = build_cache(settings, router, registry, services.redis)
-    pipeline, shadow_link = build_pipeline(
+    pipeline, shadow_link, after_identify = build_pipeline(
         services,
         router,
         metrics,
@@ -104,6 +105,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         settings.resilience.retries,
         cache.step if cache is not None else None,
     )
+    batches = build_batches(settings, services, router, registry, after_identify)
     reloader = Reloader(
         settings,
         source or ConfigSource(None),
@@ -141,6 +143,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         monitor.start()
         if cache is not None:
             cache.start()
+        if batches is not None:
+            batches.start()
         if listener is not None:
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
@@ -159,6 +163,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         finally:
             # uvicorn has drained every connection by now: nothing records usage any more.
             lifecycle.stop()
+            if batches is not None:
+                await batches.close()  # before the database closes: lines under way finish
             if reload_on_hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if listener is not None:
@@ -206,7 +212,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
             )
         )
     app = Starlette(
-        routes=[*openai.routes(), *health_routes],
+        routes=[*openai.routes(), *(batches.routes if batches else []), *health_routes],
         lifespan=lifespan,
         exception_handlers=ERROR_HANDLERS,
         middleware=[
@@ -234,6 +240,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     app.state.reloader = reloader
     app.state.shadows = shadows
     app.state.cache = cache
+    app.state.batches = batches
     app.state.services = services
     return app
 
@@ -246,10 +253,12 @@ def build_pipeline(
     max_body_bytes: int,
     retries: RetrySettings,
     cache: CacheStep | None = None,
-) -> tuple[Handler, ShadowLink]:
+) -> tuple[Handler, ShadowLink, Handler]:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
     configuration does not use are left out, not skipped per request; the shadow step is
-    linked in and out by its `ShadowLink` as reloads add or remove shadows."""
+    linked in and out by its `ShadowLink` as reloads add or remove shadows. The third
+    handler is the pipeline after identification, where batch lines, whose caller is
+    known, enter (`sluice.batches.runner`)."""
     steps: list[Step] = []
     if services.identify is not None:
         steps.append(services.identify)
@@ -266,7 +275,8 @@ def build_pipeline(
     pipeline = compose(steps, call_backend)
     link = ShadowLink(cache or plan, Shadow(router, shadows))
     link.update(router.table)
-    return pipeline, link
+    after_identify = steps[1] if services.identify is not None else pipeline
+    return pipeline, link, after_identify
 
 
 def _reprice(prices: dict[str, Rates], settings: Settings) -> None:

@@ -5,9 +5,10 @@
     auth      ─ Authenticator ─ Identify, Admit (pipeline steps) (only with auth.master_key)
               ─ Accounting (usage records)
 
-The database is opened when keys are enabled or usage is recorded; Redis only when
-``redis_url`` is set. Shutdown order matters: the recorder drains into the database before
-the database closes, so no usage record is lost on SIGTERM.
+The database is opened when keys are enabled, usage is recorded or batches are served
+(files and batches live in it); Redis only when ``redis_url`` is set. Shutdown order
+matters: the recorder drains into the database before the database closes, so no usage
+record is lost on SIGTERM.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
         limiter = MemoryLimiter()
     prices = price_table(settings.models, settings.aliases)
 
-    if master_key is None and not settings.usage.enabled:
+    if master_key is None and not settings.usage.enabled and not settings.batches.enabled:
         return Services(
             limiter,
             KeyInvalidation(redis, lambda _: None),

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from sluice.batches.settings import BatchSettings, FilesSettings
 from sluice.cache.settings import CacheSettings, ModelCacheSettings
 from sluice.routing.settings import AliasSettings, Balancing, ResilienceSettings
 
@@ -349,6 +350,8 @@ class Settings(BaseSettings):
     )
     resilience: ResilienceSettings = ResilienceSettings()
     cache: CacheSettings = CacheSettings()
+    files: FilesSettings = FilesSettings()
+    batches: BatchSettings = BatchSettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:

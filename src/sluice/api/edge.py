@@ -8,7 +8,12 @@ same machine can reach 127.0.0.1. Two browser tricks are shut here:
   answer, but the request runs and spends the operator's upstream keys. A POST/PUT/PATCH
   with a body must say ``application/json`` (or ``application/*+json``), which a browser
   only sends cross-origin after a preflight that CORS (off unless configured) refuses:
-  anything else gets 415. A body-less request passes: it carries no prompt.
+  anything else gets 415. A body-less request passes: it carries no prompt. The one
+  exception is a file upload (``POST /v1/files``, `sluice.batches.files_api`), which must be
+  ``multipart/form-data``, a type a browser may send cross-origin unasked: it passes only
+  with an ``Authorization`` or ``api-key`` header, which no browser adds to a cross-origin
+  request without a preflight. An upload spends no tokens in any case; a batch that would
+  is created by a JSON POST.
 - **DNS rebinding.** A page on ``evil.example`` whose name then resolves to 127.0.0.1 is
   same-origin with the gateway and may read its answers; its requests still say
   ``Host: evil.example``. Only the names in ``server.allowed_hosts`` are served (by
@@ -29,6 +34,8 @@ from sluice.settings import ServerSettings
 _LOOPBACK_NAMES = frozenset({b"localhost", b"127.0.0.1", b"[::1]"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _JSON = b"application/json"
+_MULTIPART = b"multipart/form-data"
+_UPLOAD_PATHS = frozenset({"/v1/files", "/files"})
 _REMEMBERED_HOSTS = 64
 
 
@@ -79,6 +86,16 @@ def is_json(content_type: bytes) -> bool:
     return media == _JSON or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
+def is_upload(method: str, path: str, content_type: bytes, headers: dict[bytes, bytes]) -> bool:
+    """A file upload a browser could not have sent cross-origin without a preflight."""
+    return (
+        method == "POST"
+        and path in _UPLOAD_PATHS
+        and content_type.partition(b";")[0].strip().lower() == _MULTIPART
+        and (b"authorization" in headers or b"api-key" in headers)
+    )
+
+
 class EdgeChecks:
     """421 for a Host not served, 415 for a non-JSON body: called by the request middleware
     (`sluice.api.middleware.ObserveRequests`) with the headers it has already read, so
@@ -88,7 +105,9 @@ class EdgeChecks:
         self.hosts = hosts
         self._good_hosts: set[bytes] = set()
 
-    def refusal(self, method: str, headers: dict[bytes, bytes]) -> SluiceError | None:
+    def refusal(
+        self, method: str, headers: dict[bytes, bytes], path: str = ""
+    ) -> SluiceError | None:
         host = headers.get(b"host")
         if self.hosts is not None and host is not None and host not in self._good_hosts:
             if host_name(host) not in self.hosts:
@@ -103,7 +122,9 @@ class EdgeChecks:
             headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         ):
             content_type = headers.get(b"content-type")
-            if content_type is None or not is_json(content_type):
+            if content_type is None or not (
+                is_json(content_type) or is_upload(method, path, content_type, headers)
+            ):
                 return UnsupportedMediaTypeError(
                     "Request bodies must be JSON: send 'Content-Type: application/json'.",
                     param="Content-Type",

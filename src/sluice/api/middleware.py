@@ -126,7 +126,7 @@ class ObserveRequests:
                 "The server is shutting down; retry on another replica."
             )
         elif self.edge is not None:
-            error = self.edge.refusal(scope["method"], headers)
+            error = self.edge.refusal(scope["method"], headers, path)
         if error is not None:
             # Closing spares the server reading a body nobody will use.
             await send_error(send_with_id, error, close=True)

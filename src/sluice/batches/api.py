@@ -78,13 +78,9 @@ class BatchRoutes:
         metadata = _metadata(body.get("metadata"))
         file_id = body.get("input_file_id")
         owner = owner_of(principal)
-        record = (
-            await self._files.get(file_id, owner) if isinstance(file_id, str) else None
-        )
+        record = await self._files.get(file_id, owner) if isinstance(file_id, str) else None
         if record is None:
-            raise NotFoundError(
-                f"No such file: {str(file_id)[:100]!r}.", param="input_file_id"
-            )
+            raise NotFoundError(f"No such file: {str(file_id)[:100]!r}.", param="input_file_id")
         if record.purpose != "batch":
             raise InvalidRequestError(
                 "The input file must have been uploaded with purpose 'batch'.",

@@ -12,10 +12,11 @@ idempotent by request id), so each line is charged once, whatever happens to its
 (The upstream may then have been called twice; the key is charged once.)
 
 A line the gateway refuses before any upstream call (429: the key's RPM, TPM or parallel
-limit, its budget; 503: every deployment at capacity) is not an answer: it goes back to the queue and the
-worker waits before claiming again. Every ``housekeeping`` seconds a worker also queues
-again lines whose lease ran out, closes the queued lines of batches past their window, and
-finalises the batches that have no line left to run (output and error files, final status).
+limit, its budget; 503: every deployment at capacity) is not an answer: it goes back to the
+queue and the worker waits before claiming again. Every ``housekeeping`` seconds a worker
+also queues again lines whose lease ran out, closes the queued lines of batches past their
+window, and finalises the batches that have no line left to run (output and error files,
+final status).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class BatchRunner:
         self.worker = f"{os.uname().nodename}:{os.getpid()}:{os.urandom(4).hex()}"
         self._running: set[asyncio.Task[None]] = set()
         self._by_model: dict[str, int] = {}
+        self._turns: dict[str, asyncio.Condition] = {}
         self._owners: dict[str, _Owner] = {}
         self._principals: dict[str | None, tuple[float, Principal | None]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -233,15 +235,17 @@ class BatchRunner:
     async def _share(self, model: str | None) -> Any:
         """Hold one of the batch's places on ``model``: at most ``share`` of its
         deployments' capacity (at least one) runs batch lines at once, in this process."""
-        limit = self._limit(model)
         key = model or ""
-        while self._by_model.get(key, 0) >= limit:
-            await asyncio.sleep(0.01)
-        self._by_model[key] = self._by_model.get(key, 0) + 1
+        turn = self._turns.setdefault(key, asyncio.Condition())
+        async with turn:
+            await turn.wait_for(lambda: self._by_model.get(key, 0) < self._limit(model))
+            self._by_model[key] = self._by_model.get(key, 0) + 1
         try:
             yield
         finally:
             self._by_model[key] -= 1
+            async with turn:
+                turn.notify()
 
     def _limit(self, model: str | None) -> int:
         if model is None or not self._router.knows(model):
@@ -325,4 +329,3 @@ def _body_of(body: bytes) -> Callable[[], Awaitable[MutableMapping[str, Any]]]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     return receive
-

@@ -18,6 +18,7 @@ conditional update, one winner.
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -201,7 +202,7 @@ class BatchStore:
         assert found is not None
         return found
 
-    async def get(self, batch_id: str, owner: str | None | object = ...) -> BatchRecord | None:
+    async def get(self, batch_id: str, owner: str | object | None = ...) -> BatchRecord | None:
         """The batch with its line counts; None when missing or (``owner`` given: a key id,
         or None for the master key) owned by another."""
         if not storable_text(batch_id):
@@ -220,19 +221,26 @@ class BatchStore:
 
     async def list(
         self, owner: str | None, *, limit: int, after: str | None
-    ) -> tuple[list[BatchRecord], bool]:
+    ) -> tuple[builtins.list[BatchRecord], bool]:
         """The owner's batches, newest first, after the batch ``after``; and whether there
         are more."""
         query = select(batches).where(_owned_by(owner))
-        if after is not None and storable_text(after):
-            anchor = select(batches.c.created_at, batches.c.id).where(batches.c.id == after)
+        if after is not None:
+            # A cursor that is not one of the owner's batches gives an empty page (starting
+            # over could loop a client whose anchor is gone).
+            if not storable_text(after):
+                return [], False
+            anchor = select(batches.c.created_at, batches.c.id).where(
+                batches.c.id == after, _owned_by(owner)
+            )
             async with self._db.engine.connect() as conn:
                 point = (await conn.execute(anchor)).first()
-            if point is not None:
-                query = query.where(
-                    (batches.c.created_at < point.created_at)
-                    | and_(batches.c.created_at == point.created_at, batches.c.id < point.id)
-                )
+            if point is None:
+                return [], False
+            query = query.where(
+                (batches.c.created_at < point.created_at)
+                | and_(batches.c.created_at == point.created_at, batches.c.id < point.id)
+            )
         query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
         async with self._db.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
@@ -266,7 +274,7 @@ class BatchStore:
             )
         return int(result.rowcount or 0)
 
-    async def expire_due(self, now: datetime) -> list[str]:
+    async def expire_due(self, now: datetime) -> builtins.list[str]:
         """Batches past their completion window: their queued lines will not run."""
         async with self._db.writer.begin() as conn:
             due = (
@@ -285,7 +293,7 @@ class BatchStore:
                 await _close_queued(conn, batch_id, "expired")
         return [batch_id for (batch_id,) in due]
 
-    async def claim(self, worker: str, count: int, lease_until: datetime) -> list[Claim]:
+    async def claim(self, worker: str, count: int, lease_until: datetime) -> builtins.list[Claim]:
         """Up to ``count`` queued lines of running batches (oldest batch first), leased to
         ``worker`` until ``lease_until``."""
         if count <= 0:
@@ -351,7 +359,7 @@ class BatchStore:
                 .values(state="queued", lease_owner=None, lease_until=None)
             )
 
-    async def take_finalization(self, now: datetime) -> list[BatchRecord]:
+    async def take_finalization(self, now: datetime) -> builtins.list[BatchRecord]:
         """The batches this worker is to finalise: those with no line queued or running,
         each moved to ``finalizing`` by one conditional update (one worker wins each), and
         those whose finaliser died ``FINALIZE_RETRY`` ago."""
@@ -366,7 +374,7 @@ class BatchStore:
                     )
                 )
             ).all()
-        taken: list[BatchRecord] = []
+        taken: builtins.list[BatchRecord] = []
         for batch_id, status in ready:
             async with self._db.writer.begin() as conn:
                 moved = await conn.execute(
@@ -396,7 +404,7 @@ class BatchStore:
                 taken.append(record)
         return taken
 
-    async def outcomes(self, batch_id: str) -> list[Outcome]:
+    async def outcomes(self, batch_id: str) -> builtins.list[Outcome]:
         """Every line's end, in input order."""
         async with self._db.engine.connect() as conn:
             rows = (
