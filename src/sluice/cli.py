@@ -288,6 +288,45 @@ def keys_revoke(config_path: str | None, key_id: str) -> None:
     click.echo(_run(revoke_key(_load_or_exit(config_path), key_id)))
 
 
+@main.group()
+def batches() -> None:
+    """Batch jobs (OpenAI's Batch API), read and cancelled on the database."""
+
+
+@batches.command("list")
+@_config_option
+@click.option("--status", help="Only batches in this status (in_progress, completed, …).")
+@click.option("--key-id", help="Only this key's batches.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+def batches_list(
+    config_path: str | None, status: str | None, key_id: str | None, limit: int
+) -> None:
+    """The newest batches of every key, one JSON object a line."""
+    from sluice.batches.cli import list_batches
+
+    click.echo(_run(list_batches(_load_or_exit(config_path), status, key_id, limit)))
+
+
+@batches.command("show")
+@_config_option
+@click.argument("batch_id")
+def batches_show(config_path: str | None, batch_id: str) -> None:
+    """One batch: status, timestamps, line counts, files."""
+    from sluice.batches.cli import show_batch
+
+    click.echo(_run(show_batch(_load_or_exit(config_path), batch_id)))
+
+
+@batches.command("cancel")
+@_config_option
+@click.argument("batch_id")
+def batches_cancel(config_path: str | None, batch_id: str) -> None:
+    """Cancel a batch in progress: no new line starts; it ends with partial results."""
+    from sluice.batches.cli import cancel_batch
+
+    click.echo(_run(cancel_batch(_load_or_exit(config_path), batch_id)))
+
+
 @main.command()
 @_config_option
 @click.option("--key-id")

@@ -247,6 +247,21 @@ class BatchStore:
         found = [await self.get(row.id) for row in rows[:limit]]
         return [b for b in found if b is not None], len(rows) > limit
 
+    async def recent(
+        self, *, limit: int, status: str | None = None, key_id: str | None = None
+    ) -> builtins.list[BatchRecord]:
+        """The newest batches of every owner (for operators: `sluice batches list`)."""
+        query = select(batches.c.id)
+        if status is not None:
+            query = query.where(batches.c.status == status)
+        if key_id is not None:
+            query = query.where(batches.c.key_id == key_id)
+        query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+        async with self._db.engine.connect() as conn:
+            ids = (await conn.execute(query)).scalars().all()
+        found = [await self.get(batch_id) for batch_id in ids]
+        return [b for b in found if b is not None]
+
     async def cancel(self, batch_id: str) -> bool:
         """``in_progress`` → ``cancelling``: no line starts from now on (those running
         finish); False when the batch is in no state to cancel."""

