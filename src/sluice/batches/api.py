@@ -8,6 +8,7 @@ the key that made them: another key gets 404.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +44,7 @@ class BatchRoutes:
         settings: BatchSettings,
         metrics: BatchMetrics,
         identify: Identify | None,
+        on_created: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._files = files
@@ -50,6 +52,7 @@ class BatchRoutes:
         self._settings = settings
         self._metrics = metrics
         self._identify = identify
+        self._on_created = on_created
 
     def routes(self) -> list[Route]:
         routes = []
@@ -106,6 +109,8 @@ class BatchRoutes:
             errors=errors,
         )
         self._metrics.batches.labels("failed" if errors else "created").inc()
+        if not errors:
+            self._on_created()
         return _json(batch.to_openai())
 
     async def list(self, request: Request) -> Response:

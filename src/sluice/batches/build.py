@@ -60,6 +60,8 @@ def build_batches(
     )
     routes = [
         *FilesRoutes(files, services.identify).routes(),
-        *BatchRoutes(store, files, router, settings.batches, metrics, services.identify).routes(),
+        *BatchRoutes(
+            store, files, router, settings.batches, metrics, services.identify, runner.wake
+        ).routes(),
     ]
     return Batches(files, store, runner, routes)

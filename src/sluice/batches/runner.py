@@ -93,6 +93,8 @@ class BatchRunner:
         self._owners: dict[str, _Owner] = {}
         self._principals: dict[str | None, tuple[float, Principal | None]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+        self._idle = settings.poll_interval
         self._stopping = False
         self._pause_until = 0.0
         self._last_housekeeping = 0.0
@@ -113,6 +115,11 @@ class BatchRunner:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
+    def wake(self) -> None:
+        """A batch was created here: look for lines now, not after an idle wait."""
+        self._idle = self._settings.poll_interval
+        self._woken.set()
+
     async def _loop(self) -> None:
         while not self._stopping:
             try:
@@ -122,8 +129,21 @@ class BatchRunner:
             except Exception:  # the database away: try again later, never die
                 log.exception("batch worker turn failed; retrying")
                 claimed = 0
-            if not claimed:
-                await asyncio.sleep(self._settings.poll_interval)
+            if claimed:
+                self._idle = self._settings.poll_interval
+                continue
+            if len(self._running) >= self._settings.concurrency:
+                # Busy, not idle: claim again as soon as a line finishes.
+                self._woken.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), self._settings.poll_interval)
+                continue
+            # Idle: look again after a wait that doubles up to max_poll_interval, so an idle
+            # gateway costs its database a query every few seconds.
+            self._woken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), self._idle)
+            self._idle = min(self._idle * 2, self._settings.max_poll_interval)
 
     async def _turn(self) -> int:
         clock = time.monotonic()
@@ -138,8 +158,14 @@ class BatchRunner:
         for claim in claims:
             task = asyncio.create_task(self._run(claim))
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(self._line_done)
         return len(claims)
+
+    def _line_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._woken.set()  # a place is free
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a batch line failed in the worker", exc_info=task.exception())
 
     async def _housekeeping(self) -> None:
         now = utcnow()

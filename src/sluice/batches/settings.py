@@ -49,7 +49,12 @@ class BatchSettings(_Strict):
     lease_seconds: float = Field(
         900.0, ge=10, description="a claimed line's lease; a line not answered by then runs again"
     )
-    poll_interval: float = Field(0.5, gt=0, description="seconds between claims when idle")
+    poll_interval: float = Field(
+        0.5, gt=0, description="seconds before looking again for lines when none was found"
+    )
+    max_poll_interval: float = Field(
+        5.0, gt=0, description="the idle wait doubles up to this (a new batch here wakes it)"
+    )
     housekeeping: float = Field(
         2.0, gt=0, description="seconds between lease, expiry and finalisation sweeps"
     )
