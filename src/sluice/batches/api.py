@@ -8,6 +8,7 @@ the key that made them: another key gets 404.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -90,7 +91,10 @@ class BatchRoutes:
                 param="input_file_id",
             )
         key = principal.key if principal is not None else None
-        lines, errors = check_input(
+        # Up to 50,000 lines are parsed and validated: in a thread, so that the event loop
+        # keeps serving requests in between (the GIL is handed back every few ms).
+        lines, errors = await asyncio.to_thread(
+            check_input,
             await self._files.read(record),
             endpoint,
             serves=self._router.knows,

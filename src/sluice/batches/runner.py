@@ -53,6 +53,7 @@ from sluice.store.usage import UsageStore, now_micros
 
 log = logging.getLogger("sluice.batches")
 _KEY_TTL = 5.0  # seconds a batch owner's key record is reused (revocations reach it then)
+_MAX_REMEMBERED = 10_000  # batch owners and principals kept; past it, forgotten and re-read
 
 
 @dataclass(slots=True)
@@ -241,6 +242,8 @@ class BatchRunner:
             assert self._keys is not None
             record = await self._keys.get(key_id)
             principal = Principal(record) if record is not None and record.active() else None
+            if len(self._principals) >= _MAX_REMEMBERED:
+                self._principals.clear()
             self._principals[key_id] = (now, principal)
         if principal is None:
             raise AuthenticationError(
@@ -254,6 +257,8 @@ class BatchRunner:
         if owner is None:
             batch = await self._store.get(batch_id)
             assert batch is not None
+            if len(self._owners) >= _MAX_REMEMBERED:
+                self._owners.clear()
             owner = self._owners[batch_id] = _Owner(batch.key_id, batch.endpoint)
         return owner
 
