@@ -10,15 +10,14 @@ import pytest
 from sqlalchemy import func, select
 
 from sluice.batches.files import (
-    ANYONE,
     DatabaseContents,
     DiskContents,
     FileStore,
     build_file_store,
     display_filename,
     is_file_id,
-    owner_of,
 )
+from sluice.batches.owners import ANYONE, owner_of
 from sluice.batches.settings import FilesSettings
 from sluice.errors import PayloadTooLargeError, SluiceError
 from sluice.keys.store import KeyRecord

@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route as HttpRoute
 from starlette.types import Receive, Scope, Send
 
+from sluice.api.caller import caller, describe_client
 from sluice.errors import UpstreamError
 from sluice.observability.metrics import GatewayMetrics
 from sluice.pipeline.attempts import upstream_failed
@@ -104,17 +105,13 @@ class OpenAIService:
 
     async def _allowed_models(self, request: Request) -> set[str] | None:
         """The model names the caller may see; None for all."""
-        if self._identify is None:
-            return None
-        ctx: RequestContext = request.scope[SCOPE_KEY]
-        _describe_client(ctx, request.scope)
-        await self._identify.identify(ctx)
-        key = ctx.principal.key if ctx.principal is not None else None
+        principal = await caller(self._identify, request.scope)
+        key = principal.key if principal is not None else None
         return set(key.models) if key is not None and key.models is not None else None
 
     async def proxy(self, route: str, scope: Scope, receive: Receive, send: Send) -> None:
         ctx: RequestContext = scope[SCOPE_KEY]
-        _describe_client(ctx, scope)
+        describe_client(ctx, scope)
         ctx.route = route
         ctx.receive = receive
         reply = await self._pipeline(ctx)
@@ -175,9 +172,3 @@ class _Proxy:
 
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         return self._service.proxy(self._route, scope, receive, send)
-
-
-def _describe_client(ctx: RequestContext, scope: Scope) -> None:
-    ctx.headers = scope["headers"]
-    ctx.query_string = scope["query_string"]
-    ctx.client = scope.get("client")

@@ -13,25 +13,33 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sluice.batches.files import FileStore, owner_of
+from sluice.api.caller import caller
+from sluice.batches.files import FileStore
+from sluice.batches.http import json_response, page_limit
 from sluice.batches.metrics import BatchMetrics
+from sluice.batches.owners import ANYONE, owner_of
 from sluice.batches.settings import BatchSettings
 from sluice.batches.store import BatchRecord, BatchStore
 from sluice.batches.validate import ENDPOINTS, check_input
-from sluice.errors import ConflictError, InvalidRequestError, NotFoundError
-from sluice.pipeline.auth import Principal
-from sluice.pipeline.context import SCOPE_KEY, RequestContext
+from sluice.errors import (
+    ConflictError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+)
 from sluice.pipeline.identify import Identify
 from sluice.protocol import parse_json_object
 from sluice.routing.router import Router
 
 WINDOWS = {"24h": timedelta(hours=24)}
 _MAX_METADATA = 16
+MAX_CREATE_BYTES = 64 * 1024
+"""Room for the largest metadata OpenAI allows (16 x (64 + 512) characters) and more."""
 _MAX_LIST = 100
 _JSON = "application/json"
 
@@ -45,6 +53,7 @@ class BatchRoutes:
         settings: BatchSettings,
         metrics: BatchMetrics,
         identify: Identify | None,
+        max_body_bytes: int,
         on_created: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
@@ -54,6 +63,9 @@ class BatchRoutes:
         self._metrics = metrics
         self._identify = identify
         self._on_created = on_created
+        self._one_at_a_time = asyncio.Lock()
+        # A line runs as an interactive request would: no larger than the body limit.
+        self._max_line_bytes = min(settings.max_line_bytes, max_body_bytes)
 
     def routes(self) -> list[Route]:
         routes = []
@@ -67,8 +79,8 @@ class BatchRoutes:
         return routes
 
     async def create(self, request: Request) -> Response:
-        principal = await self._caller(request)
-        body = parse_json_object(await request.body())
+        principal = await caller(self._identify, request.scope)
+        body = parse_json_object(await _small_body(request))
         endpoint = body.get("endpoint")
         if endpoint not in ENDPOINTS:
             raise InvalidRequestError(
@@ -82,6 +94,12 @@ class BatchRoutes:
         metadata = _metadata(body.get("metadata"))
         file_id = body.get("input_file_id")
         owner = owner_of(principal)
+        if await self._store.open_batches(owner) >= self._settings.max_open_per_key:
+            raise RateLimitError(
+                f"This key has {self._settings.max_open_per_key} batches that have not "
+                "finished: wait for one, or cancel one.",
+                code="too_many_open_batches",
+            )
         record = await self._files.get(file_id, owner) if isinstance(file_id, str) else None
         if record is None:
             raise NotFoundError(f"No such file: {str(file_id)[:100]!r}.", param="input_file_id")
@@ -91,40 +109,42 @@ class BatchRoutes:
                 param="input_file_id",
             )
         key = principal.key if principal is not None else None
-        # Up to 50,000 lines are parsed and validated: in a thread, so that the event loop
-        # keeps serving requests in between (the GIL is handed back every few ms).
-        lines, errors = await asyncio.to_thread(
-            check_input,
-            await self._files.read(record),
-            endpoint,
-            serves=self._router.knows,
-            may_use=lambda model: key is None or key.models is None or model in key.models,
-            max_lines=self._settings.max_lines,
-            max_line_bytes=self._settings.max_line_bytes,
-        )
-        batch = await self._store.create(
-            key_id=owner,
-            endpoint=endpoint,
-            input_file_id=record.id,
-            completion_window=WINDOWS[window],
-            window_name=window,
-            metadata=metadata,
-            lines=lines,
-            errors=errors,
-        )
+        # One input at a time in a process (each may hold a few times its file in memory),
+        # parsed and validated in a thread, so that the event loop keeps serving requests
+        # in between (the GIL is handed back every few ms).
+        async with self._one_at_a_time:
+            lines, errors = await asyncio.to_thread(
+                check_input,
+                await self._files.read(record),
+                endpoint,
+                serves=self._router.knows,
+                may_use=lambda model: key is None or key.models is None or model in key.models,
+                max_lines=self._settings.max_lines,
+                max_line_bytes=self._max_line_bytes,
+            )
+            batch = await self._store.create(
+                key_id=owner,
+                endpoint=endpoint,
+                input_file_id=record.id,
+                completion_window=WINDOWS[window],
+                window_name=window,
+                metadata=metadata,
+                lines=lines,
+                errors=errors,
+            )
         self._metrics.batches.labels("failed" if errors else "created").inc()
         if not errors:
             self._on_created()
-        return _json(batch.to_openai())
+        return json_response(batch.to_openai())
 
     async def list(self, request: Request) -> Response:
-        principal = await self._caller(request)
-        limit = _limit(request.query_params.get("limit"))
+        principal = await caller(self._identify, request.scope)
+        limit = page_limit(request.query_params.get("limit"), default=20, most=_MAX_LIST)
         found, more = await self._store.list(
             owner_of(principal), limit=limit, after=request.query_params.get("after")
         )
         data = [b.to_openai() for b in found]
-        return _json(
+        return json_response(
             {
                 "object": "list",
                 "data": data,
@@ -136,7 +156,7 @@ class BatchRoutes:
 
     async def retrieve(self, request: Request) -> Response:
         batch = await self._owned(request)
-        return _json(batch.to_openai())
+        return json_response(batch.to_openai())
 
     async def cancel(self, request: Request) -> Response:
         batch = await self._owned(request)
@@ -145,28 +165,33 @@ class BatchRoutes:
                 f"The batch is {batch.status}: only a batch in progress can be cancelled.",
                 code="batch_not_cancellable",
             )
-        cancelled = await self._store.get(batch.id)
+        cancelled = await self._store.get(batch.id, ANYONE)
         assert cancelled is not None
-        return _json(cancelled.to_openai())
+        return json_response(cancelled.to_openai())
 
     async def _owned(self, request: Request) -> BatchRecord:
-        principal = await self._caller(request)
+        principal = await caller(self._identify, request.scope)
         batch_id = request.path_params["batch_id"]
         batch = await self._store.get(batch_id, owner_of(principal))
         if batch is None:
             raise NotFoundError(f"No such batch: {batch_id[:100]!r}.", code="batch_not_found")
         return batch
 
-    async def _caller(self, request: Request) -> Principal | None:
-        """The caller (401 without a valid key); None when the gateway runs without keys."""
-        if self._identify is None:
-            return None
-        ctx: RequestContext = request.scope[SCOPE_KEY]
-        ctx.headers = request.scope["headers"]
-        ctx.query_string = request.scope["query_string"]
-        ctx.client = request.scope.get("client")
-        await self._identify.identify(ctx)
-        return ctx.principal
+
+async def _small_body(request: Request) -> bytes:
+    """A batch's creation is a few fields: its body is read up to `MAX_CREATE_BYTES` (413
+    past it), never whole whatever its size."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_CREATE_BYTES:
+        raise PayloadTooLargeError(f"The request body is larger than {MAX_CREATE_BYTES} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_CREATE_BYTES:
+            raise PayloadTooLargeError(f"The request body is larger than {MAX_CREATE_BYTES} bytes.")
+        parts.append(part)
+    return b"".join(parts)
 
 
 def _metadata(value: Any) -> dict[str, str] | None:
@@ -186,15 +211,3 @@ def _metadata(value: Any) -> dict[str, str] | None:
             param="metadata",
         )
     return value
-
-
-def _limit(value: str | None) -> int:
-    if value is None:
-        return 20
-    if not value.isdigit() or not 1 <= int(value) <= _MAX_LIST:
-        raise InvalidRequestError(f"'limit' must be from 1 to {_MAX_LIST}.", param="limit")
-    return int(value)
-
-
-def _json(value: Any) -> Response:
-    return Response(orjson.dumps(value), media_type=_JSON)

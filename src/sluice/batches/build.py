@@ -61,7 +61,14 @@ def build_batches(
     routes = [
         *FilesRoutes(files, services.identify).routes(),
         *BatchRoutes(
-            store, files, router, settings.batches, metrics, services.identify, runner.wake
+            store,
+            files,
+            router,
+            settings.batches,
+            metrics,
+            services.identify,
+            settings.server.max_body_bytes,
+            runner.wake,
         ).routes(),
     ]
     return Batches(files, store, runner, routes)

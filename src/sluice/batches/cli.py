@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from sluice.batches.owners import ANYONE
 from sluice.batches.store import BatchRecord, BatchStore
 from sluice.services import database_for
 from sluice.settings import Settings
@@ -40,7 +41,7 @@ async def list_batches(
 
 async def show_batch(settings: Settings, batch_id: str) -> str:
     async with _store(settings) as store:
-        batch = await store.get(batch_id)
+        batch = await store.get(batch_id, ANYONE)
     if batch is None:
         raise LookupError(f"no batch {batch_id!r}")
     return orjson.dumps(
@@ -50,7 +51,7 @@ async def show_batch(settings: Settings, batch_id: str) -> str:
 
 async def cancel_batch(settings: Settings, batch_id: str) -> str:
     async with _store(settings) as store:
-        batch = await store.get(batch_id)
+        batch = await store.get(batch_id, ANYONE)
         if batch is None:
             raise LookupError(f"no batch {batch_id!r}")
         if not await store.cancel(batch_id):

@@ -31,16 +31,15 @@ import unicodedata
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from sqlalchemy import and_, delete, insert, or_, select
 from sqlalchemy.engine import Row
 
+from sluice.batches.owners import ANYONE, Anyone, owned_by
 from sluice.batches.settings import FilesSettings
 from sluice.errors import PayloadTooLargeError, SluiceError
-from sluice.pipeline.auth import Principal
 from sluice.store.database import Database
 from sluice.store.periods import utcnow
 from sluice.store.schema import file_contents, files
@@ -55,21 +54,6 @@ _FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 # Control (Cc), format (Cf: bidi overrides, zero-width), surrogate and unassigned
 # characters: none belongs in a name shown back in listings and terminals.
 _HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
-
-
-class Anyone(Enum):
-    """`FileStore.get`'s owner for the gateway's own reads (a batch's runner): no check."""
-
-    ANYONE = "anyone"
-
-
-ANYONE = Anyone.ANYONE
-
-
-def owner_of(principal: Principal | None) -> str | None:
-    """The owner a caller's files carry: its key's id; None for the master key and in
-    open mode (no principal). Files and batches use this one rule."""
-    return principal.key_id if principal is not None else None
 
 
 def new_file_id() -> str:
@@ -394,7 +378,7 @@ class FileStore:
 
 
 def _owned_by(owner: str | None) -> Any:
-    return files.c.key_id.is_(None) if owner is None else files.c.key_id == owner
+    return owned_by(files.c.key_id, owner)
 
 
 def too_large(max_bytes: int) -> PayloadTooLargeError:

@@ -16,19 +16,20 @@ temporary file until it is stored.
 from __future__ import annotations
 
 import tempfile
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote
 
-import orjson
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from sluice.batches.files import UPLOAD_PURPOSES, FileRecord, FileStore, owner_of, too_large
+from sluice.api.caller import caller
+from sluice.batches.files import UPLOAD_PURPOSES, FileRecord, FileStore, too_large
+from sluice.batches.http import json_response, page_limit
+from sluice.batches.owners import owner_of
 from sluice.errors import InvalidRequestError, NotFoundError, UnsupportedMediaTypeError
-from sluice.pipeline.context import SCOPE_KEY, RequestContext
 from sluice.pipeline.identify import Identify
 
 JSON = "application/json"
@@ -62,14 +63,7 @@ class FilesRoutes:
 
     async def _owner(self, request: Request) -> str | None:
         """The caller's files' owner; raises the 401."""
-        if self._identify is None:
-            return None
-        ctx: RequestContext = request.scope[SCOPE_KEY]
-        ctx.headers = request.scope["headers"]
-        ctx.query_string = request.scope["query_string"]
-        ctx.client = request.scope.get("client")
-        await self._identify.identify(ctx)
-        return owner_of(ctx.principal)
+        return owner_of(await caller(self._identify, request.scope))
 
     async def _file(self, request: Request) -> FileRecord:
         owner = await self._owner(request)
@@ -91,7 +85,7 @@ class FilesRoutes:
                 form.write(chunk)
             purpose, filename = form.finish()
             record = await self._store.create(owner, purpose, filename, spool)
-        return _json(record.to_openai())
+        return json_response(record.to_openai())
 
     async def list_files(self, request: Request) -> Response:
         owner = await self._owner(request)
@@ -102,11 +96,11 @@ class FilesRoutes:
         records, more = await self._store.list(
             owner,
             purpose=query.get("purpose") or None,
-            limit=_limit(query.get("limit")),
+            limit=page_limit(query.get("limit"), default=MAX_LIST_LIMIT, most=MAX_LIST_LIMIT),
             after=query.get("after") or None,
             order="asc" if order == "asc" else "desc",
         )
-        return _json(
+        return json_response(
             {
                 "object": "list",
                 "data": [record.to_openai() for record in records],
@@ -117,7 +111,7 @@ class FilesRoutes:
         )
 
     async def retrieve(self, request: Request) -> Response:
-        return _json((await self._file(request)).to_openai())
+        return json_response((await self._file(request)).to_openai())
 
     async def content(self, request: Request) -> Response:
         record = await self._file(request)
@@ -137,21 +131,7 @@ class FilesRoutes:
         record = await self._file(request)
         if not await self._store.delete(record):
             raise NotFoundError(f"No such File object: {record.id}", param="id")
-        return _json({"id": record.id, "object": "file", "deleted": True})
-
-
-def _json(body: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(body), media_type=JSON)
-
-
-def _limit(value: str | None) -> int:
-    if value is None:
-        return MAX_LIST_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIST_LIMIT:
-        raise InvalidRequestError(
-            f"limit must be an integer from 1 to {MAX_LIST_LIMIT}.", param="limit"
-        )
-    return int(value)
+        return json_response({"id": record.id, "object": "file", "deleted": True})
 
 
 def _boundary(request: Request) -> bytes:

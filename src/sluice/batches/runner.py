@@ -26,6 +26,7 @@ import contextlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -37,10 +38,15 @@ import orjson
 from sluice.backends.base import UpstreamReply
 from sluice.batches.files import FileStore
 from sluice.batches.metrics import BatchMetrics
+from sluice.batches.owners import ANYONE
 from sluice.batches.settings import BatchSettings
 from sluice.batches.store import BatchRecord, BatchStore, Claim, Outcome
 from sluice.batches.validate import ENDPOINTS
-from sluice.errors import AuthenticationError, ServiceUnavailableError, SluiceError
+from sluice.errors import (
+    AuthenticationError,
+    ServiceUnavailableError,
+    SluiceError,
+)
 from sluice.keys.store import KeyStore
 from sluice.pipeline.accounting import Accounting
 from sluice.pipeline.auth import MASTER, Principal
@@ -53,6 +59,8 @@ from sluice.store.usage import UsageStore, now_micros
 
 log = logging.getLogger("sluice.batches")
 _KEY_TTL = 5.0  # seconds a batch owner's key record is reused (revocations reach it then)
+_SPOOL_BYTES = 8 * 1024 * 1024  # an output file's bytes held in memory before going to disk
+_PUBLISH_EVERY = 15.0  # seconds between counts of open lines for the metrics
 _MAX_REMEMBERED = 10_000  # batch owners and principals kept; past it, forgotten and re-read
 
 
@@ -97,7 +105,8 @@ class BatchRunner:
         self._woken = asyncio.Event()
         self._idle = settings.poll_interval
         self._stopping = False
-        self._pause_until = 0.0
+        self._lease = timedelta(seconds=settings.lease_seconds)
+        self._last_published = 0.0
         self._last_housekeeping = 0.0
 
     def start(self) -> None:
@@ -152,10 +161,10 @@ class BatchRunner:
             self._last_housekeeping = clock
             await self._housekeeping()
         free = self._settings.concurrency - len(self._running)
-        if free <= 0 or clock < self._pause_until:
+        if free <= 0:
             return 0
-        lease = timedelta(seconds=self._settings.lease_seconds)
-        claims = await self._store.claim(self.worker, free, utcnow() + lease)
+        now = utcnow()
+        claims = await self._store.claim(self.worker, free, now + self._lease, now)
         for claim in claims:
             task = asyncio.create_task(self._run(claim))
             self._running.add(task)
@@ -170,15 +179,36 @@ class BatchRunner:
 
     async def _housekeeping(self) -> None:
         now = utcnow()
-        lapsed = await self._store.requeue_lapsed(now)
+        lapsed = await self._store.requeue_lapsed(now, self._settings.max_attempts)
         if lapsed:
             self._metrics.lease_expiries.inc(lapsed)
         await self._store.expire_due(now)
+        await self._store.close_unclaimable()
         for batch in await self._store.take_finalization(now):
             await self._finalise(batch)
-        self._metrics.publish(await self._store.line_counts())
+        clock = time.monotonic()
+        if clock - self._last_published >= _PUBLISH_EVERY:
+            # Counting every open line is a scan: not at every sweep.
+            self._last_published = clock
+            self._metrics.publish(await self._store.line_counts())
 
     async def _run(self, claim: Claim) -> None:
+        renewal = asyncio.create_task(self._keep_lease(claim))
+        try:
+            await self._run_line(claim)
+        finally:
+            renewal.cancel()
+
+    async def _keep_lease(self, claim: Claim) -> None:
+        """Renew the line's lease while it runs (it may wait for a place, then for a slow
+        upstream): a line outliving its lease would run again elsewhere."""
+        every = self._settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):  # the database away: the lease may lapse
+                await self._store.renew(claim, self.worker, utcnow() + self._lease)
+
+    async def _run_line(self, claim: Claim) -> None:
         owner = await self._owner(claim.batch_id)
         model = _model_of(claim.body)
         async with self._share(model):
@@ -192,26 +222,33 @@ class BatchRunner:
             )
             ctx.headers = []
             ctx.receive = _body_of(claim.body)
-            status, body = await self._answer(ctx, owner)
-        if status in (429, 503) and not ctx.accepted:
-            # Refused by the gateway's own limits or load shedding before any upstream
-            # call: not an answer. Back to the queue; this worker waits before claiming more.
-            await self._store.release(claim, self.worker)
-            self._pause_until = time.monotonic() + self._settings.retry_after
+            status, body, refusal = await self._answer(ctx, owner)
+        if refusal is not None and not ctx.accepted:
+            # Refused for now before any upstream call (the key's rate limit, every
+            # deployment full): not an answer. Back to the queue, held back a while; other
+            # batches' lines go first meanwhile.
+            wait = max(refusal, self._settings.retry_after)
+            await self._store.release(claim, self.worker, utcnow() + timedelta(seconds=wait))
             self._metrics.requeued.inc()
             return
         if ctx.accepted and self._usage is not None:
             latency = time.perf_counter() - started
             await self._usage.insert_many([self._accounting.record_of(ctx, status, latency)])
         written = await self._store.finish_line(
-            claim, self.worker, status_code=status, result=body, request_id=ctx.request_id
+            claim,
+            self.worker,
+            status_code=status,
+            result=_json_text(body),
+            request_id=ctx.request_id,
         )
-        self._metrics.lines.labels("done" if status == 200 else "failed").inc()
-        if not written:
+        if written:
+            self._metrics.lines.labels("done" if status == 200 else "failed").inc()
+        else:
             self._metrics.lost_leases.inc()
 
-    async def _answer(self, ctx: RequestContext, owner: _Owner) -> tuple[int, bytes]:
-        """The line's status and body, as the HTTP layer would have sent them."""
+    async def _answer(self, ctx: RequestContext, owner: _Owner) -> tuple[int, bytes, float | None]:
+        """The line's status and body, as the HTTP layer would have sent them; and, for a
+        refusal that a later try may not meet, the seconds to hold the line back."""
         try:
             ctx.principal = await self._principal(owner.key_id)
             reply = await self._pipeline(ctx)
@@ -219,10 +256,15 @@ class BatchRunner:
                 await reply.close()
                 raise ServiceUnavailableError("A batch line cannot stream.")
             assert isinstance(reply, UpstreamReply)
-            return reply.status, reply.body
+            return reply.status, reply.body, None
         except SluiceError as error:
             ctx.error_kind = error.kind
-            return error.http_status, error.body()
+            return error.http_status, error.body(), _held_back(error, ctx)
+        except Exception:  # the gateway's own fault: an answer, not a crash of the worker
+            log.exception("batch line %s-%s failed in the gateway", ctx.batch_id, ctx.request_id)
+            failure = SluiceError("The server had an error while processing your request.")
+            ctx.error_kind = failure.kind
+            return failure.http_status, failure.body(), None
         finally:
             for finish in ctx.at_end or ():
                 finish(ctx)
@@ -255,7 +297,7 @@ class BatchRunner:
     async def _owner(self, batch_id: str) -> _Owner:
         owner = self._owners.get(batch_id)
         if owner is None:
-            batch = await self._store.get(batch_id)
+            batch = await self._store.get(batch_id, ANYONE)
             assert batch is not None
             if len(self._owners) >= _MAX_REMEMBERED:
                 self._owners.clear()
@@ -293,56 +335,69 @@ class BatchRunner:
 
     async def _finalise(self, batch: BatchRecord) -> None:
         """Write the output and error files of a batch whose lines have all ended, and give
-        it its last status."""
-        outcomes = await self._store.outcomes(batch.id)
-        output, errors = _files_of(batch.id, outcomes)
-        output_id = error_id = None
-        if output:
-            written = await self._files.create(
-                batch.key_id, "batch_output", f"{batch.id}_output.jsonl", output
-            )
-            output_id = written.id
-        if errors:
-            written = await self._files.create(
-                batch.key_id, "batch_output", f"{batch.id}_error.jsonl", errors
-            )
-            error_id = written.id
-        await self._store.close(
-            batch, output_file_id=output_id, error_file_id=error_id, now=utcnow()
-        )
+        it its last status. The files are written as the answers are read, a page at a
+        time, through temporary files (a batch's answers may not fit in memory)."""
+        with (
+            tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as output,
+            tempfile.SpooledTemporaryFile(_SPOOL_BYTES) as errors,
+        ):
+            async for outcome in self._store.outcomes(batch.id):
+                done = outcome.state == "done"
+                (output if done else errors).write(_output_line(batch.id, outcome) + b"\n")
+            ids: list[str | None] = []
+            for content, suffix in ((output, "output"), (errors, "error")):
+                if not content.tell():
+                    ids.append(None)
+                    continue
+                content.seek(0)
+                written = await self._files.create(
+                    batch.key_id, "batch_output", f"{batch.id}_{suffix}.jsonl", content
+                )
+                ids.append(written.id)
+        await self._store.close(batch, output_file_id=ids[0], error_file_id=ids[1], now=utcnow())
         self._owners.pop(batch.id, None)
         self._metrics.batches.labels("finalised").inc()
 
 
-def _files_of(batch_id: str, outcomes: list[Outcome]) -> tuple[bytes, bytes]:
-    """The output file (answers with status 200) and the error file (the rest), in
-    OpenAI's line format, one line per input line, in input order."""
-    output: list[bytes] = []
-    errors: list[bytes] = []
-    for outcome in outcomes:
-        line: dict[str, Any] = {
-            "id": f"batch_req_{batch_id.removeprefix('batch_')}_{outcome.line}",
-            "custom_id": outcome.custom_id,
+def _output_line(batch_id: str, outcome: Outcome) -> bytes:
+    """One line of the output or error file, in OpenAI's format."""
+    line: dict[str, Any] = {
+        "id": f"batch_req_{batch_id.removeprefix('batch_')}_{outcome.line}",
+        "custom_id": outcome.custom_id,
+    }
+    if outcome.state in ("done", "failed"):
+        line["response"] = {
+            "status_code": outcome.status_code,
+            "request_id": outcome.request_id,
+            "body": orjson.Fragment(outcome.result or "null"),
         }
-        if outcome.state in ("done", "failed"):
-            line["response"] = {
-                "status_code": outcome.status_code,
-                "request_id": outcome.request_id,
-                "body": orjson.Fragment(outcome.result or "null"),
-            }
-            line["error"] = None
-        else:
-            line["response"] = None
-            line["error"] = {
-                "code": f"batch_{outcome.state}",
-                "message": f"The line did not run: the batch was {outcome.state}.",
-            }
-        (output if outcome.state == "done" else errors).append(orjson.dumps(line))
-    return _lines(output), _lines(errors)
+        line["error"] = None
+    else:
+        line["response"] = None
+        line["error"] = {
+            "code": f"batch_{outcome.state}",
+            "message": f"The line did not run: the batch was {outcome.state}.",
+        }
+    return orjson.dumps(line)
 
 
-def _lines(items: list[bytes]) -> bytes:
-    return b"\n".join(items) + b"\n" if items else b""
+def _held_back(error: SluiceError, ctx: RequestContext) -> float | None:
+    """Seconds to hold a refused line back, when a later try may pass: a rate limit or
+    a full deployment; not a budget (spent until its period ends: that is the answer)."""
+    if error.http_status not in (429, 503) or error.code == "budget_exceeded":
+        return None
+    admission = ctx.admission
+    return admission.retry_after if admission is not None and not admission.allowed else 0.0
+
+
+def _json_text(body: bytes) -> bytes:
+    """The answer as JSON text for the output file: an upstream's body that is not JSON
+    (a proxy's error page) is kept as a JSON string, so the file stays one JSON a line."""
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return orjson.dumps(body.decode(errors="replace"))
+    return body
 
 
 def _model_of(body: bytes) -> str | None:

@@ -61,6 +61,12 @@ class BatchSettings(_Strict):
     retry_after: float = Field(
         1.0, gt=0, description="seconds a worker waits after the gateway refused a line"
     )
+    max_attempts: int = Field(
+        3, ge=1, description="claims of a line whose worker died each time before it fails"
+    )
     drain: float = Field(10.0, ge=0, description="seconds lines under way get at shutdown")
     max_lines: int = Field(50_000, ge=1, description="lines in one batch's input")
+    max_open_per_key: int = Field(
+        10, ge=1, description="batches of one key not yet finished; more are refused (429)"
+    )
     max_line_bytes: int = Field(1024 * 1024, ge=1024, description="bytes in one input line")

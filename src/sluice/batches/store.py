@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, bindparam, exists, func, insert, select, text, update
 
+from sluice.batches.owners import ANYONE, Owner, owned_by
 from sluice.batches.validate import Line, LineError
 from sluice.store.database import Database
 from sluice.store.periods import utcnow
@@ -37,6 +38,11 @@ OPEN_STATES = ("queued", "running")
 FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 _INSERT_CHUNK = 500
 FINALIZE_RETRY = timedelta(minutes=5)
+_CLAIM_BATCHES = 8  # batches a claim spreads over
+_GAVE_UP = (
+    '{"error":{"message":"The line was claimed too many times without an answer (its '
+    'worker died each time).","type":"server_error","param":null,"code":"batch_line_abandoned"}}'
+)
 """A batch left in ``finalizing`` this long (its finaliser died) is finalised again."""
 
 
@@ -95,7 +101,6 @@ class BatchRecord:
             "error_file_id": self.error_file_id,
             "created_at": seconds(self.created_at),
             "in_progress_at": seconds(self.in_progress_at),
-            # An expired batch reports when it expired; others when they will.
             "expires_at": seconds(self.expires_at),
             "finalizing_at": seconds(self.finalizing_at),
             "completed_at": seconds(self.completed_at),
@@ -198,18 +203,18 @@ class BatchStore:
                         for line in chunk
                     ],
                 )
-        found = await self.get(values["id"])
+        found = await self.get(values["id"], ANYONE)
         assert found is not None
         return found
 
-    async def get(self, batch_id: str, owner: str | object | None = ...) -> BatchRecord | None:
-        """The batch with its line counts; None when missing or (``owner`` given: a key id,
-        or None for the master key) owned by another."""
+    async def get(self, batch_id: str, owner: Owner) -> BatchRecord | None:
+        """The batch with its line counts; None when missing or owned by another than
+        ``owner`` (`sluice.batches.owners`)."""
         if not storable_text(batch_id):
             return None
         async with self._db.engine.connect() as conn:
             row = (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
-            if row is None or (owner is not ... and row.key_id != owner):
+            if row is None or (owner is not ANYONE and row.key_id != owner):
                 return None
             states = await conn.execute(
                 select(batch_lines.c.state, func.count())
@@ -244,7 +249,7 @@ class BatchStore:
         query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
         async with self._db.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        found = [await self.get(row.id) for row in rows[:limit]]
+        found = [await self.get(row.id, ANYONE) for row in rows[:limit]]
         return [b for b in found if b is not None], len(rows) > limit
 
     async def recent(
@@ -259,7 +264,7 @@ class BatchStore:
         query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
         async with self._db.engine.connect() as conn:
             ids = (await conn.execute(query)).scalars().all()
-        found = [await self.get(batch_id) for batch_id in ids]
+        found = [await self.get(batch_id, ANYONE) for batch_id in ids]
         return [b for b in found if b is not None]
 
     async def cancel(self, batch_id: str) -> bool:
@@ -278,16 +283,45 @@ class BatchStore:
 
     # The workers' side.
 
-    async def requeue_lapsed(self, now: datetime) -> int:
+    async def requeue_lapsed(self, now: datetime, max_attempts: int) -> int:
         """Queue again the running lines whose lease ran out (their worker died or
-        stalled); how many."""
+        stalled); a line that has been claimed ``max_attempts`` times fails instead (it
+        may be what kills its workers). Returns how many leases had run out."""
+        lapsed = (batch_lines.c.state == "running") & (batch_lines.c.lease_until < now)
         async with self._db.writer.begin() as conn:
-            result = await conn.execute(
+            failed = await conn.execute(
                 update(batch_lines)
-                .where(batch_lines.c.state == "running", batch_lines.c.lease_until < now)
+                .where(lapsed, batch_lines.c.attempts >= max_attempts)
+                .values(
+                    state="failed",
+                    status_code=500,
+                    result=_GAVE_UP,
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            queued = await conn.execute(
+                update(batch_lines)
+                .where(lapsed)
                 .values(state="queued", lease_owner=None, lease_until=None)
             )
-        return int(result.rowcount or 0)
+        return int(failed.rowcount or 0) + int(queued.rowcount or 0)
+
+    async def close_unclaimable(self) -> None:
+        """Close the queued lines of batches no worker will claim from again (cancelling,
+        or past their window): a line given back or re-queued after the cancel or the
+        expiry would otherwise keep its batch from ever finishing."""
+        async with self._db.writer.begin() as conn:
+            for state, condition in (
+                ("cancelled", batches.c.status == "cancelling"),
+                ("expired", batches.c.expired_at.is_not(None)),
+            ):
+                closing = select(batches.c.id).where(condition)
+                await conn.execute(
+                    update(batch_lines)
+                    .where(batch_lines.c.state == "queued", batch_lines.c.batch_id.in_(closing))
+                    .values(state=state)
+                )
 
     async def expire_due(self, now: datetime) -> builtins.list[str]:
         """Batches past their completion window: their queued lines will not run."""
@@ -308,25 +342,75 @@ class BatchStore:
                 await _close_queued(conn, batch_id, "expired")
         return [batch_id for (batch_id,) in due]
 
-    async def claim(self, worker: str, count: int, lease_until: datetime) -> builtins.list[Claim]:
-        """Up to ``count`` queued lines of running batches (oldest batch first), leased to
-        ``worker`` until ``lease_until``."""
+    async def claim(
+        self, worker: str, count: int, lease_until: datetime, now: datetime
+    ) -> builtins.list[Claim]:
+        """Up to ``count`` queued lines, leased to ``worker`` until ``lease_until``: from the
+        oldest batches in progress with a line ready, a share of ``count`` from each (so
+        that one tenant's big batch does not hold every other's back), skipping lines held
+        back until later (``not_before``)."""
         if count <= 0:
             return []
-        lock = " FOR UPDATE OF l SKIP LOCKED" if self._db.dialect == "postgresql" else ""
-        until = bindparam("until", lease_until, type_=UTCDateTime())
+        ready = (batch_lines.c.state == "queued") & (
+            batch_lines.c.not_before.is_(None) | (batch_lines.c.not_before <= now)
+        )
+        has_ready = exists().where(batch_lines.c.batch_id == batches.c.id, ready)
+        async with self._db.engine.connect() as conn:
+            candidates = (
+                (
+                    await conn.execute(
+                        select(batches.c.id)
+                        .where(
+                            batches.c.status == "in_progress",
+                            batches.c.expired_at.is_(None),
+                            has_ready,
+                        )
+                        .order_by(batches.c.created_at, batches.c.id)
+                        .limit(_CLAIM_BATCHES)
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        claims: builtins.list[Claim] = []
+        share = -(-count // max(1, len(candidates)))
+        for batch_id in candidates:
+            wanted = min(share, count - len(claims))
+            if wanted <= 0:
+                break
+            claims += await self._claim_from(batch_id, worker, wanted, lease_until, now)
+        return claims
+
+    async def _claim_from(
+        self, batch_id: str, worker: str, count: int, lease_until: datetime, now: datetime
+    ) -> builtins.list[Claim]:
+        lock = " FOR UPDATE SKIP LOCKED" if self._db.dialect == "postgresql" else ""
         statement = text(
             "UPDATE batch_lines SET state = 'running', lease_owner = :worker, "
-            "lease_until = :until, attempts = attempts + 1 "
-            "WHERE (batch_id, line) IN ("
-            "SELECT l.batch_id, l.line FROM batch_lines l JOIN batches b ON b.id = l.batch_id "
-            "WHERE l.state = 'queued' AND b.status = 'in_progress' AND b.expired_at IS NULL "
-            f"ORDER BY b.created_at, l.batch_id, l.line LIMIT :count{lock}) "
+            "lease_until = :until, attempts = attempts + 1, not_before = NULL "
+            "WHERE batch_id = :batch AND line IN ("
+            "SELECT line FROM batch_lines WHERE batch_id = :batch AND state = 'queued' "
+            "AND (not_before IS NULL OR not_before <= :now) "
+            f"ORDER BY line LIMIT :count{lock}) "
             "RETURNING batch_id, line, custom_id, body"
-        ).bindparams(until, worker=worker, count=count)
+        ).bindparams(
+            bindparam("until", lease_until, type_=UTCDateTime()),
+            bindparam("now", now, type_=UTCDateTime()),
+            worker=worker,
+            count=count,
+            batch=batch_id,
+        )
         async with self._db.writer.begin() as conn:
             rows = (await conn.execute(statement)).all()
         return [Claim(r.batch_id, r.line, r.custom_id, r.body.encode()) for r in rows]
+
+    async def renew(self, claim: Claim, worker: str, lease_until: datetime) -> bool:
+        """Extend a running line's lease; False when ``worker`` no longer holds it."""
+        async with self._db.writer.begin() as conn:
+            renewed = await conn.execute(
+                update(batch_lines).where(*_held(claim, worker)).values(lease_until=lease_until)
+            )
+        return bool(renewed.rowcount == 1)
 
     async def finish_line(
         self,
@@ -338,16 +422,11 @@ class BatchStore:
         request_id: str,
     ) -> bool:
         """Write a line's answer, once: only while ``worker`` still holds its lease. False
-        when it does not (the line was taken over, or the batch cancelled or expired)."""
+        when it does not (its lease ran out and the line was queued again or taken over)."""
         async with self._db.writer.begin() as conn:
             written = await conn.execute(
                 update(batch_lines)
-                .where(
-                    batch_lines.c.batch_id == claim.batch_id,
-                    batch_lines.c.line == claim.line,
-                    batch_lines.c.state == "running",
-                    batch_lines.c.lease_owner == worker,
-                )
+                .where(*_held(claim, worker))
                 .values(
                     state="done" if status_code == 200 else "failed",
                     status_code=status_code,
@@ -359,19 +438,15 @@ class BatchStore:
             )
         return bool(written.rowcount == 1)
 
-    async def release(self, claim: Claim, worker: str) -> None:
-        """Give a claimed line back to the queue unanswered (the gateway refused it for
-        now: a limit, a full deployment)."""
+    async def release(self, claim: Claim, worker: str, not_before: datetime) -> None:
+        """Give a claimed line back to the queue unanswered, not to be claimed before
+        ``not_before`` (the gateway refused it for now: its key's rate limit, a full
+        deployment); other batches' lines go first meanwhile."""
         async with self._db.writer.begin() as conn:
             await conn.execute(
                 update(batch_lines)
-                .where(
-                    batch_lines.c.batch_id == claim.batch_id,
-                    batch_lines.c.line == claim.line,
-                    batch_lines.c.state == "running",
-                    batch_lines.c.lease_owner == worker,
-                )
-                .values(state="queued", lease_owner=None, lease_until=None)
+                .where(*_held(claim, worker))
+                .values(state="queued", lease_owner=None, lease_until=None, not_before=not_before)
             )
 
     async def take_finalization(self, now: datetime) -> builtins.list[BatchRecord]:
@@ -398,7 +473,7 @@ class BatchStore:
                     .values(status="finalizing", finalizing_at=now)
                 )
             if moved.rowcount == 1:
-                record = await self.get(batch_id)
+                record = await self.get(batch_id, ANYONE)
                 if record is not None:
                     taken.append(record)
         async with self._db.writer.begin() as conn:
@@ -414,29 +489,47 @@ class BatchStore:
                 )
             ).all()
         for (batch_id,) in stale:
-            record = await self.get(batch_id)
+            record = await self.get(batch_id, ANYONE)
             if record is not None:
                 taken.append(record)
         return taken
 
-    async def outcomes(self, batch_id: str) -> builtins.list[Outcome]:
-        """Every line's end, in input order."""
-        async with self._db.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        batch_lines.c.line,
-                        batch_lines.c.custom_id,
-                        batch_lines.c.state,
-                        batch_lines.c.status_code,
-                        batch_lines.c.result,
-                        batch_lines.c.request_id,
+    async def outcomes(self, batch_id: str, *, page: int = 1000) -> AsyncIterator[Outcome]:
+        """Every line's end, in input order, read ``page`` lines at a time (a batch's
+        answers may not fit in memory at once)."""
+        after = 0
+        while True:
+            async with self._db.engine.connect() as conn:
+                rows = (
+                    await conn.execute(
+                        select(
+                            batch_lines.c.line,
+                            batch_lines.c.custom_id,
+                            batch_lines.c.state,
+                            batch_lines.c.status_code,
+                            batch_lines.c.result,
+                            batch_lines.c.request_id,
+                        )
+                        .where(batch_lines.c.batch_id == batch_id, batch_lines.c.line > after)
+                        .order_by(batch_lines.c.line)
+                        .limit(page)
                     )
-                    .where(batch_lines.c.batch_id == batch_id)
-                    .order_by(batch_lines.c.line)
-                )
-            ).all()
-        return [Outcome(*row) for row in rows]
+                ).all()
+            for row in rows:
+                yield Outcome(*row)
+            if len(rows) < page:
+                return
+            after = rows[-1].line
+
+    async def open_batches(self, owner: str | None) -> int:
+        """How many of ``owner``'s batches are not finished (its quota)."""
+        async with self._db.engine.connect() as conn:
+            count = await conn.scalar(
+                select(func.count())
+                .select_from(batches)
+                .where(_owned_by(owner), batches.c.status.notin_(FINAL_STATUSES))
+            )
+        return int(count or 0)
 
     async def close(
         self,
@@ -472,8 +565,18 @@ class BatchStore:
             return {(status, state): int(n) for status, state, n in rows}
 
 
+def _held(claim: Claim, worker: str) -> tuple[Any, ...]:
+    """The conditions that ``worker`` still holds ``claim``'s lease."""
+    return (
+        batch_lines.c.batch_id == claim.batch_id,
+        batch_lines.c.line == claim.line,
+        batch_lines.c.state == "running",
+        batch_lines.c.lease_owner == worker,
+    )
+
+
 def _owned_by(owner: str | None) -> Any:
-    return batches.c.key_id.is_(None) if owner is None else batches.c.key_id == owner
+    return owned_by(batches.c.key_id, owner)
 
 
 async def _close_queued(conn: Any, batch_id: str, state: str) -> None:

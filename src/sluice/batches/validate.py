@@ -63,6 +63,17 @@ def check_input(
     lines: list[Line] = []
     errors: list[LineError] = []
     seen: set[str] = set()
+    # Counted before the file is cut into lines: a file of a million empty lines must not
+    # become a million objects first.
+    count = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    if count > max_lines:
+        return [], [
+            LineError(
+                None,
+                "too_many_lines",
+                f"The input file has {count} lines; at most {max_lines} are allowed.",
+            )
+        ]
     raw_lines = data.split(b"\n")
     if raw_lines and not raw_lines[-1].strip():
         raw_lines.pop()  # the newline that ends the last line

@@ -23,6 +23,9 @@ from sluice.pipeline.sse import relay_events
 from sluice.pipeline.steps import Reply
 from sluice.routing.capacity import Capacity
 
+BATCH_PRIORITY = -1
+"""The embedded engine's queue order for batch lines: after every interactive request."""
+
 
 def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
     deployment = ctx.target
@@ -33,7 +36,9 @@ def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
         ctx.upstream_route, ctx.model, ctx.body, ctx.raw, ctx.request_id, ctx.stream
     )
     high = False
-    if ctx.principal is not None and ctx.principal.key is not None:
+    if ctx.batch_id is not None:
+        call.priority = BATCH_PRIORITY  # batch lines queue behind every interactive request
+    elif ctx.principal is not None and ctx.principal.key is not None:
         call.priority = ctx.principal.key.priority  # the key's, never the body's
         high = call.priority > 0
     capacity = deployment.capacity

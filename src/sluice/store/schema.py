@@ -149,9 +149,19 @@ batch_lines = Table(
     Column("lease_owner", Text, nullable=True),
     Column("lease_until", UTCDateTime(), nullable=True),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # not claimed before this (a line the gateway refused for now: its key's rate limit)
+    Column("not_before", UTCDateTime(), nullable=True),
     Column("status_code", Integer, nullable=True),  # the answer's HTTP status
     Column("result", Text, nullable=True),  # the answer's body (JSON text)
     Column("request_id", Text, nullable=True),  # the usage record's
     Index(None, "batch_id", "state"),
     Index(None, "state", "lease_until"),
+    # the queue itself: claims read only queued lines, in batch and line order
+    Index(
+        "ix_batch_lines_queued",
+        "batch_id",
+        "line",
+        sqlite_where=text("state = 'queued'"),
+        postgresql_where=text("state = 'queued'"),
+    ),
 )

@@ -90,6 +90,7 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.Text(), nullable=True),
         sa.Column("lease_until", UTCDateTime(), nullable=True),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
+        sa.Column("not_before", UTCDateTime(), nullable=True),
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("result", sa.Text(), nullable=True),
         sa.Column("request_id", sa.Text(), nullable=True),
@@ -97,6 +98,13 @@ def upgrade() -> None:
     )
     op.create_index("ix_batch_lines_batch_id_state", "batch_lines", ["batch_id", "state"])
     op.create_index("ix_batch_lines_state_lease_until", "batch_lines", ["state", "lease_until"])
+    op.create_index(
+        "ix_batch_lines_queued",
+        "batch_lines",
+        ["batch_id", "line"],
+        sqlite_where=sa.text("state = 'queued'"),
+        postgresql_where=sa.text("state = 'queued'"),
+    )
 
 
 def downgrade() -> None:
