@@ -385,13 +385,16 @@ class BatchStore:
         self, batch_id: str, worker: str, count: int, lease_until: datetime, now: datetime
     ) -> builtins.list[Claim]:
         lock = " FOR UPDATE SKIP LOCKED" if self._db.dialect == "postgresql" else ""
+        # The lines are picked in a CTE, which PostgreSQL evaluates once: as a subquery of
+        # the UPDATE's WHERE it may run again for each row, and claim more than ``count``.
         statement = text(
-            "UPDATE batch_lines SET state = 'running', lease_owner = :worker, "
-            "lease_until = :until, attempts = attempts + 1, not_before = NULL "
-            "WHERE batch_id = :batch AND line IN ("
+            "WITH picked AS ("
             "SELECT line FROM batch_lines WHERE batch_id = :batch AND state = 'queued' "
             "AND (not_before IS NULL OR not_before <= :now) "
             f"ORDER BY line LIMIT :count{lock}) "
+            "UPDATE batch_lines SET state = 'running', lease_owner = :worker, "
+            "lease_until = :until, attempts = attempts + 1, not_before = NULL "
+            "WHERE batch_id = :batch AND line IN (SELECT line FROM picked) "
             "RETURNING batch_id, line, custom_id, body"
         ).bindparams(
             bindparam("until", lease_until, type_=UTCDateTime()),
