@@ -1,8 +1,9 @@
 """Caching (issue 20): cache hits against the plain proxy on one core, and a thundering herd.
 
-Speed: nginx (bench/mock_upstream.py) on core 1; two Sluice servers from
-bench/sluice-bench.yaml on core 0, loaded one at a time: `plain` (cache off) and `cache`
-(`cache: {enabled: true}`). Every request is deterministic (temperature 0). Rows:
+Speed: nginx (bench/mock_upstream.py) on core 1; three Sluice servers from
+bench/sluice-bench.yaml on core 0, loaded one at a time: `plain` (cache off), `hit` and
+`miss` (`cache: {enabled: true}`; apart, so that the misses' stored answers do not grow the
+store the hits are read from). Every request is deterministic (temperature 0). Rows:
 
     direct   nginx itself (c=1 only): the floor of the latency
     plain    Sluice with the cache off, the same body as `hit`
@@ -11,7 +12,8 @@ bench/sluice-bench.yaml on core 0, loaded one at a time: `plain` (cache off) and
              miss that goes upstream and is stored, the price of the cache step on a miss
 
 Each round runs wrk c=1 (--latency) then c=32 on every row, in an order that rotates from
-round to round; per-request CPU of the server is read from /proc around each run.
+round to round; the server's CPU per request is read from /proc around each run (on a
+shared core it is steadier than req/s: `capacity` is plain's CPU per request over a row's).
 
 Herd: `sluice mock-upstream --latency-ms 500` on core 1, a third Sluice (cache on) in front
 of it, and N identical requests sent at once by an aiohttp client (core 1), cold (a body new
@@ -196,6 +198,10 @@ def rps(run: Run) -> float:
     return run.wrk.rps
 
 
+def cpu_us(run: Run) -> float:
+    return run.cpu_us or float("nan")
+
+
 def cell(values: list[float], digits: int) -> str:
     """Median (lowest-highest) of per-round values."""
     if not values:
@@ -234,17 +240,19 @@ def report(res: dict[str, Any]) -> list[str]:
             cell(series(c32, rps), 0),
             cell(per_round(c32, "plain c=32", rps, "/"), 2),
             cell(series(c32, lambda run: run.cpu_us), 0),
+            cell(per_round("plain c=32", c32, cpu_us, "/"), 2),
         ]  # fmt: skip
         rows.append([
             HEADS[name],
-            *(loaded or ["", "", ""]),
+            *(loaded or ["", "", "", ""]),
             cell(series(c1, p50), 3),
             cell(series(c1, lambda run: run.wrk.latency_ms["99"]), 3),
             cell(per_round(c1, "direct c=1", p50, "-"), 3),
             others(name),
         ])  # fmt: skip
     header = [
-        "Row", "req/s c=32", "x plain", "CPU us/request c=32", "p50 c=1 (ms)", "p99 c=1 (ms)",
+        "Row", "req/s c=32", "x plain", "CPU us/request c=32", "capacity x plain",
+        "p50 c=1 (ms)", "p99 c=1 (ms)",
         "p50 - direct (ms)", "others' CPU, most (% of a core)",
     ]  # fmt: skip
     tables = [harness.table(header, rows)]
@@ -286,7 +294,7 @@ def main() -> int:
     parser.add_argument("--herd-rounds", type=int, default=3)
     parser.add_argument("--herd-latency-ms", type=float, default=500.0, help="the mock's")
     parser.add_argument("--mock-port", type=int, default=9700, help="nginx; the herd's mock: +1")
-    parser.add_argument("--port", type=int, default=8700, help="plain; cache: +1, herd: +2")
+    parser.add_argument("--port", type=int, default=8700, help="plain; hit, miss, herd: +1..3")
     args = harness.parse(parser)
     env = {"BENCH_UPSTREAM_KEY": UPSTREAM_KEY, "PYTHONPATH": str(harness.REPO / "src")}
     sluice = harness.venv_bin("sluice")
@@ -298,7 +306,7 @@ def main() -> int:
         argv += ["--latency-ms", str(args.herd_latency_ms)]
         bench.start("mock-herd", argv, cores=AUX, env=env, ready=herd_mock + "/mock/stats")
         urls, procs = {}, {}
-        for i, name in enumerate(("plain", "cache", "herd")):
+        for i, name in enumerate((*ROWS, "herd")):
             port = args.port + i
             upstream = args.mock_port + (1 if name == "herd" else 0)
             cache = None if name == "plain" else {"enabled": True}
@@ -317,17 +325,17 @@ def main() -> int:
         runs = itertools.count(1)
         targets = {
             "plain": Target("plain", urls["plain"] + chat, procs["plain"], body),
-            "hit": Target("hit", urls["cache"] + chat, procs["cache"], body),
+            "hit": Target("hit", urls["hit"] + chat, procs["hit"], body),
             "miss": Target(
-                "miss", urls["cache"] + chat, procs["cache"],
+                "miss", urls["miss"] + chat, procs["miss"],
                 lambda: body(f" ({time.time_ns()}-{next(runs)}-@N@)"), str(lua),
             ),
         }  # fmt: skip
         direct = Target("direct", f"http://{HOST}:{args.mock_port}{chat}", None, body)
         res["speed"] = speed(bench, targets, direct)
-        res["speed"]["cache_metrics"] = cache_counts(urls["cache"])
-        bench.stop(procs["plain"])
-        bench.stop(procs["cache"])
+        for name in ROWS:
+            res["speed"][f"{name}_cache_metrics"] = cache_counts(urls[name])
+            bench.stop(procs[name])
         res["herd"] = herd(bench, urls["herd"] + chat, herd_mock)
         res["herd_metrics"] = cache_counts(urls["herd"])
         bench.machine["versions"] = harness.versions(
