@@ -21,7 +21,6 @@ tools.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -150,7 +149,8 @@ class CacheStep:
 
     async def _upstream(self, ctx: RequestContext, pending: _Pending) -> Reply:
         key = pending.location.key
-        if not self._settings.coalesce:
+        if not self._settings.coalesce or pending.controls.no_cache:
+            # no-cache asks for an answer of its own: not one begun before it arrived.
             return await self._lead(ctx, pending, None)
         flight: Flight | None = None
         for _ in range(MAX_ROUNDS):
@@ -266,7 +266,7 @@ class CacheStep:
             if reason is not None:
                 self._metrics.skipped(reason)
                 return
-            stored = dataclasses.replace(answer, expires_at=answer.stored_at + pending.ttl)
+            stored = answer._replace(expires_at=answer.stored_at + pending.ttl)
             self._store.put(pending.location, stored)
             if pending.remember is not None and self._semantic is not None:
                 self._semantic.remember(pending.remember, pending.location, pending.ttl)
