@@ -502,9 +502,11 @@ class Bench:
         body: str,
         auth: str | None = None,
         latency: bool = False,
+        script: str = "post.lua",
     ) -> Wrk:
-        """wrk (one thread, on AUX) posting `body`, with `auth` as a bearer key."""
-        argv = self.wrk_argv(url, conns, duration, latency)
+        """wrk (one thread, on AUX) posting `body`, with `auth` as a bearer key; `script`
+        (under bench/, or a path) may make the requests differ from one another."""
+        argv = self.wrk_argv(url, conns, duration, latency, script)
         env = {**os.environ, "BENCH_BODY": body, "BENCH_AUTH": auth or ""}
         try:
             cp = subprocess.run(

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,8 +27,12 @@ _PIECES = re.compile(r"\S+\s*|\s+")
 _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint")
 
 
-@dataclass(slots=True, frozen=True)
-class Answer:
+class Answer(NamedTuple):
+    """A named tuple, not a dataclass: a tuple of plain values is not tracked by the cyclic
+    garbage collector, so a memory tier of half a million answers adds nothing to the
+    collector's full passes (as three tracked objects an answer did: about 250 ms a pass
+    at 500,000, docs/benchmarks.md)."""
+
     status: int
     body: bytes | None
     """A complete answer's bytes (or an error's); None for a stream."""
@@ -55,8 +58,9 @@ class Answer:
         stored_at: float,
     ) -> Answer:
         """A stream that ended with ``[DONE]``, as its events (usage-only chunk aside)."""
-        return cls(200, None, tuple(events), prompt_tokens, completion_tokens, stored_at, 0.0,
-                   prompt=prompt)  # fmt: skip
+        return cls(
+            200, None, tuple(events), prompt_tokens, completion_tokens, stored_at, prompt=prompt
+        )
 
     @property
     def size(self) -> int:

@@ -21,7 +21,6 @@ tools.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -120,6 +119,12 @@ class CacheStep:
             answer = self._store.get_now(location.name)
             if answer is not None and self._fresh(answer, controls):
                 return self._serve(ctx, answer, "hit")
+        if self._store.redis is None and not (
+            self._semantic is not None and self._semantic_wanted(ctx, policy)
+        ):
+            # Nothing more to look in: straight upstream, with no coroutine of the lookup's
+            # around the call (each one is passed through at every wait of the upstream).
+            return self._upstream(ctx, pending)
         return self._look_further(ctx, pending, namespace, policy)
 
     async def _look_further(
@@ -148,16 +153,28 @@ class CacheStep:
                         return await self._serve(ctx, answer, "semantic-hit")
         return await self._upstream(ctx, pending)
 
-    async def _upstream(self, ctx: RequestContext, pending: _Pending) -> Reply:
+    def _upstream(self, ctx: RequestContext, pending: _Pending) -> Awaitable[Reply]:
+        """Lead the call (the leader's coroutine is the only one around it), or follow an
+        identical request's."""
+        if not self._settings.coalesce or pending.controls.no_cache:
+            # no-cache asks for an answer of its own: not one begun before it arrived.
+            return self._lead(ctx, pending, None)
         key = pending.location.key
-        if not self._settings.coalesce:
-            return await self._lead(ctx, pending, None)
-        flight: Flight | None = None
-        for _ in range(MAX_ROUNDS):
-            flight = self._flights.get(key)
-            if flight is None:
-                flight = self._flights[key] = Flight(key)
-                return await self._lead(ctx, pending, flight)
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = Flight(key)
+            return self._lead(ctx, pending, flight)
+        return self._follow(ctx, pending, flight)
+
+    async def _follow(self, ctx: RequestContext, pending: _Pending, flight: Flight) -> Reply:
+        key = pending.location.key
+        for round_ in range(MAX_ROUNDS):
+            if round_:
+                found = self._flights.get(key)
+                if found is None:
+                    flight = self._flights[key] = Flight(key)
+                    return await self._lead(ctx, pending, flight)
+                flight = found
             # A stream is watched as it arrives; a complete answer is needed whole (and
             # the follower waiting for it keeps the leader's stream going).
             if ctx.stream:
@@ -177,7 +194,6 @@ class CacheStep:
                 return await self._serve(ctx, flight.answer, "coalesced")
             if not flight.retryable:
                 break
-        assert flight is not None
         assert flight.error is not None
         raise flight.error.with_traceback(None)  # one error object, many followers
 
@@ -266,7 +282,7 @@ class CacheStep:
             if reason is not None:
                 self._metrics.skipped(reason)
                 return
-            stored = dataclasses.replace(answer, expires_at=answer.stored_at + pending.ttl)
+            stored = answer._replace(expires_at=answer.stored_at + pending.ttl)
             self._store.put(pending.location, stored)
             if pending.remember is not None and self._semantic is not None:
                 self._semantic.remember(pending.remember, pending.location, pending.ttl)

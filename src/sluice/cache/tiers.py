@@ -18,8 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
@@ -28,12 +27,14 @@ from sluice.observability.outages import OutageLog
 
 log = logging.getLogger("sluice.cache")
 REDIS_PREFIX = "sluice:cache:"
+_FIELDS = len(Answer._fields)
+_EXPIRES = Answer._fields.index("expires_at")
 _SCAN_COUNT = 1000
 
 
-@dataclass(slots=True, frozen=True)
-class Location:
-    """Where an answer lives: its key and the tags a flush finds it by."""
+class Location(NamedTuple):
+    """Where an answer lives: its key and the tags a flush finds it by (a named tuple, like
+    `Answer`, so that a stored entry holds nothing the garbage collector tracks)."""
 
     namespace_tag: str
     model_tag: str
@@ -45,6 +46,13 @@ class Location:
 
 
 class MemoryTier:
+    """Entries are kept as plain tuples, (the answer's fields..., namespace tag, model tag,
+    size): the cyclic garbage collector stops tracking a tuple of plain values, so a full
+    tier adds next to nothing to its passes. As objects (a dataclass answer, its location,
+    the entry) half a million answers cost each full pass about 250 ms (docs/benchmarks.md),
+    a pause for every request in flight; a named tuple would not do: only exact tuples are
+    untracked."""
+
     def __init__(
         self,
         max_bytes: int,
@@ -53,7 +61,7 @@ class MemoryTier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[Answer, Location]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self.bytes = 0
         self._on_evict = on_evict
         self._clock = clock
@@ -65,12 +73,11 @@ class MemoryTier:
         entry = self._entries.get(name)
         if entry is None:
             return None
-        answer = entry[0]
-        if answer.expires_at <= self._clock():
+        if entry[_EXPIRES] <= self._clock():
             self._drop(name)
             return None
         self._entries.move_to_end(name)
-        return answer
+        return Answer._make(entry[:_FIELDS])
 
     def put(self, location: Location, answer: Answer) -> None:
         size = answer.size
@@ -79,7 +86,7 @@ class MemoryTier:
         name = location.name
         if name in self._entries:
             self._drop(name)
-        self._entries[name] = (answer, location)
+        self._entries[name] = (*answer, location.namespace_tag, location.model_tag, size)
         self.bytes += size
         evicted = 0
         while self.bytes > self._max_bytes:
@@ -93,17 +100,16 @@ class MemoryTier:
         """Drop the entries of a namespace, of a model, of both, or (neither) all."""
         doomed = [
             name
-            for name, (_, location) in self._entries.items()
-            if (namespace_tag is None or location.namespace_tag == namespace_tag)
-            and (model_tag is None or location.model_tag == model_tag)
+            for name, entry in self._entries.items()
+            if (namespace_tag is None or entry[_FIELDS] == namespace_tag)
+            and (model_tag is None or entry[_FIELDS + 1] == model_tag)
         ]
         for name in doomed:
             self._drop(name)
         return len(doomed)
 
     def _drop(self, name: str) -> None:
-        answer, _ = self._entries.pop(name)
-        self.bytes -= answer.size
+        self.bytes -= self._entries.pop(name)[-1]
 
 
 class RedisTier:
