@@ -19,7 +19,7 @@ class BatchMetrics:
             "done, failed, cancelled, expired), as the database holds them.",
             ["status", "state"],
             registry=registry,
-            multiprocess_mode="liveall",
+            multiprocess_mode="livemax",  # every process reads the same database
         )
         self.lease_expiries = Counter(
             "sluice_batch_lease_expiries_total",
