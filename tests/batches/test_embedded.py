@@ -48,6 +48,17 @@ def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:
         }
         for i in range(3)
     ]
+    too_long = {
+        "custom_id": "too-long",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "word " * 2000}],  # past 512 tokens
+            "max_tokens": 8,
+        },
+    }
+    lines.append(too_long)
     with (
         running_gateway(config) as url,
         openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client,
@@ -61,6 +72,7 @@ def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, done
             time.sleep(0.2)
         assert done.output_file_id is not None
+        assert done.error_file_id is not None
         output = client.files.content(done.output_file_id).read().splitlines()
         answers = {orjson.loads(line)["custom_id"]: orjson.loads(line) for line in output}
         assert set(answers) == {"q0", "q1", "q2"}
@@ -69,3 +81,25 @@ def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:
             assert body["model"] == "smollm2"
             assert body["usage"]["completion_tokens"] <= 8
             assert body["choices"][0]["message"]["content"]
+        (error,) = client.files.content(done.error_file_id).read().splitlines()
+        failed = orjson.loads(error)
+        assert failed["custom_id"] == "too-long"
+        assert failed["response"]["status_code"] == 400
+
+        # And a cancel, while the engine works through a longer batch.
+        many = [
+            {**lines[0], "custom_id": f"m{i}", "body": {**lines[0]["body"], "max_tokens": 48}}
+            for i in range(30)
+        ]
+        uploaded = client.files.create(file=("m.jsonl", io.BytesIO(jsonl(many))), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert client.batches.cancel(batch.id).status == "cancelling"
+        while (cancelled := client.batches.retrieve(batch.id)).status != "cancelled":
+            assert time.monotonic() < deadline + 60, cancelled
+            time.sleep(0.2)
+        counts = cancelled.request_counts
+        assert counts is not None
+        assert counts.completed < 30
+        assert counts.completed + counts.failed == 30
