@@ -219,6 +219,20 @@ def get(port: int, key: str, batch_id: str) -> dict[str, Any]:
     return dict(json.loads(body))
 
 
+def cancel(port: int, key: str, batch_id: str) -> None:
+    """Cancel the batch and wait until it is cancelled (its running lines ended)."""
+    head = {"Authorization": f"Bearer {key}"}
+    url = f"http://{HOST}:{port}/v1/batches/{batch_id}/cancel"
+    status, _, body = harness.http("POST", url, "", head)
+    if status != 200:
+        raise BenchError(f"POST {url} -> {status}: {body[:300]!r}")
+    t0 = time.perf_counter()
+    while get(port, key, batch_id)["status"] != "cancelled":
+        if time.perf_counter() - t0 > 60:
+            raise BenchError(f"batch {batch_id} not cancelled after 60 s")
+        time.sleep(0.25)
+
+
 def ended(batch: dict[str, Any]) -> int:
     counts = batch["request_counts"]
     return int(counts["completed"] + counts["failed"])
@@ -311,6 +325,11 @@ def run_batch(c: Ctx, r: int, interactive: bool) -> dict[str, Any]:
                 f"round {r + 1} with: the batch ended {t.t1 - done_at:.1f} s before the window "
                 "did; only the requests sent before then are counted"
             )
+    if interactive and a.cancel_after_window:
+        cancel(port, c.batch_key, batch_id)
+        out["cancelled"] = True
+        out["total_s"] = None
+        return out
     wait_lines(port, c.batch_key, batch_id, a.lines, 600)
     out["lines_done_s"] = round(time.perf_counter() - t_create, 2)
     final = wait_final(port, c.batch_key, batch_id, 600)
@@ -330,15 +349,15 @@ def run_batch(c: Ctx, r: int, interactive: bool) -> dict[str, Any]:
 def report(rounds: list[dict[str, Any]], rate: float, capacity: float, lines: int) -> list[str]:
     rows = []
     for i, rd in enumerate(rounds):
-        b, w, al = rd["base"], rd["with"], rd["alone"]
+        b, w, al = rd["base"], rd["with"], rd.get("alone", {})
         rows.append([
             f"round {i + 1} ({' → '.join(rd['order'])})",
             f"{b['p50_ms']:.3f} / {b['p90_ms']:.3f} / {b['p99_ms']:.3f}",
             f"{w['p50_ms']:.3f} / {w['p90_ms']:.3f} / {w['p99_ms']:.3f}",
             f"{w['p50_ms'] / b['p50_ms']:.2f}",
             f"{b['sluice_cpu_pct']}% / {w['sluice_cpu_pct']}%",
-            fmt(w["lines_per_s"]), f"{w['total_s']:.1f}",
-            fmt(al["lines_per_s"]), f"{al['total_s']:.1f}",
+            fmt(w["lines_per_s"]), fmt(w["total_s"], 1),
+            fmt(al.get("lines_per_s")), fmt(al.get("total_s"), 1),
         ])  # fmt: skip
     header = [
         "round (order)", "base p50 / p90 / p99 (ms)", "with batch p50 / p90 / p99 (ms)",
@@ -346,8 +365,10 @@ def report(rounds: list[dict[str, Any]], rate: float, capacity: float, lines: in
         "batch alone lines/s", "alone total (s)",
     ]  # fmt: skip
     ratios = [rd["with"]["p50_ms"] / rd["base"]["p50_ms"] for rd in rounds]
-    share = [rd["with"]["lines_per_s"] / rd["alone"]["lines_per_s"] for rd in rounds]
-    s, sh = spread(ratios), spread(share)
+    share = [
+        rd["with"]["lines_per_s"] / rd["alone"]["lines_per_s"] for rd in rounds if "alone" in rd
+    ]
+    s, sh = spread(ratios), spread(share or [0.0])
     summary_rows = [
         ["interactive rate", f"{rate:,.0f} req/s ({rate / capacity:.0%} of {capacity:,.0f})"],
         ["batch", f"{lines:,} lines"],
@@ -373,9 +394,20 @@ def main() -> int:
     parser.add_argument("--mock-port", type=int, default=9800)
     parser.add_argument("--base-src", default=None, help="(accounting_bench's option)")
     parser.add_argument(
+        "--cancel-after-window",
+        action="store_true",
+        help="cancel the batch when the window closes (a paced lever's A/B: no total time)",
+    )
+    parser.add_argument(
+        "--conditions", default=",".join(CONDITIONS), help="of base,with,alone (a lever's A/B)"
+    )
+    parser.add_argument(
         "--batch-env", action="append", default=[], help="NAME=VALUE for Sluice (a lever)"
     )
     args = harness.parse(parser)
+    conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]
+    if not {"base", "with"} <= set(conditions):
+        raise BenchError("--conditions must include base and with")
     with Bench("batch_fairness", args) as bench:
         mock.start(bench, args.mock_port)
         env = dict(item.split("=", 1) for item in args.batch_env)
@@ -399,7 +431,7 @@ def main() -> int:
         harness.log(f"warm-up batch: {warm.get('lines_per_s')} lines/s")
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            order = harness.rotation(CONDITIONS, r)
+            order = harness.rotation(conditions, r)
             rd: dict[str, Any] = {"order": order}
             for cond in order:
                 fn = {
@@ -409,10 +441,10 @@ def main() -> int:
                 }[cond]
                 rd[cond], rd[f"cpu_{cond}"] = bench.measure(f"round {r + 1} {cond}", fn)
             rounds.append(rd)
-            b, w, al = rd["base"], rd["with"], rd["alone"]
+            b, w, al = rd["base"], rd["with"], rd.get("alone", {})
             harness.log(
                 f"round {r + 1}: p50 base {b['p50_ms']:.3f} with {w['p50_ms']:.3f} ms; "
-                f"batch {w['lines_per_s']} lines/s in window, {al['lines_per_s']} alone"
+                f"batch {w['lines_per_s']} lines/s in window, {al.get('lines_per_s')} alone"
             )
         after = acct.stop(bench, server)
         bench.machine["versions"] = harness.versions("sluice-gateway", "uvicorn", "uvloop")
