@@ -293,11 +293,13 @@ def run_base(c: Ctx, r: int) -> dict[str, Any]:
     return out
 
 
-def run_batch(c: Ctx, r: int, interactive: bool) -> dict[str, Any]:
-    """A fresh batch; with `interactive`, the window opens once --warm-lines have ended."""
+def run_batch(c: Ctx, r: int, interactive: bool, lines: int = 0) -> dict[str, Any]:
+    """A fresh batch of --lines (or `lines`) lines; with `interactive`, the window opens
+    once --warm-lines have ended."""
     a, port = c.bench.args, c.server.port
+    lines = lines or a.lines
     tag = f"r{r}-{'with' if interactive else 'alone'}-{uuid.uuid4().hex[:6]}"
-    file_id = upload(port, c.batch_key, a.lines, tag)
+    file_id = upload(port, c.batch_key, lines, tag)
     t_create = time.perf_counter()
     batch_id = create(port, c.batch_key, file_id)
     created_s = time.perf_counter() - t_create
@@ -309,7 +311,7 @@ def run_batch(c: Ctx, r: int, interactive: bool) -> dict[str, Any]:
         window = t.t1 - t.t0
         out["sluice_cpu_pct"] = round(100 * (c.server.proc.cpu_seconds() - cpu0) / window)
         # The batch covers the window until the first poll that saw every line ended.
-        done_at = next((p[0] for p in t.progress if p[1] >= a.lines), None)
+        done_at = next((p[0] for p in t.progress if p[1] >= lines), None)
         covered_until = min(done_at, t.t1) if done_at is not None else t.t1
         inside = [s for s in t.samples if s.sent < covered_until]
         out |= summary(inside, covered_until - t.t0)
@@ -330,14 +332,14 @@ def run_batch(c: Ctx, r: int, interactive: bool) -> dict[str, Any]:
         out["cancelled"] = True
         out["total_s"] = None
         return out
-    wait_lines(port, c.batch_key, batch_id, a.lines, 600)
+    wait_lines(port, c.batch_key, batch_id, lines, 600)
     out["lines_done_s"] = round(time.perf_counter() - t_create, 2)
     final = wait_final(port, c.batch_key, batch_id, 600)
     total = time.perf_counter() - t_create
     out["total_s"] = round(total, 2)
     out["request_counts"] = final["request_counts"]
     if not interactive:
-        out["lines_per_s"] = round(a.lines / out["lines_done_s"], 1)
+        out["lines_per_s"] = round(lines / out["lines_done_s"], 1)
     if final["request_counts"]["failed"]:
         c.bench.notes.append(f"round {r + 1}: {final['request_counts']} failed lines")
     return out
@@ -402,7 +404,7 @@ def main() -> int:
         "--conditions", default=",".join(CONDITIONS), help="of base,with,alone (a lever's A/B)"
     )
     parser.add_argument(
-        "--batch-env", action="append", default=[], help="NAME=VALUE for Sluice (a lever)"
+        "--sluice-env", default="", help="NAME=VALUE,... for Sluice (a lever to try)"
     )
     args = harness.parse(parser)
     conditions = [c for c in CONDITIONS if c in args.conditions.split(",")]
@@ -410,7 +412,7 @@ def main() -> int:
         raise BenchError("--conditions must include base and with")
     with Bench("batch_fairness", args) as bench:
         mock.start(bench, args.mock_port)
-        env = dict(item.split("=", 1) for item in args.batch_env)
+        env = dict(item.split("=", 1) for item in args.sluice_env.split(",") if item)
         server = acct.start(bench, "memory", args.port, env=env)
         auth = {"Authorization": f"Bearer {acct.MASTER_KEY}", "Content-Type": "application/json"}
         url = f"http://{HOST}:{args.port}/admin/keys"
@@ -427,7 +429,7 @@ def main() -> int:
         harness.log(f"capacity {capacity:,.0f} req/s; interactive rate {rate:,.0f} req/s")
         c = Ctx(bench, server, batch_key, rate)
         traffic(server.port, server.key, rate, args.conns, 2.0)  # warm the client path
-        warm = run_batch(Ctx(bench, server, batch_key, rate), -1, False) if args.lines else {}
+        warm = run_batch(c, -1, False, args.warm_lines)  # the batch path, warm
         harness.log(f"warm-up batch: {warm.get('lines_per_s')} lines/s")
         rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
@@ -455,7 +457,7 @@ def main() -> int:
             "rounds": rounds,
             "server": after,
             "p50_ratios": [rd["with"]["p50_ms"] / rd["base"]["p50_ms"] for rd in rounds],
-            "batch_env": env,
+            "sluice_env": env,
             "pid": os.getpid(),
         }
         bench.finish(results, report(rounds, rate, capacity, args.lines))
