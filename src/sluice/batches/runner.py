@@ -135,8 +135,9 @@ class BatchRunner:
                 continue
             paced = self._next_line - time.monotonic()
             if paced > 0 and len(self._running) < self._settings.concurrency:
-                # Held back by the pace, not idle: claim again when it lets a line start.
-                await asyncio.sleep(paced)
+                # Held back by the pace, not idle: claim again when it lets a line start
+                # (or sooner, for the sweeps of a slow pace).
+                await asyncio.sleep(min(paced, self._settings.housekeeping))
                 continue
             if len(self._running) >= self._settings.concurrency:
                 # Busy, not idle: claim again as soon as a line finishes.
