@@ -25,7 +25,13 @@ def batch_config(upstream: MockUpstream, data_dir: Path, **batches: Any) -> dict
         auth={"master_key": "os.environ/SLUICE_TEST_MASTER_KEY", "key_cache_ttl": 0},
         usage={"enabled": True, "flush_interval": 0.05},
         data_dir=str(data_dir),
-        batches={"poll_interval": 0.05, "housekeeping": 0.1, **batches},
+        # No pace: these tests want their lines run at once.
+        batches={
+            "poll_interval": 0.05,
+            "housekeeping": 0.1,
+            "max_lines_per_second": None,
+            **batches,
+        },
     )
     return config
 

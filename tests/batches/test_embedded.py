@@ -24,7 +24,7 @@ def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:
     config = {
         "data_dir": str(tmp_path),
         "usage": {"flush_interval": 0.05},
-        "batches": {"poll_interval": 0.05, "housekeeping": 0.1},
+        "batches": {"poll_interval": 0.05, "housekeeping": 0.1, "max_lines_per_second": None},
         "models": [
             {
                 "name": "smollm2",

@@ -107,6 +107,7 @@ class BatchRunner:
         self._stopping = False
         self._lease = timedelta(seconds=settings.lease_seconds)
         self._last_published = 0.0
+        self._next_line = 0.0  # with max_lines_per_second: when the pace lets a line start
         self._last_housekeeping = 0.0
 
     def start(self) -> None:
@@ -142,6 +143,12 @@ class BatchRunner:
             if claimed:
                 self._idle = self._settings.poll_interval
                 continue
+            paced = self._next_line - time.monotonic()
+            if paced > 0 and len(self._running) < self._settings.concurrency:
+                # Held back by the pace, not idle: claim again when it lets a line start
+                # (or sooner, for the sweeps of a slow pace).
+                await asyncio.sleep(min(paced, self._settings.housekeeping))
+                continue
             if len(self._running) >= self._settings.concurrency:
                 # Busy, not idle: claim again as soon as a line finishes.
                 self._woken.clear()
@@ -160,16 +167,36 @@ class BatchRunner:
         if clock - self._last_housekeeping >= self._settings.housekeeping:
             self._last_housekeeping = clock
             await self._housekeeping()
-        free = self._settings.concurrency - len(self._running)
+        free = self._allowance(self._settings.concurrency - len(self._running), clock)
         if free <= 0:
             return 0
         now = utcnow()
         claims = await self._store.claim(self.worker, free, now + self._lease, now)
+        self._paced(len(claims), clock)
         for claim in claims:
             task = asyncio.create_task(self._run(claim))
             self._running.add(task)
             task.add_done_callback(self._line_done)
         return len(claims)
+
+    def _allowance(self, free: int, clock: float) -> int:
+        """The lines that may start now: ``free``, or fewer under ``max_lines_per_second``
+        (those the pace owes since it last let one start, at least one once it is due)."""
+        rate = self._settings.max_lines_per_second
+        if rate is None or free <= 0:
+            return free
+        if clock < self._next_line:
+            return 0
+        return min(free, 1 + int((clock - self._next_line) * rate))
+
+    def _paced(self, started: int, clock: float) -> None:
+        """``started`` lines began at ``clock``: move the pace on. A worker that was idle
+        may start at most ``concurrency`` lines at once, not the seconds it slept."""
+        rate = self._settings.max_lines_per_second
+        if rate is None or started == 0:
+            return
+        earliest = clock - (self._settings.concurrency - 1) / rate
+        self._next_line = max(self._next_line, earliest) + started / rate
 
     def _line_done(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

@@ -46,6 +46,13 @@ class BatchSettings(_Strict):
         description="most of a model's capacity (its deployments' concurrency caps) batch "
         "lines may hold at once in a process (at least one line)",
     )
+    max_lines_per_second: float | None = Field(
+        20.0,
+        gt=0,
+        description="most batch lines this process starts a second (null: no pace). "
+        "Unpaced, a batch takes every spare cycle of the process and interactive "
+        "requests wait behind its work (docs/benchmarks.md, Batches)",
+    )
     lease_seconds: float = Field(
         900.0, ge=10, description="a claimed line's lease; a line not answered by then runs again"
     )
