@@ -34,7 +34,7 @@ def runner(**settings: Any) -> BatchRunner:
 
 
 def test_without_a_pace_every_free_place_is_taken() -> None:
-    worker = runner(concurrency=4)
+    worker = runner(concurrency=4, max_lines_per_second=None)
     assert worker._allowance(4, 100.0) == 4
     worker._paced(4, 100.0)
     assert worker._allowance(3, 100.0) == 3
