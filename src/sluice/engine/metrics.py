@@ -37,11 +37,13 @@ class EngineMetrics:
             "sluice_engine_queue_depth",
             "Requests waiting for a free sequence slot.",
             registry=registry,
+            multiprocess_mode="livesum",  # workers' queues add up; exited ones drop out
         )
         self.running_sequences = Gauge(
             "sluice_engine_running_sequences",
             "Sequences holding a slot (prefilling or decoding).",
             registry=registry,
+            multiprocess_mode="livesum",
         )
         self.batch_sequences = Histogram(
             "sluice_engine_batch_sequences",
