@@ -338,12 +338,7 @@ def main() -> int:
             bench.stop(procs[name])
         res["herd"] = herd(bench, urls["herd"] + chat, herd_mock)
         res["herd_metrics"] = cache_counts(urls["herd"])
-        bench.machine["versions"] = harness.versions(
-            "sluice-gateway", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson"
-        ) | {
-            "nginx": harness.command_output(["nginx", "-v"]),
-            "wrk": harness.command_output(["wrk", "-v"]).split(" Copyright")[0],
-        }
+        bench.machine["versions"] = harness.proxy_versions()
         bench.finish(res, report(res))
     return 0
 

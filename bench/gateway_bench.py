@@ -233,13 +233,7 @@ def main() -> int:
             code = "import importlib.metadata as m; print(m.version('litellm'))"
             python = str(Path(exe).parent / "python")
             lite = {"litellm": harness.command_output([python, "-c", code])}
-        bench.machine["versions"] = harness.versions(
-            "sluice-gateway", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson"
-        ) | {
-            "nginx": harness.command_output(["nginx", "-v"]),
-            "wrk": harness.command_output(["wrk", "-v"]).split(" Copyright")[0],
-            **lite,
-        }
+        bench.machine["versions"] = harness.proxy_versions() | lite
         bench.finish(res, report(res))
     return 0
 

@@ -608,6 +608,15 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
+def proxy_versions() -> dict[str, str]:
+    """The versions a gateway-against-nginx benchmark depends on: the server's packages,
+    nginx and wrk."""
+    return versions("sluice-gateway", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson") | {
+        "nginx": command_output(["nginx", "-v"]),
+        "wrk": command_output(["wrk", "-v"]).split(" Copyright")[0],
+    }
+
+
 def machine() -> dict[str, Any]:
     info = Path("/proc/cpuinfo").read_text()
     cpu = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
