@@ -141,6 +141,7 @@ def build_services(settings: Settings, metrics: GatewayMetrics) -> Services:
             dead_letter_path=data_dir / "usage-dead-letter.jsonl",
             on_dead_letter=metrics.usage_dead_letter.inc,
             on_restart=metrics.usage_writer_restarts.inc,
+            on_progress=metrics.usage_progress,
         )
     identify = admit = None
     authenticator = None

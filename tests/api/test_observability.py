@@ -83,6 +83,8 @@ def test_metrics(gateway: str) -> None:
     grew("sluice_upstream_errors_total", 3, kind="upstream_http_5xx")
     grew("sluice_retries_total", 2, deployment="gpt-4o-mini/0", reason="upstream_http_5xx")
     grew("sluice_upstream_attempts_count", 1)
+    # The request's own error, once, by the kind that says where it came from.
+    grew("sluice_request_errors_total", 1, model="gpt-4o-mini", kind="upstream_http_5xx")
     assert metric(text, "sluice_in_flight_requests") == 1.0  # the /metrics request itself
 
 

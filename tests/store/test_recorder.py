@@ -87,6 +87,22 @@ async def test_partial_batch_is_flushed_after_the_interval(db: Database) -> None
     await recorder.close()
 
 
+async def test_the_writer_reports_its_backlog_and_last_write(db: Database) -> None:
+    seen: list[tuple[int, float | None]] = []
+    recorder = UsageRecorder(
+        UsageStore(db), batch_size=500, flush_interval=0.02,
+        on_progress=lambda pending, last: seen.append((pending, last)),
+    )  # fmt: skip
+    await recorder.start()
+    for r in records(3):
+        recorder.record(r)
+    await wait_until(lambda: recorder.written == 3)
+    await wait_until(lambda: seen[-1][1] is not None)
+    assert (3, None) in seen  # waiting, before the first write
+    assert seen[-1][0] == 0
+    await recorder.close()
+
+
 async def test_failed_writes_retry_with_backoff_and_lose_nothing(db: Database) -> None:
     await KeyStore(db).create(KeyRecord(id="key_a", key_hash="h", display="d", created_at=NOW))
     flaky = FlakyStore(UsageStore(db), failing=True)

@@ -153,6 +153,8 @@ class ObserveRequests:
         if ctx.route != "other":
             m.requests_for(model, ctx.route, str(status)).inc()
             m.latency_for(model, ctx.route).observe(elapsed)
+            if ctx.error_kind is not None:
+                m.request_errors_for(model, ctx.error_kind).inc()
         if ctx.deployment is not None:
             m.upstream_latency_for(model, ctx.deployment).observe(ctx.upstream_seconds)
             m.overhead_for(ctx.route).observe(max(elapsed - ctx.upstream_seconds, 0.0))

@@ -107,6 +107,25 @@ class GatewayMetrics:
             "Usage records the database refused for good, set aside in the dead-letter file.",
             registry=registry,
         )
+        self.usage_backlog = Gauge(
+            "sluice_usage_backlog_records",
+            "Usage records waiting to be written (buffered, or in a write under way).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.usage_last_write = Gauge(
+            "sluice_usage_last_write_timestamp_seconds",
+            "When a usage write last succeeded (Unix time; 0 before the first).",
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+        self.request_errors = Counter(
+            "sluice_request_errors_total",
+            "Requests answered with an error, by public model and kind: where it came from "
+            "(invalid_request, rate_limit, upstream_timeout, upstream_http_5xx, ...).",
+            ["model", "kind"],
+            registry=registry,
+        )
         self.upstream_errors = Counter(
             "sluice_upstream_errors_total",
             "Backend failures by model, deployment and kind (timeout, unreachable, http_5xx…).",
@@ -121,6 +140,7 @@ class GatewayMetrics:
         self.ttft_for = ChildCache(self.ttft)
         self.tokens_for = ChildCache(self.tokens)
         self.upstream_errors_for = ChildCache(self.upstream_errors)
+        self.request_errors_for = ChildCache(self.request_errors)
         # Balancing and health, per deployment: the gauges are published from the live
         # state once a second (`sluice.routing.monitor`), never on the request path.
         self.deployment_ejections = Counter(
@@ -203,6 +223,12 @@ class GatewayMetrics:
         self.config_generation.set(1)
         self.alias_choices_for = ChildCache(self.alias_choices)
         self._retry_metrics(registry)
+
+    def usage_progress(self, pending: int, last_write: float | None) -> None:
+        """The usage writer's turn (`sluice.store.recorder.UsageRecorder`)."""
+        self.usage_backlog.set(pending)
+        if last_write is not None:
+            self.usage_last_write.set(last_write)
 
     def _retry_metrics(self, registry: CollectorRegistry) -> None:
         """Retries and fallbacks (`sluice.pipeline.attempts`, docs/resilience.md)."""

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -58,7 +59,11 @@ class UsageRecorder:
         on_dead_letter: Callable[[int], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         adopt: Callable[[], list[Path]] | None = None,
+        on_progress: Callable[[int, float | None], None] | None = None,
     ) -> None:
+        """``on_progress(pending, last_write)`` is told, at every turn of the writer (at
+        least every ``flush_interval``), how many records wait and when a write last
+        succeeded (``time.time()``; None before the first): the backlog and stall metrics."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         if max_buffered < batch_size:
@@ -75,6 +80,8 @@ class UsageRecorder:
         self._on_dead_letter = on_dead_letter
         self._on_restart = on_restart
         self._adopt = adopt  # spool files of processes gone (`sluice.store.spools`), at start
+        self._on_progress = on_progress
+        self._last_write: float | None = None
         self._bisecting = False  # looking for the records of a refused batch
         self._spilled = False  # records were moved to the spool while the writer ran
         self._reader: _SpoolReader | None = None  # the replay file being written
@@ -199,6 +206,8 @@ class UsageRecorder:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            if self._on_progress is not None:
+                self._on_progress(self.pending, self._last_write)
             if not self._buffer:
                 if self._closing:
                     return
@@ -299,6 +308,7 @@ class UsageRecorder:
             try:
                 await self._store.insert_many(chunk)
                 self.written += len(chunk)
+                self._last_write = time.time()
                 return
             except Exception as exc:
                 if refused_for_good(exc):
