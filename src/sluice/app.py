@@ -195,7 +195,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     )
     api.include_router(cache_admin_router(cache, services.master_key, services.auth_lockout))
     install_error_handlers(api)
-    install_openapi(api, router.model_names)
+    install_openapi(api, router.model_names, batches=batches is not None)
 
     health_routes = health.routes()
     if server.metrics_port is not None:

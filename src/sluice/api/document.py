@@ -9,7 +9,7 @@ per request: the document is built once, on its first read.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -86,7 +86,35 @@ class ErrorEnvelope(BaseModel):
     error: ErrorBody
 
 
-_MODELS = (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorEnvelope)
+Metadata = Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)]
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/batches`` (`sluice.batches.api`): the input file is validated whole."""
+
+    input_file_id: Annotated[str, NonEmpty]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    completion_window: Literal["24h"]
+    metadata: (
+        Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
+    ) = None
+
+
+class FileUpload(BaseModel):
+    """``POST /v1/files``, as multipart/form-data."""
+
+    file: bytes = Field(json_schema_extra={"format": "binary"})
+    purpose: Literal["batch"]
+
+
+_MODELS = (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ErrorEnvelope,
+    BatchRequest,
+    FileUpload,
+)
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
     "400": "invalid request (the field is named in error.param)",
@@ -102,8 +130,9 @@ _ERRORS = {
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 
 
-def install_openapi(api: FastAPI, model_names: Sequence[str]) -> None:
-    """Make ``api.openapi()`` the whole document: admin routes and the OpenAI routes."""
+def install_openapi(api: FastAPI, model_names: Sequence[str], *, batches: bool = False) -> None:
+    """Make ``api.openapi()`` the whole document: admin routes and the OpenAI routes (the
+    Files and Batch APIs' too when ``batches``)."""
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:
@@ -111,6 +140,8 @@ def install_openapi(api: FastAPI, model_names: Sequence[str]) -> None:
                 title=api.title, version=api.version, summary=api.summary, routes=api.routes
             )
             _add_openai(document, list(model_names))
+            if batches:
+                _add_batches(document)
             api.openapi_schema = document
         return api.openapi_schema
 
@@ -145,6 +176,45 @@ def _add_openai(document: dict[str, Any], model_names: list[str]) -> None:
             )
         },
         **document["paths"],
+    }
+
+
+def _add_batches(document: dict[str, Any]) -> None:
+    """The Files and Batch APIs (`sluice.batches`): OpenAI's objects, the caller's own."""
+
+    def path_id(name: str) -> list[dict[str, Any]]:
+        return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+
+    def tagged(operation: dict[str, Any]) -> dict[str, Any]:
+        return {**operation, "tags": ["batches"]}
+
+    page = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+    ]
+    upload = tagged(_post("createFile", "FileUpload", {}))
+    upload["requestBody"] = {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {"$ref": _REF.format(model="FileUpload")}}},
+    }
+    content = tagged(_get("downloadFile", path_id("file_id")))
+    content["responses"]["200"]["content"] = {"application/octet-stream": {"schema": {}}}
+    delete = tagged(_get("deleteFile", path_id("file_id")))
+    document["paths"] |= {
+        "/v1/files": {"post": upload, "get": tagged(_get("listFiles", page))},
+        "/v1/files/{file_id}": {
+            "get": tagged(_get("retrieveFile", path_id("file_id"))),
+            "delete": delete,
+        },
+        "/v1/files/{file_id}/content": {"get": content},
+        "/v1/batches": {
+            "post": tagged(_post("createBatch", "BatchRequest", {})),
+            "get": tagged(_get("listBatches", page)),
+        },
+        "/v1/batches/{batch_id}": {"get": tagged(_get("retrieveBatch", path_id("batch_id")))},
+        "/v1/batches/{batch_id}/cancel": {
+            "post": tagged({**_get("cancelBatch", path_id("batch_id"))})
+        },
     }
 
 

@@ -82,12 +82,12 @@ class BatchRoutes:
         principal = await caller(self._identify, request.scope)
         body = parse_json_object(await _small_body(request))
         endpoint = body.get("endpoint")
-        if endpoint not in ENDPOINTS:
+        if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise InvalidRequestError(
                 f"'endpoint' must be one of {', '.join(ENDPOINTS)}.", param="endpoint"
             )
         window = body.get("completion_window")
-        if window not in WINDOWS:
+        if not isinstance(window, str) or window not in WINDOWS:
             raise InvalidRequestError(
                 "'completion_window' must be \"24h\".", param="completion_window"
             )
