@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,11 +61,13 @@ def running_gateway(
     ``http`` is uvicorn's HTTP protocol: Sluice's own (as ``sluice serve`` runs) unless
     a test asks for uvicorn's ("httptools")."""
     os.environ.setdefault("SLUICE_TEST_UPSTREAM_KEY", "sk-upstream-secret")
-    app = build_app(Settings(**config))
-    if prepare is not None:
-        prepare(app)
-    with serving(app, http=http, timeout_graceful_shutdown=2) as port:
-        yield f"http://127.0.0.1:{port}/v1"
+    # A data directory of its own (files, the batch queue, usage), never the user's.
+    with tempfile.TemporaryDirectory(prefix="sluice-test-") as data_dir:
+        app = build_app(Settings(**{"data_dir": data_dir, **config}))
+        if prepare is not None:
+            prepare(app)
+        with serving(app, http=http, timeout_graceful_shutdown=2) as port:
+            yield f"http://127.0.0.1:{port}/v1"
 
 
 @contextmanager
@@ -96,6 +99,7 @@ class GatewayProcess:
     def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.config_path = tmp_path / "sluice.yaml"
+        config = {"data_dir": str(tmp_path / "data"), **config}
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = tmp_path / "sluice.log"
         self._env = {**os.environ, "SLUICE_TEST_UPSTREAM_KEY": "sk-upstream-secret", **(env or {})}
