@@ -324,3 +324,15 @@ def test_tracing_off_imports_nothing_of_it() -> None:
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == {"new": [], "tracing": False, "traceparent": False}
+
+
+@needs_wiring
+def test_the_documented_example_loads() -> None:
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docs/tracing.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    tracing = Settings(**yaml.safe_load(example)).tracing
+    assert tracing.enabled
+    assert tracing.sample_ratio == 0.1
+    assert tracing.headers == {"x-honeycomb-team": "os.environ/HONEYCOMB_KEY"}
