@@ -28,6 +28,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sluice.errors import SluiceError
@@ -74,6 +75,11 @@ class Tracing:
     def upstream(self, last: Handler) -> Handler:
         return _TracedAttempt(last, self.tracer, self.propagator)
 
+    def middleware(self) -> Middleware:
+        """The request span's middleware: outside `ObserveRequests`, so the access record
+        is written while the span is current."""
+        return Middleware(TracedRequests, tracing=self)
+
     def access_log(self, enabled: bool, stream: TextIO | None = None) -> AccessLog:
         return TracedAccessLog(enabled, stream)
 
@@ -91,6 +97,10 @@ class _TracedStep:
         self._tracer = tracer
 
     async def __call__(self, ctx: RequestContext) -> Reply:
+        # A trace not sampled records nothing: its steps make no spans (a span costs
+        # several microseconds even unrecorded).
+        if not trace.get_current_span().is_recording():
+            return await self._inner(ctx)
         with self._tracer.start_as_current_span(self._name):
             return await self._inner(ctx)
 
@@ -106,11 +116,17 @@ class _TracedAttempt:
         self._propagator = propagator
 
     async def __call__(self, ctx: RequestContext) -> Reply:
+        if not trace.get_current_span().is_recording():
+            # Not sampled: the upstream still joins the trace, under the request's span.
+            headers: dict[str, str] = {}
+            self._propagator.inject(headers)
+            ctx.trace_headers = headers
+            return await self._inner(ctx)
         with self._tracer.start_as_current_span("sluice.attempt", kind=SpanKind.CLIENT) as span:
             span.set_attribute("sluice.deployment", ctx.deployment or "")
             # Counted by the attempts step once each call ends: this one is the next.
             span.set_attribute("sluice.attempt", ctx.attempts + 1)
-            headers: dict[str, str] = {}
+            headers = {}
             self._propagator.inject(headers)
             ctx.trace_headers = headers
             try:
