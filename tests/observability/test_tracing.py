@@ -140,10 +140,15 @@ def test_a_request_is_one_trace_of_nested_step_spans_sent_over_otlp(
         response = httpx.post(
             f"{url}/chat/completions",
             json=CHAT,
-            headers={"Authorization": f"Bearer {MASTER}", "traceparent": traceparent},
+            headers={
+                "Authorization": f"Bearer {MASTER}",
+                "traceparent": traceparent,
+                "tracestate": "vendor=opaque",
+            },
         )
         assert response.status_code == 200, response.text
         upstream_traceparent = upstream.stats.last_headers.get("traceparent")
+        assert upstream.stats.last_headers.get("tracestate") == "vendor=opaque"
         # The probe is not traced.
         assert httpx.get(url.removesuffix("/v1") + "/healthz").status_code == 200
 
