@@ -12,6 +12,10 @@ after the rest of the pipeline (admission settles, attempts retry) is a coroutin
 only prepares the request (planning, a recognised key) is a plain method that returns
 ``self.next(ctx)`` itself, so it adds no coroutine to the chain: every coroutine in it is
 passed through again each time the upstream call waits.
+
+With tracing on (`sluice.observability.tracing`) `compose` puts a span around each step and
+each upstream call; off, it links the steps exactly as they are, so the untraced pipeline
+pays nothing for the feature.
 """
 
 from __future__ import annotations
@@ -34,10 +38,30 @@ class Step(Protocol):
     def __call__(self, ctx: RequestContext) -> Awaitable[Reply]: ...
 
 
-def compose(steps: Sequence[Step], last: Handler) -> Handler:
-    """Link ``steps`` in order in front of ``last``; the returned handler runs them all."""
-    handler = last
+class StepTracer(Protocol):
+    """Wraps handlers in spans (`sluice.observability.tracing.Tracing`)."""
+
+    def step(self, step: Step) -> Handler:
+        """``step`` run inside a span of its own."""
+
+    def upstream(self, last: Handler) -> Handler:
+        """The upstream call, one span per attempt."""
+
+
+def compose(steps: Sequence[Step], last: Handler, tracer: StepTracer | None = None) -> Handler:
+    """Link ``steps`` in order in front of ``last``; the returned handler runs them all.
+
+    With a ``tracer`` each step's ``next`` is the traced handler of the one after it, while
+    the steps themselves stay what they are: whoever relinks a step later (the shadow link)
+    still finds it in the list."""
+    if tracer is None:
+        handler = last
+        for step in reversed(steps):
+            step.next = handler
+            handler = step
+        return handler
+    handler = tracer.upstream(last)
     for step in reversed(steps):
         step.next = handler
-        handler = step
+        handler = tracer.step(step)
     return handler
