@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from functools import partial
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -48,7 +48,7 @@ from sluice.pipeline.costs import Rates, price_table
 from sluice.pipeline.plan import MakePlan
 from sluice.pipeline.request import ReadRequest
 from sluice.pipeline.shadow import Shadow, ShadowLink, ShadowTraffic
-from sluice.pipeline.steps import Handler, Step, compose
+from sluice.pipeline.steps import Handler, Step, StepTracer, compose
 from sluice.routing.capacity import LoadShedding
 from sluice.routing.monitor import HealthMonitor
 from sluice.routing.reload import ConfigSource, Reloader
@@ -56,7 +56,10 @@ from sluice.routing.router import Router
 from sluice.routing.settings import RetrySettings
 from sluice.routing.table import build_table
 from sluice.services import Services, build_services
-from sluice.settings import Settings, load_settings
+from sluice.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from sluice.observability.tracing import Tracing
 
 CONFIG_ENV = "SLUICE_CONFIG"
 
@@ -96,6 +99,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
     cache = build_cache(settings, router, registry, services.redis)
+    tracing = _tracing(settings)
     pipeline, shadow_link, after_identify = build_pipeline(
         services,
         router,
@@ -104,6 +108,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         settings.server.max_body_bytes,
         settings.resilience.retries,
         cache.step if cache is not None else None,
+        tracing,
     )
     batches = build_batches(settings, services, router, registry, after_identify)
     reloader = Reloader(
@@ -126,7 +131,11 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         services.identify,
     )
     health = HealthRoutes(lifecycle, registry)
-    access_log = AccessLog(settings.logging.access_log)
+    access_log = (
+        AccessLog(settings.logging.access_log)
+        if tracing is None
+        else tracing.access_log(settings.logging.access_log)
+    )
     server = settings.server
     docs = docs_access(server.docs, services.master_key, server.host)
     # With several workers the supervisor serves the metrics port (server.py).
@@ -177,6 +186,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
             await asyncio.gather(*(backend.close() for backend in router.backends()))
             await services.close()
             access_log.flush()
+            if tracing is not None:
+                tracing.close()
 
     api = FastAPI(
         title="Sluice",
@@ -216,6 +227,7 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         lifespan=lifespan,
         exception_handlers=ERROR_HANDLERS,
         middleware=[
+            *([] if tracing is None else [tracing.middleware()]),
             Middleware(
                 ObserveRequests,
                 lifecycle=lifecycle,
@@ -242,7 +254,21 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     app.state.cache = cache
     app.state.batches = batches
     app.state.services = services
+    app.state.tracing = tracing
     return app
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """The tracer when ``tracing.enabled``; its module (and the extra) is imported only then."""
+    if not settings.tracing.enabled:
+        return None
+    try:
+        from sluice.observability.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            "tracing.enabled needs the tracing extra: pip install 'sluice[tracing]'"
+        ) from exc
+    return Tracing(settings.tracing)
 
 
 def build_pipeline(
@@ -253,6 +279,7 @@ def build_pipeline(
     max_body_bytes: int,
     retries: RetrySettings,
     cache: CacheStep | None = None,
+    tracer: StepTracer | None = None,
 ) -> tuple[Handler, ShadowLink, Handler]:
     """The request pipeline: each step wraps the next (`sluice.pipeline.steps`). Steps a
     configuration does not use are left out, not skipped per request; the shadow step is
@@ -272,7 +299,7 @@ def build_pipeline(
     if cache is not None:
         steps.append(cache)
     steps.append(Attempts(metrics, router, retries, services.prices))
-    pipeline = compose(steps, call_backend)
+    pipeline = compose(steps, call_backend, tracer)
     link = ShadowLink(cache or plan, Shadow(router, shadows))
     link.update(router.table)
     after_identify = steps[1] if services.identify is not None else pipeline

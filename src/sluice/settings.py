@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from sluice.batches.settings import BatchSettings, FilesSettings
 from sluice.cache.settings import CacheSettings, ModelCacheSettings
+from sluice.observability.tracing_settings import TracingSettings
 from sluice.routing.settings import AliasSettings, Balancing, ResilienceSettings
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
@@ -352,6 +353,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     files: FilesSettings = FilesSettings()
     batches: BatchSettings = BatchSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> Settings:

@@ -35,6 +35,8 @@ def call_backend(ctx: RequestContext) -> Awaitable[Reply]:
     call = deployment.call(
         ctx.upstream_route, ctx.model, ctx.body, ctx.raw, ctx.request_id, ctx.stream
     )
+    if ctx.trace_headers is not None:  # tracing on: the attempt's span is the parent
+        call.headers.update(ctx.trace_headers)
     high = False
     if ctx.batch_id is not None:
         call.priority = BATCH_PRIORITY  # batch lines queue behind every interactive request

@@ -64,6 +64,9 @@ class RequestContext:
     client_disconnected: bool = False
     content_events: int = 0
     """Stream events relayed, the completion's size when the upstream reports no usage."""
+    trace_headers: dict[str, str] | None = None
+    """``traceparent``/``tracestate`` for the attempt under way's upstream call, set by its
+    span when tracing is on (`sluice.observability.tracing`)."""
     response_headers: bytes | None = None
     """Headers for the client's response, set by the attempts step (``x-sluice-*``); the
     list may be shared between requests: never changed in place."""
