@@ -33,8 +33,10 @@ from sluice.errors import (
     UpstreamConnectError,
     UpstreamStatusError,
 )
+from sluice.pipeline.failures import judge
 from sluice.pipeline.reply import StreamReply
 from sluice.pipeline.sse import DONE, event_data, usage_only
+from sluice.routing.deployment import Outcome
 
 log = logging.getLogger("sluice.cache")
 MAX_ROUNDS = 2
@@ -70,8 +72,7 @@ class Flight:
 
     def resolve(self, answer: Answer) -> None:
         self.answer = answer
-        self._started.set()
-        self._ended.set()
+        self._end()
 
     def fail(self, error: BaseException) -> None:
         """The leader's call failed: its error is the followers' answer when the request
@@ -85,28 +86,28 @@ class Flight:
                 code="coalesced_request_failed",
             )
             self.retryable = True
-        self._started.set()
-        self._ended.set()
+        self._end()
 
     def unshared(self) -> None:
         """The leader's answer is not the followers' (another model answered it, under the
         leader's key's checks): each follower makes its own call (`alone`)."""
         self.alone = True
-        self._started.set()
-        self._ended.set()
+        self._end()
 
     def streaming(self, stream: Streaming) -> None:
         self.stream = stream
         self._started.set()
 
+    def _end(self) -> None:
+        self._started.set()
+        self._ended.set()
+
 
 def shared_failure(error: BaseException) -> bool:
     """A failure every identical request would meet: the upstream refused the request
-    itself (4xx other than 408 and 429)."""
-    if isinstance(error, UpstreamStatusError):
-        status = error.upstream_status
-        return 400 <= status < 500 and status not in (408, 429)
-    return False
+    itself (a 4xx that says nothing against the deployment, as `judge` reads it: not 408
+    or 429)."""
+    return isinstance(error, UpstreamStatusError) and judge(error).outcome is Outcome.OK
 
 
 class Streaming:

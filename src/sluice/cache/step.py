@@ -119,16 +119,19 @@ class CacheStep:
             answer = self._store.get_now(location.name)
             if answer is not None and self._fresh(answer, controls):
                 return self._serve(ctx, answer, "hit")
-        if self._store.redis is None and not (
-            self._semantic is not None and self._semantic_wanted(ctx, policy)
-        ):
+        semantic = self._semantic if self._semantic_wanted(ctx, policy) else None
+        if self._store.redis is None and semantic is None:
             # Nothing more to look in: straight upstream, with no coroutine of the lookup's
             # around the call (each one is passed through at every wait of the upstream).
             return self._upstream(ctx, pending)
-        return self._look_further(ctx, pending, namespace, policy)
+        return self._look_further(ctx, pending, namespace, semantic)
 
     async def _look_further(
-        self, ctx: RequestContext, pending: _Pending, namespace: str, policy: ModelPolicy
+        self,
+        ctx: RequestContext,
+        pending: _Pending,
+        namespace: str,
+        semantic: SemanticCache | None,
     ) -> Reply:
         """The Redis tier, then the semantic index, then upstream (leading or following)."""
         controls = pending.controls
@@ -138,12 +141,12 @@ class CacheStep:
             answer = await self._store.get_shared(pending.location)
             if answer is not None and self._fresh(answer, controls):
                 return await self._serve(ctx, answer, "hit")
-        if self._semantic is not None and self._semantic_wanted(ctx, policy):
+        if semantic is not None:
             scoped = scope_of(namespace, ctx.route, model, ctx.body)
             if scoped is not None:
                 scope, text = scoped
                 pending.prompt = text
-                found, pending.remember = await self._semantic.lookup(
+                found, pending.remember = await semantic.lookup(
                     scope, text, pending.location.namespace_tag, pending.location.model_tag
                 )
                 if found is not None and not controls.no_cache:
@@ -211,7 +214,7 @@ class CacheStep:
                 self._keep(ctx, pending, _error_answer(exc, pending, self._clock()))
             raise
         if tag(ctx.plan.model) != pending.location.model_tag:
-            # A fallback model answered, under this pending's key's checks: neither stored
+            # A fallback model answered, under this request's key's checks: neither stored
             # nor handed to followers, who may not be allowed that model.
             self._metrics.skipped("fallback")
             self._land(flight)
@@ -314,13 +317,9 @@ class CacheStep:
 
     def _serve(self, ctx: RequestContext, answer: Answer, how: str) -> Awaitable[Reply]:
         """Answer ``ctx`` from ``answer`` in the form it asked for."""
-        assert ctx.plan is not None
-        ctx.cache = how
-        ctx.cache_hit = ctx.accepted = True
+        self._served(ctx, how)
         ctx.prompt_tokens = answer.prompt_tokens
         ctx.completion_tokens = answer.completion_tokens
-        ctx.response_headers = self._model_header(ctx.plan.model)
-        self._metrics.result(ctx.plan.model, how)
         reply: Reply
         if answer.status != 200 or not ctx.stream:
             body = answer.body if answer.body is not None else stream_to_body(answer, ctx.route)
@@ -341,14 +340,19 @@ class CacheStep:
     def _watch(self, ctx: RequestContext, stream: Streaming) -> Reply:
         """Follow a stream under way; its counts, known at its end, go on this request's
         usage record."""
-        assert ctx.plan is not None
-        ctx.cache = "coalesced"
-        ctx.cache_hit = ctx.accepted = True
-        ctx.response_headers = self._model_header(ctx.plan.model)
-        self._metrics.result(ctx.plan.model, "coalesced")
+        self._served(ctx, "coalesced")
         ctx.then_at_end(partial(_count_from, stream))
         watch = Watch(stream, include_usage=wants_usage(ctx.body), leader=False)
         return StreamReply(watch, watch.close)
+
+    def _served(self, ctx: RequestContext, how: str) -> None:
+        """``ctx`` is answered without an upstream call of its own: recorded (at no cost),
+        counted, and its response names the model."""
+        assert ctx.plan is not None
+        ctx.cache = how
+        ctx.cache_hit = ctx.accepted = True
+        ctx.response_headers = self._model_header(ctx.plan.model)
+        self._metrics.result(ctx.plan.model, how)
 
     def _model_header(self, model: str) -> bytes:
         header = self._headers.get(model)
@@ -402,7 +406,7 @@ class CacheStep:
         return f"key:{key.id}"
 
     def _semantic_wanted(self, ctx: RequestContext, policy: ModelPolicy) -> bool:
-        if ctx.route != "chat/completions":
+        if self._semantic is None or ctx.route != "chat/completions":
             return False
         principal = ctx.principal
         key = principal.key if principal is not None else None
