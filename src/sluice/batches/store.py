@@ -139,9 +139,24 @@ class Outcome:
     request_id: str | None
 
 
-def _batch(row: Any, counts: Counts | None = None) -> BatchRecord:
-    values = dict(row._mapping)
-    return BatchRecord(**values, counts=counts or Counts())
+async def _with_counts(conn: Any, rows: Sequence[Any]) -> builtins.list[BatchRecord]:
+    """The batches of ``rows``, each with its line counts (one query for all of them)."""
+    if not rows:
+        return []
+    states = await conn.execute(
+        select(batch_lines.c.batch_id, batch_lines.c.state, func.count())
+        .where(batch_lines.c.batch_id.in_([row.id for row in rows]))
+        .group_by(batch_lines.c.batch_id, batch_lines.c.state)
+    )
+    by_batch: dict[str, dict[str, int]] = {}
+    for batch_id, state, count in states:
+        by_batch.setdefault(batch_id, {})[state] = int(count)
+    return [
+        BatchRecord(
+            **dict(row._mapping), counts=_counts(by_batch.get(row.id, {}), row.request_total)
+        )
+        for row in rows
+    ]
 
 
 class BatchStore:
@@ -216,13 +231,8 @@ class BatchStore:
             row = (await conn.execute(select(batches).where(batches.c.id == batch_id))).first()
             if row is None or (owner is not ANYONE and row.key_id != owner):
                 return None
-            states = await conn.execute(
-                select(batch_lines.c.state, func.count())
-                .where(batch_lines.c.batch_id == batch_id)
-                .group_by(batch_lines.c.state)
-            )
-            by_state = {state: int(n) for state, n in states}
-        return _batch(row, _counts(by_state, row.request_total))
+            (found,) = await _with_counts(conn, [row])
+        return found
 
     async def list(
         self, owner: str | None, *, limit: int, after: str | None
@@ -249,23 +259,20 @@ class BatchStore:
         query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
         async with self._db.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        found = [await self.get(row.id, ANYONE) for row in rows[:limit]]
-        return [b for b in found if b is not None], len(rows) > limit
+            return await _with_counts(conn, rows[:limit]), len(rows) > limit
 
     async def recent(
         self, *, limit: int, status: str | None = None, key_id: str | None = None
     ) -> builtins.list[BatchRecord]:
         """The newest batches of every owner (for operators: `sluice batches list`)."""
-        query = select(batches.c.id)
+        query = select(batches)
         if status is not None:
             query = query.where(batches.c.status == status)
         if key_id is not None:
             query = query.where(batches.c.key_id == key_id)
         query = query.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
         async with self._db.engine.connect() as conn:
-            ids = (await conn.execute(query)).scalars().all()
-        found = [await self.get(batch_id, ANYONE) for batch_id in ids]
-        return [b for b in found if b is not None]
+            return await _with_counts(conn, (await conn.execute(query)).all())
 
     async def cancel(self, batch_id: str) -> bool:
         """``in_progress`` → ``cancelling``: no line starts from now on (those running
