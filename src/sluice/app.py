@@ -302,8 +302,8 @@ def build_pipeline(
     pipeline = compose(steps, call_backend, tracer)
     link = ShadowLink(cache or plan, Shadow(router, shadows))
     link.update(router.table)
-    after_identify = steps[1] if services.identify is not None else pipeline
-    return pipeline, link, after_identify
+    identify = services.identify
+    return pipeline, link, identify.next if identify is not None else pipeline
 
 
 def _reprice(prices: dict[str, Rates], settings: Settings) -> None:

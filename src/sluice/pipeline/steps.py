@@ -54,14 +54,8 @@ def compose(steps: Sequence[Step], last: Handler, tracer: StepTracer | None = No
     With a ``tracer`` each step's ``next`` is the traced handler of the one after it, while
     the steps themselves stay what they are: whoever relinks a step later (the shadow link)
     still finds it in the list."""
-    if tracer is None:
-        handler = last
-        for step in reversed(steps):
-            step.next = handler
-            handler = step
-        return handler
-    handler = tracer.upstream(last)
+    handler = last if tracer is None else tracer.upstream(last)
     for step in reversed(steps):
         step.next = handler
-        handler = tracer.step(step)
+        handler = step if tracer is None else tracer.step(step)
     return handler
