@@ -29,10 +29,10 @@ from sluice.errors import (
     ConflictError,
     InvalidRequestError,
     NotFoundError,
-    PayloadTooLargeError,
     RateLimitError,
 )
 from sluice.pipeline.identify import Identify
+from sluice.pipeline.request import read_body
 from sluice.protocol import parse_json_object
 from sluice.routing.router import Router
 
@@ -80,7 +80,10 @@ class BatchRoutes:
 
     async def create(self, request: Request) -> Response:
         principal = await caller(self._identify, request.scope)
-        body = parse_json_object(await _small_body(request))
+        # A batch's creation is a few fields: its body is read up to MAX_CREATE_BYTES.
+        body = parse_json_object(
+            await read_body(request.receive, request.scope["headers"], MAX_CREATE_BYTES)
+        )
         endpoint = body.get("endpoint")
         if not isinstance(endpoint, str) or endpoint not in ENDPOINTS:
             raise InvalidRequestError(
@@ -176,22 +179,6 @@ class BatchRoutes:
         if batch is None:
             raise NotFoundError(f"No such batch: {batch_id[:100]!r}.", code="batch_not_found")
         return batch
-
-
-async def _small_body(request: Request) -> bytes:
-    """A batch's creation is a few fields: its body is read up to `MAX_CREATE_BYTES` (413
-    past it), never whole whatever its size."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_CREATE_BYTES:
-        raise PayloadTooLargeError(f"The request body is larger than {MAX_CREATE_BYTES} bytes.")
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_CREATE_BYTES:
-            raise PayloadTooLargeError(f"The request body is larger than {MAX_CREATE_BYTES} bytes.")
-        parts.append(part)
-    return b"".join(parts)
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

@@ -8,7 +8,8 @@ or counted as it arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
 
 from starlette.requests import ClientDisconnect
 
@@ -30,27 +31,9 @@ class ReadRequest:
         self._max_body = max_body_bytes
 
     async def __call__(self, ctx: RequestContext) -> Reply:
-        for name, value in ctx.headers:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self._max_body:
-                    raise PayloadTooLargeError(self._too_large())
-                break
         receive = ctx.receive
         assert receive is not None
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise ClientDisconnect()
-            part = message.get("body", b"")
-            size += len(part)
-            if size > self._max_body:
-                raise PayloadTooLargeError(self._too_large())
-            parts.append(part)
-            if not message.get("more_body", False):
-                break
-        raw = parts[0] if len(parts) == 1 else b"".join(parts)
+        raw = await read_body(receive, ctx.headers, self._max_body)
         body = parse_json_object(raw)
         route = ctx.route
         model = validate(route, body)  # type: ignore[arg-type]  # a hot route's name
@@ -68,8 +51,37 @@ class ReadRequest:
             ctx.raw = None
         return await self.next(ctx)
 
-    def _too_large(self) -> str:
-        return f"The request body is larger than the limit of {self._max_body} bytes."
+
+async def read_body(
+    receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+    headers: Sequence[tuple[bytes, bytes]],
+    limit: int,
+) -> bytes:
+    """A request's body from ASGI ``receive``, refused with 413 past ``limit``: announced by
+    ``Content-Length`` before a byte is read, or counted as it arrives."""
+    for name, value in headers:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise _too_large(limit)
+            break
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(part)
+        if not message.get("more_body", False):
+            break
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _too_large(limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"The request body is larger than the limit of {limit} bytes.")
 
 
 def model_not_found(model: str) -> ModelNotFoundError:
