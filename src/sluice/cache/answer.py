@@ -28,10 +28,8 @@ _HEAD_FIELDS = ("id", "created", "model", "system_fingerprint")
 
 
 class Answer(NamedTuple):
-    """A named tuple, not a dataclass: a tuple of plain values is not tracked by the cyclic
-    garbage collector, so a memory tier of half a million answers adds nothing to the
-    collector's full passes (as three tracked objects an answer did: about 250 ms a pass
-    at 500,000, docs/benchmarks.md)."""
+    """A named tuple: its fields are what the memory tier keeps as a plain tuple
+    (`sluice.cache.tiers.MemoryTier`), and ``_make`` turns one back into an answer."""
 
     status: int
     body: bytes | None

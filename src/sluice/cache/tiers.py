@@ -48,10 +48,9 @@ class Location(NamedTuple):
 class MemoryTier:
     """Entries are kept as plain tuples, (the answer's fields..., namespace tag, model tag,
     size): the cyclic garbage collector stops tracking a tuple of plain values, so a full
-    tier adds next to nothing to its passes. As objects (a dataclass answer, its location,
-    the entry) half a million answers cost each full pass about 250 ms (docs/benchmarks.md),
-    a pause for every request in flight; a named tuple would not do: only exact tuples are
-    untracked."""
+    tier adds next to nothing to its passes, each of which is a pause for every request in
+    flight (the figures: docs/architecture.md). A named tuple would not do: only exact
+    tuples are untracked."""
 
     def __init__(
         self,
