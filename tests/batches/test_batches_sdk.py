@@ -193,3 +193,27 @@ def test_another_key_sees_nothing(sdk: tuple[openai.OpenAI, MockUpstream, str]) 
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
             )
         assert stranger.batches.list().data == []
+
+
+def test_creation_is_bounded(sdk: tuple[openai.OpenAI, MockUpstream, str]) -> None:
+    import httpx
+
+    client, _, url = sdk
+    key = {"Authorization": f"Bearer {client.api_key}"}
+    too_big = {"input_file_id": "file-x", "metadata": {"pad": "x" * 70_000}}
+    refused = httpx.post(f"{url}/batches", json=too_big, headers=key)
+    assert refused.status_code == 413
+    assert "larger than the limit of 65536 bytes" in refused.json()["error"]["message"]
+    uploaded = client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl([chat_line("x", mock={"latency_ms": 2000})]))),
+        purpose="batch",
+    )
+    for _ in range(10):  # batches.max_open_per_key
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert caught.value.code == "too_many_open_batches"
