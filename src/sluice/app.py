@@ -55,6 +55,7 @@ from sluice.routing.reload import ConfigSource, Reloader
 from sluice.routing.router import Router
 from sluice.routing.settings import RetrySettings
 from sluice.routing.table import build_table
+from sluice.routing.watch import ConfigWatcher
 from sluice.services import Services, build_services
 from sluice.settings import ConfigError, Settings, load_settings
 
@@ -89,7 +90,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     lifecycle = Lifecycle()
     registry = CollectorRegistry()
     metrics = GatewayMetrics(registry)
-    providers = default_providers(registry)
+    tracing = _tracing(settings)
+    providers = default_providers(registry, tracing.sequences if tracing is not None else None)
     services = build_services(settings, metrics)
     # One per process, kept across table rebuilds: the bound on waiting requests is global.
     shedding = LoadShedding(
@@ -99,7 +101,6 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
     monitor = HealthMonitor(router, metrics, settings.resilience.health.probe_interval)
     shadows = ShadowTraffic(router, metrics)
     cache = build_cache(settings, router, registry, services.redis)
-    tracing = _tracing(settings)
     pipeline, shadow_link, after_identify = build_pipeline(
         services,
         router,
@@ -145,6 +146,13 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
         else None
     )
 
+    config_path = reloader.source.path
+    watcher = (
+        ConfigWatcher(config_path, server.watch_config, reloader.signalled)
+        if server.watch_config > 0 and config_path is not None
+        else None
+    )
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await services.start()
@@ -158,6 +166,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
             listener.start()
         _drain_on_signals(lifecycle, settings.server.drain_delay)
         reload_on_hangup = _reload_on_sighup(reloader)
+        if watcher is not None:
+            watcher.start()
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's scans, which otherwise add to tail latency under load.
         gc.freeze()
@@ -176,6 +186,8 @@ def build_app(settings: Settings, source: ConfigSource | None = None) -> Starlet
                 await batches.close()  # before the database closes: lines under way finish
             if reload_on_hangup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if watcher is not None:
+                await watcher.close()
             if listener is not None:
                 listener.close()
             await monitor.close()

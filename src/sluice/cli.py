@@ -1,4 +1,4 @@
-"""The ``sluice`` command: serve, check-config, mock-upstream.
+"""The ``sluice`` command: serve, check-config, migrate, keys, batches, usage, mock-upstream.
 
 Every ``serve`` flag can also come from the environment (``SLUICE_CONFIG``,
 ``SLUICE_SERVER__PORT``…), through the settings loader.
@@ -325,6 +325,37 @@ def batches_cancel(config_path: str | None, batch_id: str) -> None:
     from sluice.batches.cli import cancel_batch
 
     click.echo(_run(cancel_batch(_load_or_exit(config_path), batch_id)))
+
+
+@main.command()
+@_config_option
+@click.option(
+    "--wait",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the database to answer (and, with --check, to be migrated).",
+)
+@click.option("--check", is_flag=True, help="Change nothing: exit 0 once the schema is current.")
+def migrate(config_path: str | None, wait: float, check: bool) -> None:
+    """Bring the database schema to this release's (one migrator at a time).
+
+    Exits 1 when the database does not answer in time or a migration fails, 3 when --check
+    gives up on a schema that is still behind."""
+    from sluice.observability.logging import configure_logging
+    from sluice.store.migrate_cli import MigrateFailed
+    from sluice.store.migrate_cli import migrate as run_migrate
+
+    settings = _load_or_exit(config_path)
+    configure_logging(settings.logging.level)
+    try:
+        click.echo(asyncio.run(run_migrate(settings, wait, check)))
+    except MigrateFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 @main.command()

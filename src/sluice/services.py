@@ -225,7 +225,7 @@ def _budget_lease(settings: Settings) -> float:
 def database_for(settings: Settings) -> Database:
     """The configured database, or SQLite under the data directory."""
     default = default_database_url(Path(settings.data_dir).expanduser())
-    return Database(resolve_url(settings.database_url) or default)
+    return Database(resolve_url(settings.database_url) or default, migrations=settings.migrations)
 
 
 def redis_for(settings: Settings) -> aioredis.Redis | None:

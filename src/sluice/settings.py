@@ -244,6 +244,12 @@ class ServerSettings(_Strict):
         "public on a loopback bind without one, else off",
     )
     max_admin_body_bytes: int = Field(64 * 1024, ge=1024, description="larger /admin bodies: 413")
+    watch_config: float = Field(
+        0.0,
+        ge=0,
+        description="seconds between looks at the configuration file; a change reloads it as "
+        "SIGHUP would (for a Kubernetes ConfigMap); 0: off",
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics on this port instead of the main one"
     )
@@ -337,6 +343,12 @@ class Settings(BaseSettings):
         None,
         description="sqlite:///path, postgresql://… or a secret reference; default: SQLite "
         "under data_dir",
+    )
+    migrations: Literal["run", "require"] = Field(
+        "run",
+        description="run: bring the database schema to this release's at start-up (under a "
+        "lock); require: never migrate, refuse to start while the schema is older "
+        "(`sluice migrate` runs them, e.g. as a Kubernetes Job)",
     )
     redis_url: str | None = Field(
         None, description="redis://… or a secret reference: shared limits, key invalidation"

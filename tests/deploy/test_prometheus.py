@@ -106,6 +106,7 @@ def fill(expr: str) -> str:
 
 _SPLIT = re.compile(r"\s+(and|or|unless)\s+")
 _COMPARISON = re.compile(r"(>=|<=|==|!=|>|<)(\s*bool)?")
+_MATCHING = re.compile(r"^(on|ignoring)\s*\([^)]*\)\s*")
 
 
 def compared(expr: str) -> list[str]:
@@ -114,6 +115,8 @@ def compared(expr: str) -> list[str]:
     expr = expr.strip()
     parts = top_level(expr, _SPLIT)
     if len(parts) > 1:
+        # ``a and on (job) b``: the vector matching belongs to the operator, not to ``b``.
+        parts = [_MATCHING.sub("", part.strip()) for part in parts]
         return [inner for part in parts for inner in compared(part)]
     if expr.startswith("(") and closing(expr, 0) == len(expr) - 1:
         return compared(expr[1:-1])
@@ -157,7 +160,7 @@ def closing(expr: str, opening: int) -> int:
 
 
 def test_compared_takes_the_left_side_of_each_comparison() -> None:
-    expr = '(a{x=~"1|2"} > (14.4 * 0.001) and b > 1) or (c[5m] >= 2 unless d == 0)'
+    expr = '(a{x=~"1|2"} > (14.4 * 0.001) and on (job) b > 1) or (c[5m] >= 2 unless d == 0)'
     assert compared(expr) == ['a{x=~"1|2"}', "b", "c[5m]", "d"]
     assert compared("sum by (job) (rate(x[5m])) / y > 0.01") == ["sum by (job) (rate(x[5m])) / y"]
 

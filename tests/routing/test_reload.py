@@ -357,3 +357,23 @@ def test_sighup_reaches_every_worker(upstream: MockUpstream, tmp_path: Path) -> 
         assert gateway.terminate() == 0
     finally:
         gateway.stop()
+
+
+def test_a_watched_file_is_reloaded_when_it_changes(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``server.watch_config``: no signal, no admin call; the file's new split applies."""
+    config = {**routing_config(upstream, tmp_path, 1, 0), "server": {"watch_config": 0.05}}
+    with reloadable(config, tmp_path, monkeypatch) as gw:
+        assert gw.served_by("gpt", 10) == {"mock-a": 10}
+        gw.write({**routing_config(upstream, tmp_path, 0, 1), "server": {"watch_config": 0.05}})
+        deadline = time.monotonic() + 5
+        while gw.generation < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert gw.generation == 2
+        assert gw.served_by("gpt", 10) == {"mock-b": 10}
+        # An invalid file is refused (logged) and changes nothing.
+        gw.path.write_text("models: {")
+        time.sleep(0.3)
+        assert gw.generation == 2
+        assert gw.served_by("gpt", 10) == {"mock-b": 10}

@@ -62,6 +62,17 @@ def postgres_url(postgres_unreachable: str | None) -> Iterator[str]:
 
 
 @pytest.fixture(params=BACKENDS)
+def fresh_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_unreachable: str | None
+) -> Iterator[str]:
+    """An empty database per test, so migrations really start from nothing."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'sluice.db'}"
+    else:
+        yield from temp_postgres_database(postgres_unreachable)
+
+
+@pytest.fixture(params=BACKENDS)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'data' / 'sluice.db'}"

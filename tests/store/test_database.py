@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,20 +12,8 @@ from sqlalchemy import insert, inspect, text
 from sluice.store.database import Database, default_database_url, normalise_url
 from sluice.store.migrate import MIGRATIONS_DIR, current_revision, downgrade, upgrade
 from sluice.store.schema import api_keys, metadata
-from tests.store.conftest import BACKENDS, temp_postgres_database
 
 HEAD = "0004"
-
-
-@pytest.fixture(params=BACKENDS)
-def fresh_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_unreachable: str | None
-) -> Iterator[str]:
-    """An empty database per test, so migrations really start from nothing."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'nested' / 'dir' / 'sluice.db'}"
-    else:
-        yield from temp_postgres_database(postgres_unreachable)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from sluice.engine.types import (
     PromptTooLongError,
     QueueFullError,
     QueueTimeoutError,
+    SequenceTracer,
 )
 from sluice.errors import (
     ContextLengthExceededError,
@@ -114,10 +115,15 @@ class LocalBackend:
     """Serves ``chat/completions`` and ``completions`` from an in-process `Engine`."""
 
     def __init__(
-        self, name: str, config: EngineConfig, metrics: EngineMetrics | None = None
+        self,
+        name: str,
+        config: EngineConfig,
+        metrics: EngineMetrics | None = None,
+        tracer: SequenceTracer | None = None,
     ) -> None:
         self.name = name
         self.engine = Engine(config, metrics)
+        self._tracer = tracer
 
     async def start(self) -> None:
         await self.engine.start()
@@ -157,7 +163,9 @@ class LocalBackend:
         job = await self._job(call)
         renderer = Renderer(job)
         choices = [Choice() for _ in job.requests]
-        events = merge(self._submit(job))
+        streams = self._submit(job)
+        parent = self._tracer.capture() if self._tracer is not None else None
+        events = merge(streams)
         try:
             async for index, event in events:
                 choice = choices[index]
@@ -169,12 +177,16 @@ class LocalBackend:
             raise translate(exc) from exc
         finally:
             await events.aclose()
+            if parent is not None:
+                self._trace(parent, streams)
         return UpstreamReply(200, renderer.completion(choices))
 
     @asynccontextmanager
     async def stream(self, call: UpstreamCall) -> AsyncIterator[AsyncIterator[bytes]]:
         job = await self._job(call)
-        events = merge(self._submit(job))
+        streams = self._submit(job)
+        parent = self._tracer.capture() if self._tracer is not None else None
+        events = merge(streams)
         try:
             try:
                 first = await anext(events)
@@ -185,6 +197,13 @@ class LocalBackend:
             yield self._sse(Renderer(job), first, events)
         finally:
             await events.aclose()
+            if parent is not None:
+                self._trace(parent, streams)
+
+    def _trace(self, parent: object, streams: list[GenerationStream]) -> None:
+        assert self._tracer is not None
+        for stream in streams:
+            self._tracer.record(parent, stream.timing())
 
     async def _sse(
         self,

@@ -9,7 +9,7 @@ without llama.cpp or torch installed can still relay to HTTP upstreams.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
 
@@ -22,6 +22,9 @@ from sluice.settings import (
     OpenAIDeployment,
     resolve_secret,
 )
+
+if TYPE_CHECKING:
+    from sluice.engine.types import SequenceTracer
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +88,9 @@ class OpenAIProvider:
 class LocalProvider:
     """The embedded llama.cpp engine; its metrics are shared by every local deployment."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, tracer: SequenceTracer | None = None) -> None:
         self._registry = registry
+        self._tracer = tracer
         self._metrics: object | None = None
 
     def build(self, name: str, spec: LocalDeployment) -> Backend:
@@ -112,7 +116,7 @@ class LocalProvider:
             cache_prompt=spec.cache_prompt,
             max_sequences_per_request=spec.max_sequences_per_request,
         )
-        backend: Backend = LocalBackend(name, config, self._metrics)  # type: ignore[arg-type]
+        backend: Backend = LocalBackend(name, config, self._metrics, self._tracer)  # type: ignore[arg-type]
         return backend
 
     def describe(self, spec: LocalDeployment, public_model: str) -> Description:
@@ -147,10 +151,13 @@ class LocalEmbeddingProvider:
         return []
 
 
-def default_providers(registry: CollectorRegistry) -> ProviderRegistry:
-    """Every provider Sluice ships, keyed by the ``provider`` value of its settings."""
+def default_providers(
+    registry: CollectorRegistry, engine_tracer: SequenceTracer | None = None
+) -> ProviderRegistry:
+    """Every provider Sluice ships, keyed by the ``provider`` value of its settings;
+    ``engine_tracer`` (when tracing is on) traces the embedded engine's sequences."""
     providers = ProviderRegistry()
     providers.register("openai", OpenAIProvider())
-    providers.register("local", LocalProvider(registry))
+    providers.register("local", LocalProvider(registry, engine_tracer))
     providers.register("local-embedding", LocalEmbeddingProvider())
     return providers

@@ -103,6 +103,7 @@ class Admission:
                     slot = pick(seq, self._free) if pick else self._free[-1]
                     self._free.remove(slot)
                     admitted.append((seq, slot))
+                    seq.admitted_at = now
                     if self._metrics:
                         self._metrics.queue_time.observe(now - seq.submitted)
                 elif now - seq.submitted > self._max_wait:

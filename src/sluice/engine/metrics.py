@@ -45,6 +45,19 @@ class EngineMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.kv_cells = Gauge(
+            "sluice_engine_kv_cells",
+            "KV cache cells (tokens) the context holds: slots times tokens per slot.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.kv_cells_used = Gauge(
+            "sluice_engine_kv_cells_used",
+            "KV cache cells holding tokens after the last step: running sequences' and "
+            "the prompt cache's kept ones.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.batch_sequences = Histogram(
             "sluice_engine_batch_sequences",
             "Sequences in one decode step's batch.",
@@ -112,9 +125,16 @@ class EngineMetrics:
         )
 
     def observe_step(
-        self, *, sequences: int, prompt_tokens: int, decode_tokens: int, seconds: float
+        self,
+        *,
+        sequences: int,
+        prompt_tokens: int,
+        decode_tokens: int,
+        seconds: float,
+        kv_cells_used: int,
     ) -> None:
         """Record one decode step."""
+        self.kv_cells_used.set(kv_cells_used)
         self.batch_sequences.observe(sequences)
         self.batch_tokens.observe(prompt_tokens + decode_tokens)
         if prompt_tokens:

@@ -73,6 +73,8 @@ class Scheduler:
         self._cached: list[list[int]] = [[] for _ in range(model.n_seq)]
         self._kept: deque[int] = deque()  # free slots whose cells are kept, oldest first
         self._metrics = metrics
+        if metrics is not None:
+            metrics.kv_cells.set(model.n_seq * model.n_ctx)
         self._admission = Admission(
             model.n_seq, max_queue=max_queue, max_wait_s=max_queue_wait_s, metrics=metrics
         )
@@ -271,6 +273,7 @@ class Scheduler:
                 prompt_tokens=n - decoded,
                 decode_tokens=decoded,
                 seconds=elapsed,
+                kv_cells_used=self._kv_cells_used(),
             )
         for observe in self.step_observers:
             observe(len(in_batch), n - decoded, decoded)
@@ -278,6 +281,10 @@ class Scheduler:
             if seq.batch_index >= 0:
                 self._sample(seq)
         self._flush()
+
+    def _kv_cells_used(self) -> int:
+        held = sum(seq.n_past for seq in self._running)
+        return held + sum(len(self._cached[slot]) for slot in self._kept)
 
     def _flush(self) -> None:
         """Deliver this step's events: one wake-up per consumer event loop, not per token."""
@@ -294,6 +301,8 @@ class Scheduler:
         model = self._model
         tok = int(llama_cpp.llama_sampler_sample(seq.sampler, model.ctx, seq.batch_index))
         now = time.monotonic()
+        if seq.generated == 0:
+            seq.first_token_at = now
         if self._metrics:
             self._metrics.generated_tokens.inc()
             if seq.generated == 0:

@@ -19,6 +19,7 @@ from sluice.engine.types import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    SequenceTiming,
     Usage,
 )
 
@@ -51,6 +52,9 @@ class Sequence:
         self.loop = loop
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
         self.submitted = time.monotonic()
+        self.admitted_at = 0.0
+        self.first_token_at = 0.0
+        self.ended_at = 0.0  # set on the consumer's side, when the last event is taken
         self.cancelled = False
         self.finished = False
         # Decode-thread state, set on admission.
@@ -148,11 +152,28 @@ class GenerationStream:
             self.cancel()
             raise
         if isinstance(item, BaseException):
-            self._done = True
+            self._end()
             raise item
         if item.finish_reason is not None:
-            self._done = True
+            self._end()
         return item
+
+    def _end(self) -> None:
+        self._done = True
+        self._seq.ended_at = time.monotonic()
+
+    def timing(self) -> SequenceTiming:
+        """The sequence's stages so far (a stream left early has no end yet: now)."""
+        seq = self._seq
+        return SequenceTiming(
+            submitted=seq.submitted,
+            admitted=seq.admitted_at,
+            first_token=seq.first_token_at,
+            ended=seq.ended_at or time.monotonic(),
+            prompt_tokens=len(seq.prompt),
+            reused_tokens=seq.reused,
+            completion_tokens=seq.generated,
+        )
 
     def cancel(self) -> None:
         if not self._done:

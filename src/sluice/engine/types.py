@@ -1,10 +1,10 @@
-"""The engine's public value types: requests, events, stats, errors."""
+"""The engine's public value types: requests, events, timings, stats, errors."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
 
@@ -66,6 +66,30 @@ class GenerationEvent:
     """Completion tokens generated so far."""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceTiming:
+    """When a sequence went through the engine's stages (``time.monotonic()``; 0.0 for a
+    stage it never reached), for tracing."""
+
+    submitted: float
+    admitted: float
+    first_token: float
+    ended: float
+    prompt_tokens: int
+    reused_tokens: int
+    completion_tokens: int
+
+
+class SequenceTracer(Protocol):
+    """What records a sequence's stages as trace spans (`sluice.observability.tracing`)."""
+
+    def capture(self) -> object | None:
+        """The caller's trace context, or None when nothing is being recorded."""
+
+    def record(self, parent: object, timing: SequenceTiming) -> None:
+        """Spans for ``timing``'s queue wait and decode, children of ``parent``."""
 
 
 @dataclass(frozen=True, slots=True)

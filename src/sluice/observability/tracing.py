@@ -7,6 +7,8 @@ or access-log subclass of its own is installed.
     request span (SERVER, `TracedRequests`: parent from the client's ``traceparent``)
       identify → read → admit → plan → cache → attempts   (one span each, nested as the
         attempt (CLIENT, one per upstream call)             steps wrap one another)
+          engine.queue, engine.decode   (the embedded model: one pair per sequence,
+                                         made when it ends from the times it recorded)
 
 Each attempt sends the upstream a ``traceparent`` (and ``tracestate``) naming its own span
 (`RequestContext.trace_headers`), and the access record carries the request's ``trace_id``.
@@ -16,9 +18,11 @@ the app's own, never the process-wide global, so apps built side by side stay ap
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.propagators.textmap import Getter
@@ -31,6 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sluice.engine.types import SequenceTiming
 from sluice.errors import SluiceError
 from sluice.observability.logging import AccessLog
 from sluice.observability.tracing_settings import TracingSettings
@@ -67,6 +72,8 @@ class Tracing:
         self.provider.add_span_processor(processor)
         self.tracer: Tracer = self.provider.get_tracer("sluice")
         self.propagator = TraceContextTextMapPropagator()
+        self.sequences = SequenceSpans(self.tracer)
+        """The embedded engine's spans (`sluice.engine.types.SequenceTracer`)."""
 
     def step(self, step: Step) -> Handler:
         name = _STEP_NAMES.get(type(step).__name__, type(step).__name__.lower())
@@ -136,6 +143,49 @@ class _TracedAttempt:
                 raise
             span.set_attribute("sluice.outcome", "ok")
             return reply
+
+
+class SequenceSpans:
+    """An engine sequence's queue wait and decode as two spans under the attempt's.
+
+    The decode thread never touches OpenTelemetry: a sequence notes when it was admitted
+    and when its first token came (a float each), and the spans are made on the event loop
+    once it ends, with those times (monotonic, moved onto the wall clock)."""
+
+    __slots__ = ("_tracer",)
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def capture(self) -> object | None:
+        if not trace.get_current_span().is_recording():
+            return None
+        return otel_context.get_current()
+
+    def record(self, parent: object, timing: SequenceTiming) -> None:
+        assert isinstance(parent, otel_context.Context)
+        shift = time.time_ns() - time.monotonic_ns()
+
+        def wall(seconds: float) -> int:
+            return int(seconds * 1e9) + shift
+
+        admitted = timing.admitted or timing.ended  # refused or cancelled while queued
+        queue = self._tracer.start_span(
+            "sluice.engine.queue", context=parent, start_time=wall(timing.submitted)
+        )
+        queue.set_attribute("sluice.engine.admitted", bool(timing.admitted))
+        queue.end(end_time=wall(admitted))
+        if not timing.admitted:
+            return
+        decode = self._tracer.start_span(
+            "sluice.engine.decode", context=parent, start_time=wall(timing.admitted)
+        )
+        decode.set_attribute("sluice.engine.prompt_tokens", timing.prompt_tokens)
+        decode.set_attribute("sluice.engine.reused_tokens", timing.reused_tokens)
+        decode.set_attribute("sluice.engine.completion_tokens", timing.completion_tokens)
+        if timing.first_token:
+            decode.add_event("first_token", timestamp=wall(timing.first_token))
+        decode.end(end_time=wall(timing.ended))
 
 
 class _ScopeHeaders(Getter[Mapping[bytes, bytes]]):

@@ -6,14 +6,14 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 
-from sluice.store.migrate import upgrade
+from sluice.store.migrate import require_head, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,14 @@ class Database:
     read lock cannot be upgraded. Reads use ``engine.connect()``.
     """
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self, url: str, *, migrations: Literal["run", "require"] = "run", echo: bool = False
+    ) -> None:
+        """``migrations``: ``run`` brings the schema to the newest migration at start-up;
+        ``require`` never changes it and refuses to start while it is behind (``sluice
+        migrate`` runs them, once, before the replicas start)."""
         self.url = normalise_url(url)
+        self._migrations = migrations
         self._echo = echo
         self._engine: AsyncEngine | None = None
         self._writer: AsyncEngine | None = None
@@ -84,19 +90,31 @@ class Database:
         return self._writer
 
     async def start(self) -> None:
-        """Create the engine and bring the schema up to the newest migration."""
+        """Create the engine and bring the schema up to the newest migration (or, with
+        ``migrations="require"``, check that it is there)."""
         if self._engine is not None:
             return
-        engine = self._create_engine()
+        self.open()
         try:
+            if self._migrations == "run":
+                await upgrade(self.writer)
+            else:
+                await require_head(self.engine)
+        except BaseException:
+            await self.close()
+            raise
+        log.info("database ready: %s", self.describe())
+
+    def open(self) -> None:
+        """Create the engine without touching the schema (``sluice migrate`` does that)."""
+        if self._engine is None:
+            engine = self._create_engine()
             self._engine = engine
             self._writer = engine.execution_options(**{_WRITE_OPTION: True})
-            await upgrade(self._writer)
-        except BaseException:
-            self._engine = self._writer = None
-            await engine.dispose()
-            raise
-        log.info("database ready: %s", self.url.render_as_string(hide_password=True))
+
+    def describe(self) -> str:
+        """The URL without its password."""
+        return self.url.render_as_string(hide_password=True)
 
     async def close(self) -> None:
         engine, self._engine, self._writer = self._engine, None, None

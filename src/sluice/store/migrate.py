@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+log = logging.getLogger("sluice.migrate")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant works; it only has to be the same for every Sluice replica.
@@ -24,15 +28,16 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision`` in one transaction; a no-op when already there.
+    Returns the revision found once the lock was held (None: an empty database).
 
     On PostgreSQL a transaction-scoped advisory lock serialises replicas that start
     together; on SQLite the write transaction (``BEGIN IMMEDIATE`` when ``engine`` is
     ``Database.writer``) does the same.
     """
     async with engine.begin() as conn:
-        await conn.run_sync(_run, "upgrade", revision)
+        return await conn.run_sync(_run, "upgrade", revision)
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
@@ -51,11 +56,56 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         )
 
 
-def _run(connection: Connection, action: str, revision: str) -> None:
+def head_revision() -> str:
+    """The newest packaged migration: the schema this Sluice is written for."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the packaged migrations have no head"
+    return head
+
+
+def known_revisions() -> frozenset[str]:
+    """Every packaged migration's revision."""
+    return frozenset(
+        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    )
+
+
+class SchemaBehind(RuntimeError):
+    """The database's schema is older than this Sluice's (``migrations: require``)."""
+
+
+async def require_head(engine: AsyncEngine) -> None:
+    """Raise `SchemaBehind` unless the schema is at this Sluice's newest migration.
+
+    A revision this Sluice does not know is a newer one (a replica of the previous release
+    during a rolling upgrade, after the next release's migrations ran): it is let through
+    with a warning, which is why every migration must leave the schema usable by the
+    release before it (docs/deployment.md, upgrades)."""
+    current, head = await current_revision(engine), head_revision()
+    if current == head:
+        return
+    if current is not None and current not in known_revisions():
+        log.warning(
+            "the database schema is at %s, newer than this Sluice's %s: running on it",
+            current,
+            head,
+        )
+        return
+    raise SchemaBehind(
+        f"the database schema is at {current or 'nothing (an empty database)'}, this Sluice "
+        f"needs {head}, and migrations are set to 'require': run `sluice migrate` first"
+    )
+
+
+def _run(connection: Connection, action: str, revision: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+    found = MigrationContext.configure(connection).get_current_revision()
     config = alembic_config(connection)
     if action == "upgrade":
         command.upgrade(config, revision)
     else:
         command.downgrade(config, revision)
+    return found
