@@ -148,3 +148,17 @@ def test_an_alias_publishes_nothing_of_its_own_and_stops_nothing() -> None:
         for s in metric.samples
     }
     assert published == {("m", d.id) for d in group}
+
+
+def test_a_deployments_cap_is_published_and_none_without_one() -> None:
+    clock = FakeClock()
+    capped = deployments(clock, count=1, max_concurrency=8)
+    uncapped = deployments(clock, count=1)
+    metrics = GatewayMetrics(CollectorRegistry())
+    table = {"m": capped}
+    monitor = HealthMonitor(Tables(table), metrics, clock=clock)
+    monitor.publish()
+    assert sample(metrics, "sluice_deployment_max_concurrency", "d0") == 8
+    table["m"] = uncapped  # a reload dropped the cap
+    monitor.publish()
+    assert sample(metrics, "sluice_deployment_max_concurrency", "d0") is None

@@ -169,6 +169,13 @@ class GatewayMetrics:
             "Attempts under way at the deployment.",
             "livesum",
         )
+        self.deployment_max_concurrency = _deployment_gauge(
+            registry,
+            "sluice_deployment_max_concurrency",
+            "The deployment's cap on attempts under way (max_concurrency; each worker has "
+            "its own, so they add up). Absent for a deployment without a cap.",
+            "livesum",
+        )
         self.deployment_ttfb = _deployment_gauge(
             registry,
             "sluice_deployment_ttfb_ewma_seconds",

@@ -78,6 +78,11 @@ class HealthMonitor:
             metrics.deployment_ejected.labels(*labels).set(ejected)
             metrics.deployment_cooling.labels(*labels).set(cooling)
             metrics.deployment_outstanding.labels(*labels).set(deployment.outstanding)
+            if deployment.max_concurrency is not None:
+                metrics.deployment_max_concurrency.labels(*labels).set(deployment.max_concurrency)
+            else:  # a reload may have lifted the cap
+                with suppress(KeyError):
+                    metrics.deployment_max_concurrency.remove(*labels)
             latency = health.latency(now) if health is not None else None
             if latency is not None:
                 metrics.deployment_ttfb.labels(*labels).set(latency)
@@ -86,6 +91,7 @@ class HealthMonitor:
                 metrics.deployment_ejected,
                 metrics.deployment_cooling,
                 metrics.deployment_outstanding,
+                metrics.deployment_max_concurrency,
                 metrics.deployment_ttfb,
             ):
                 with suppress(KeyError):
