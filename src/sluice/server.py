@@ -51,7 +51,10 @@ def _uvicorn_options(settings: Settings) -> dict[str, object]:
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
-        "proxy_headers": False,
+        # Forwarded headers only from the proxies named: from anyone else they are a
+        # client's claim, and the address keys the failed-authentication limit.
+        "proxy_headers": bool(server.trusted_proxies),
+        "forwarded_allow_ips": server.trusted_proxies or None,
         "log_config": None,
         "timeout_graceful_shutdown": server.drain_timeout,
         "timeout_keep_alive": server.keep_alive_timeout,

@@ -9,6 +9,7 @@ object, ``check-config`` output or any log.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -244,6 +245,12 @@ class ServerSettings(_Strict):
         "public on a loopback bind without one, else off",
     )
     max_admin_body_bytes: int = Field(64 * 1024, ge=1024, description="larger /admin bodies: 413")
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="addresses or networks (CIDR) of the proxies in front: from them, the "
+        "client's address is read from X-Forwarded-For (and the scheme from "
+        "X-Forwarded-Proto); from anyone else those headers are ignored",
+    )
     watch_config: float = Field(
         0.0,
         ge=0,
@@ -256,6 +263,18 @@ class ServerSettings(_Strict):
     metrics_host: str | None = Field(
         None, description="the metrics listener's interface (default: host)"
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {entry!r} is not an IP address or network (CIDR)"
+                ) from None
+        return value
 
 
 class LoggingSettings(_Strict):

@@ -166,3 +166,32 @@ def test_the_gateway_answers_429_to_an_address_that_keeps_failing(gateway_url: s
         # the key verified before is still served; the admin API refuses even the master key
         assert client.post("/v1/chat/completions", json=chat, headers=verified).status_code == 200
         assert client.get("/admin/keys", headers=master).status_code == 429
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["behind-a-trusted-proxy", "direct"])
+def test_the_failure_limit_keys_on_the_forwarded_address_only_from_trusted_proxies(
+    upstream: MockUpstream, tmp_path: Path, trusted: bool
+) -> None:
+    """Behind a proxy every client has the proxy's address; ``server.trusted_proxies`` lets
+    the limit see the real one, and a client talking directly cannot forge it."""
+    from tests.gateway import GatewayProcess
+
+    config = auth_config(upstream.url, tmp_path)
+    config["auth"].update(failure_limit=3, failure_window=30)
+    config["server"] = {"trusted_proxies": ["127.0.0.0/8"] if trusted else []}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    gateway = GatewayProcess(config, tmp_path, env={"SLUICE_TEST_MASTER_KEY": MASTER}).start()
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=10) as client:
+
+            def attempt(key: str, forwarded_for: str) -> int:
+                headers = {"api-key": key, "x-forwarded-for": forwarded_for}
+                return client.post("/v1/chat/completions", json=chat, headers=headers).status_code
+
+            keys = list(made_up_keys(5, seed=7))
+            assert [attempt(k, "203.0.113.7") for k in keys[:4]] == [401, 401, 401, 429]
+            # Another client behind the same proxy: its own count, unless the header is
+            # ignored, when it is the same peer address and already locked out.
+            assert attempt(keys[4], "198.51.100.9") == (401 if trusted else 429)
+    finally:
+        gateway.stop()
