@@ -105,7 +105,7 @@ def autoscaler_queries(
     """The autoscalers' queries as plain PromQL (see named_autoscaler_queries). Each returns
     a number for every pod (the adapter's) or one for the namespace (KEDA's) wherever the
     pods' series carry TARGET_LABELS and job="sluice"."""
-    return list(named_autoscaler_queries(namespace, pods).values())
+    return list(dict.fromkeys(named_autoscaler_queries(namespace, pods).values()))
 
 
 # ------------------------------------------------------------------------------------------
@@ -558,7 +558,16 @@ def test_the_autoscaler_queries_are_plain_promql() -> None:
     queries = named_autoscaler_queries(pods=("sluice-0", "sluice-1"))
     assert set(queries) == set(_EXPECTED)  # a new query needs its expectation here
     assert not [q for q in queries.values() if "<<" in q or ">>" in q]
-    assert autoscaler_queries() == list(named_autoscaler_queries().values())
+    # prometheus-adapter finds pods by these labels (the ServiceMonitor's).
+    for rule in yaml.safe_load(ADAPTER_CONFIG.read_text())["rules"]:
+        assert rule["resources"]["overrides"] == {
+            "namespace": {"resource": "namespace"},
+            "pod": {"resource": "pod"},
+        }
+        assert 'namespace!=""' in rule["seriesQuery"]
+        assert 'pod!=""' in rule["seriesQuery"]
+        assert re.fullmatch(rule["name"]["matches"], rule["seriesQuery"].split("{")[0])
+    assert set(autoscaler_queries()) == set(named_autoscaler_queries().values())
 
 
 def test_promtool_evaluates_the_autoscaler_queries(tmp_path: Path) -> None:
