@@ -36,6 +36,7 @@ import yaml
 
 from sluice.testing.faults import MockFaults
 from sluice.testing.mock_upstream import MockUpstream
+from tests.deploy.test_kubernetes import TARGET_LABELS, named_autoscaler_queries
 from tests.gateway import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -309,7 +310,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     "scrape_configs": [
                         {
                             "job_name": "sluice",
-                            "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                            # The labels Prometheus's Kubernetes discovery would give a
+                            # pod: the autoscalers' queries select by them.
+                            "static_configs": [
+                                {
+                                    "targets": [f"127.0.0.1:{metrics_port}"],
+                                    "labels": TARGET_LABELS,
+                                }
+                            ],
                         }
                     ],
                 }
@@ -429,6 +437,15 @@ def test_the_traffic_starts_the_alerts_it_should_and_only_those(stack: Stack) ->
         "SluiceTargetDown",
     }
     assert pending & quiet == set()
+
+
+def test_every_autoscaler_query_returns_series(stack: Stack) -> None:
+    """prometheus-adapter's series and metrics queries (as it fills them in for the HPA) and
+    KEDA's triggers (deploy/kubernetes): each returns a number for the scraped pod."""
+    queries = named_autoscaler_queries()
+    assert len(queries) >= 5
+    empty = [f"{name}: {expr}" for name, expr in queries.items() if not stack.numbers(expr)]
+    assert empty == []
 
 
 def test_every_dashboard_query_returns_series(stack: Stack) -> None:
