@@ -348,7 +348,13 @@ def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
     uvicorn installs its own handlers before the lifespan starts; chaining onto them here
     works the same in a single process and in every worker of a multi-process server. The
     delay lets load balancers see /readyz fail before the listening socket closes; a second
-    signal skips it. Outside the main thread (a server run by a test) nothing is chained.
+    signal skips it (and one after that is uvicorn's: exit without waiting). Outside the
+    main thread (a server run by a test) nothing is chained.
+
+    At the end of the delay uvicorn takes over: within its next tick (0.1 s) it closes the
+    listening socket and the idle connections and lets the requests under way finish. The
+    phase stays DRAINING meanwhile, so that a request arriving in that tick is served
+    like the others rather than refused; the lifespan's shutdown sets STOPPING.
     """
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -361,15 +367,12 @@ def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
             frame: FrameType | None,
             previous: Callable[[int, FrameType | None], Any] = previous,
         ) -> None:
-            def stop() -> None:
-                lifecycle.stop()
-                previous(signum, frame)
-
-            if lifecycle.phase is Phase.DRAINING or delay <= 0:
-                stop()
+            first = lifecycle.phase is not Phase.DRAINING
+            lifecycle.drain()
+            if first and delay > 0:
+                loop.call_later(delay, previous, signum, frame)
             else:
-                lifecycle.drain()
-                loop.call_later(delay, stop)
+                previous(signum, frame)
 
         with suppress(ValueError):
             signal.signal(sig, handler)

@@ -1,10 +1,12 @@
 """The process's serving state, read by /readyz and the request middleware.
 
-    STARTING ──lifespan done──▶ READY ──SIGTERM──▶ DRAINING ──drain_delay──▶ STOPPING
+    STARTING ──lifespan done──▶ READY ──SIGTERM──▶ DRAINING ──drained──▶ STOPPING
 
 While DRAINING, /readyz answers 503 so load balancers stop sending traffic, but requests
-that still arrive are served; once STOPPING, the server accepts no new connections and the
-middleware refuses any request that slips in, while in-flight work finishes.
+that still arrive are served, through ``server.drain_delay`` and after it, while uvicorn
+closes the listening socket and the idle connections and waits for the requests under
+way. STOPPING begins with the lifespan's shutdown, once uvicorn is done: the middleware
+then refuses (503) any request that slips in, as the services it would need are closing.
 """
 
 from __future__ import annotations
