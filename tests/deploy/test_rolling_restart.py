@@ -43,7 +43,7 @@ NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
 )
 SERVER = {"drain_delay": 2.0, "drain_timeout": 10.0}
-"""The replicas' drain settings: drain_delay >= the fail_timeout in nginx.conf."""
+"""The replicas' drain settings (drain_delay: see fail_timeout in nginx.conf)."""
 
 CONCURRENCY = 32
 MAX_REQUESTS = 50_000
@@ -202,7 +202,7 @@ def _roll(replicas: list[GatewayProcess], outcome: Outcome, stop: threading.Even
             replica.log_path = replica.log_path.with_name(f"sluice-restarted-{n}.log")
             replica.start(timeout=30)
             outcome.served_while_down.append(outcome.completed - before)
-            time.sleep(1.5)  # both serve again before the next one stops
+            # The next one at once, as a rollout does once the last is ready.
     finally:
         stop.set()
 
