@@ -7,10 +7,9 @@ gets SIGTERM, exits, starts again and becomes ready, while the load goes on. Eve
 must be a 200 and whole: a completion with all its tokens, a stream with all its chunks and
 ``data: [DONE]``.
 
-Why each setting is there: the comments in deploy/compose/nginx.conf. Without them
-(nginx's defaults for proxy_next_upstream and max_fails/fail_timeout, and drain_delay 0)
-the same run fails requests every time: docs in the lead's report, `rolling_restart`'s
-``nginx_conf`` argument lets a script run that variant.
+Why each setting is there, and how many requests failed without it: the comments in
+deploy/compose/nginx.conf (`rolling_restart` takes another nginx configuration and other
+``server`` settings, to measure such a variant).
 """
 
 from __future__ import annotations
@@ -259,3 +258,17 @@ def test_rolling_restart_behind_nginx_fails_no_request(
     # The load went on through each restart, streams included.
     assert all(served > 0 for served in outcome.served_while_down), outcome
     assert outcome.streams > 0
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (Debian: nginx-light)")
+def test_the_compose_nginx_conf_is_valid(tmp_path: Path) -> None:
+    """`nginx -t` on the file with loopback addresses (the names resolve only in compose)."""
+    assert NGINX is not None
+    main = render_nginx(NGINX_CONF.read_text(), [free_port(), free_port()], free_port(), tmp_path)
+    check = subprocess.run(
+        [NGINX, "-t", "-p", str(tmp_path), "-c", str(main), "-e", str(tmp_path / "error.log")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stderr
