@@ -6,7 +6,7 @@ well-formed ``X-Request-ID`` beside it for correlation and echoes that back (or 
 server's id when the client sent none) with the key's ``x-ratelimit-*`` headers and the
 ``x-sluice-*`` headers of the attempts and the cache (`RequestContext.response_headers`,
 ``cache``), refuses
-new work with 503 once the process stops accepting and, at the door, a Host not served
+new work with 503 once the lifespan shuts down (after the drain) and, at the door, a Host not served
 or a body that is not JSON (`sluice.api.edge`), and after the last byte (or the
 client's departure) records latency, upstream time, gateway overhead, TTFT and tokens,
 runs what the pipeline's steps left for the end (a stream's settlement, `RequestContext.at_end`),
