@@ -51,8 +51,9 @@ RUN python3.11 -m venv /opt/sluice \
 
 COPY pyproject.toml README.md /src/
 COPY src /src/src
-# The wheel built above satisfies llama-cpp-python; everything else comes from the index.
-RUN /opt/sluice/bin/pip install --find-links /wheels "/src[${EXTRAS}]" \
+# The wheel built above is llama-cpp-python (named, so the index's sdist is never built
+# again); everything else comes from the index.
+RUN /opt/sluice/bin/pip install /wheels/llama_cpp_python-*.whl "/src[${EXTRAS}]" \
     && /opt/sluice/bin/sluice --version
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +88,9 @@ RUN groupadd --system --gid 10001 sluice \
     && chown 10001:10001 /var/lib/sluice
 
 COPY --from=build /opt/sluice /opt/sluice
+# Fail the build, not the first start, if a shared library the engine needs is missing
+# (llama.cpp's, when EXTRAS has `local`).
+RUN ["/opt/sluice/bin/python", "-c", "import importlib.util, sluice.app; importlib.util.find_spec('llama_cpp') and __import__('llama_cpp')"]
 
 # The root filesystem can be read-only (docker run --read-only, readOnlyRootFilesystem):
 # - the SQLite database, the usage spool and uploaded files live in SLUICE_DATA_DIR, a
