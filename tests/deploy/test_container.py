@@ -71,7 +71,7 @@ def seconds(duration: str) -> float:
     """A Compose duration ("1m30s", "45s", "500ms") in seconds."""
     units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
-    assert parts and "".join(n + u for n, u in parts) == duration, duration
+    assert "".join(n + u for n, u in parts) == duration, duration
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
@@ -146,7 +146,8 @@ def test_the_image_runs_as_a_fixed_non_root_user_under_tini() -> None:
 def test_the_build_context_holds_what_the_dockerfile_copies() -> None:
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
-    assert ignored[[i for i, line in enumerate(ignored) if line and line[0] != "#"][0]] == "*"
+    rules = [line for line in ignored if line and not line.startswith("#")]
+    assert rules[0] == "*", "the context is an allow-list"
     for name, rest in instructions():
         if name == "COPY" and not rest.startswith("--from"):
             *sources, _ = rest.split()
@@ -200,8 +201,8 @@ def test_every_replica_is_read_only_non_root_and_health_checked() -> None:
         # The image's health check, word for word, on readiness.
         assert replica["healthcheck"]["test"] == ["CMD", *healthcheck_command()], name
         assert replica["environment"]["SLUICE_MIGRATIONS"] == "require", name
-        data = [v for v in replica["volumes"] if v.split(":")[1] == "/var/lib/sluice"]
-        assert len(data) == 1 and not data[0].startswith("."), f"{name}: a named data volume"
+        (data,) = [v for v in replica["volumes"] if v.split(":")[1] == "/var/lib/sluice"]
+        assert not data.startswith("."), f"{name}: a named data volume"
         assert replica["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert replica["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert replica["depends_on"]["redis"]["condition"] == "service_healthy"
