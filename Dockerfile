@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Sluice's container image (docs: deploy/compose/README.md).
 #
 #   docker build -t sluice:0.1.0 .
