@@ -21,6 +21,7 @@ needs one skips with the reason when it is absent.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -239,6 +240,15 @@ def test_migrations_run_once_before_the_replicas() -> None:
         assert nginx["depends_on"][name]["condition"] == "service_healthy"
 
 
+def test_sluice_trusts_forwarded_addresses_from_nginx_only() -> None:
+    networks = compose()["networks"]["backend"]["ipam"]["config"]
+    address = compose()["services"]["nginx"]["networks"]["backend"]["ipv4_address"]
+    assert compose_settings().server.trusted_proxies == [address]
+    assert any(
+        ipaddress.ip_address(address) in ipaddress.ip_network(net["subnet"]) for net in networks
+    )
+
+
 def test_every_file_compose_mounts_exists() -> None:
     mounted = []
     for name, service in compose()["services"].items():
@@ -421,3 +431,28 @@ def test_the_entrypoint_serves_with_only_its_volume_and_tmp_writable(
     assert process.wait(20) == 0
     # What it wrote went to the volume (the SQLite database, the batch queue) and to TMPDIR.
     assert (data / "sluice.db").exists()
+
+
+def test_the_replicas_start_only_once_migrate_has_run(
+    image_like_env: dict[str, str], config_file: Path, started: list[subprocess.Popen[bytes]]
+) -> None:
+    """compose's order, outside containers (SQLite in the data directory for PostgreSQL): a
+    replica (SLUICE_MIGRATIONS=require) refuses an empty database; the `migrate` service's
+    command, word for word, migrates it and exits 0; then the replica starts and is healthy."""
+    services = compose()["services"]
+    replica_env = {**image_like_env, **services["sluice-1"]["environment"]}
+    replica_env.pop("SLUICE_CONFIG")  # the test's configuration, not /etc/sluice's
+    serve = [*sluice_command(), "serve", "--config", str(config_file)]
+    refused = subprocess.run(serve, env=replica_env, capture_output=True, text=True, timeout=20)
+    assert refused.returncode != 0
+    assert "sluice migrate" in refused.stdout + refused.stderr
+
+    migrate = [*sluice_command(), *services["migrate"]["command"], "--config", str(config_file)]
+    result = subprocess.run(migrate, env=image_like_env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    process = subprocess.Popen(
+        serve, env=replica_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    started.append(process)
+    wait_healthy(replica_env, process, timeout=15)
