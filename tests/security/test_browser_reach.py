@@ -124,6 +124,13 @@ def test_configured_allowed_hosts(upstream: MockUpstream) -> None:
         models = f"{url}/models"
         assert httpx.get(models, headers={"host": "gateway.internal:443"}).status_code == 200
         assert httpx.get(models, headers={"host": "localhost"}).status_code == 421
+        # Probes come by address (a kubelet sends the pod's IP): served whatever the Host;
+        # the main port's /metrics keeps the check.
+        base = url.removesuffix("/v1")
+        probe = {"host": "10.1.2.3:8080"}
+        assert httpx.get(f"{base}/healthz", headers=probe).status_code == 200
+        assert httpx.get(f"{base}/readyz", headers=probe).status_code == 200
+        assert httpx.get(f"{base}/metrics", headers=probe).status_code == 421
 
 
 def test_served_hosts_follow_the_bind() -> None:

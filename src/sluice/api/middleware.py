@@ -39,6 +39,10 @@ _API_ROUTES = {
     for route in ("chat/completions", "completions", "embeddings", "models")
 }
 _QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Probes come by address (a kubelet's Host is the pod's IP, Docker's HEALTHCHECK says
+# 127.0.0.1) and their answers tell a rebinding page nothing: no Host check on them.
+# /metrics keeps it (model names and traffic); scrape server.metrics_port instead.
+_PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 _CACHE_HEADERS = {
     result: b"x-sluice-cache: %s\r\n" % result.encode()
     for result in ("hit", "semantic-hit", "coalesced", "miss", "bypass")
@@ -125,7 +129,7 @@ class ObserveRequests:
             error = ServiceUnavailableError(
                 "The server is shutting down; retry on another replica."
             )
-        elif self.edge is not None:
+        elif self.edge is not None and path not in _PROBE_PATHS:
             error = self.edge.refusal(scope["method"], headers, path)
         if error is not None:
             # Closing spares the server reading a body nobody will use.
