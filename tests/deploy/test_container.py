@@ -304,7 +304,7 @@ def test_grafana_is_provisioned_with_the_dashboard_and_prometheus() -> None:
     ]
     assert source["type"] == "prometheus"
     assert source["url"] == "http://prometheus:9090"
-    (provider,) = yaml.safe_load((provisioning / "dashboards" / "sluice.yaml").read_text())[
+    (provider,) = yaml.safe_load((provisioning / "dashboards" / "dashboards.yaml").read_text())[
         "providers"
     ]
     dashboard = mount_target("grafana", "./deploy/monitoring/grafana-dashboard.json")
