@@ -136,3 +136,12 @@ def test_secret_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 )
 def test_every_shipped_config_loads(path: Path) -> None:
     assert load_settings(path).models
+
+
+def test_trusted_proxies_are_normalised_to_networks() -> None:
+    from sluice.settings import ServerSettings
+
+    server = ServerSettings(trusted_proxies=["127.0.0.1/8", "10.1.2.3", " ::1 "])
+    assert server.trusted_proxies == ["127.0.0.0/8", "10.1.2.3/32", "::1/128"]
+    with pytest.raises(ValueError, match="not an IP address"):
+        ServerSettings(trusted_proxies=["nginx"])

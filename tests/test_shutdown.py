@@ -83,3 +83,33 @@ def test_drain_timeout_bounds_the_wait(upstream: MockUpstream, tmp_path: Path) -
     finally:
         gateway.stop()
     assert "data: [DONE]" not in lines  # it was cut, not completed
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_skips_the_delay_but_still_drains(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """The second signal hands over to uvicorn at once; the first one's timer must not
+    reach it later as a third (for SIGINT: a force-quit that cuts the streams and skips
+    the lifespan's shutdown)."""
+    config = config_for(upstream.url)
+    config["server"] = {"drain_delay": 1.5, "drain_timeout": 10}
+    gateway = GatewayProcess(config, tmp_path).start()
+    assert gateway.process is not None
+    try:
+        # A stream lasting about 3 s: past the first signal's delay.
+        body = {**CHAT, "mock": {"tokens_per_second": 10, "completion_tokens": 30}}
+        thread, lines = stream_in_background(gateway.url, body)
+        gateway.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        gateway.process.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError):  # the second skipped the delay
+            httpx.get(f"{gateway.url}/healthz")
+        assert gateway.process.wait(15) == 0
+        thread.join(5)
+    finally:
+        gateway.stop()
+    assert lines[-1] == "data: [DONE]"
+    assert sum('"content":"tok' in line for line in lines) == 30
+    assert "Application shutdown complete" in gateway.log()

@@ -348,8 +348,8 @@ def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
     uvicorn installs its own handlers before the lifespan starts; chaining onto them here
     works the same in a single process and in every worker of a multi-process server. The
     delay lets load balancers see /readyz fail before the listening socket closes; a second
-    signal skips it (and one after that is uvicorn's: exit without waiting). Outside the
-    main thread (a server run by a test) nothing is chained.
+    signal skips it (and a third SIGINT is uvicorn's force-quit; SIGTERM never forces).
+    Outside the main thread (a server run by a test) nothing is chained.
 
     At the end of the delay uvicorn takes over: within its next tick (0.1 s) it closes the
     listening socket and the idle connections and lets the requests under way finish. The
@@ -357,6 +357,10 @@ def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
     like the others rather than refused; the lifespan's shutdown sets STOPPING.
     """
     loop = asyncio.get_running_loop()
+    # The first signal's hand-over to uvicorn, while it waits: a later signal hands over at
+    # once and cancels it, or it would reach uvicorn as one signal more (a SIGINT's second
+    # is a force-quit that skips the lifespan's shutdown).
+    pending: list[asyncio.TimerHandle] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
         if not callable(previous):
@@ -370,9 +374,11 @@ def _drain_on_signals(lifecycle: Lifecycle, delay: float) -> None:
             first = lifecycle.phase is not Phase.DRAINING
             lifecycle.drain()
             if first and delay > 0:
-                loop.call_later(delay, previous, signum, frame)
-            else:
-                previous(signum, frame)
+                pending.append(loop.call_later(delay, previous, signum, frame))
+                return
+            while pending:
+                pending.pop().cancel()
+            previous(signum, frame)
 
         with suppress(ValueError):
             signal.signal(sig, handler)

@@ -88,7 +88,9 @@ def _serve_workers(settings: Settings, config_path: str | None) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     if config_path is not None:
-        os.environ[CONFIG_ENV] = str(Path(config_path).resolve())
+        # Absolute, not resolved: a Kubernetes ConfigMap's file is a symlink through
+        # ``..data`` to a folder the kubelet replaces (and deletes) on every update.
+        os.environ[CONFIG_ENV] = str(Path(config_path).absolute())
     # Command-line overrides reach the workers as environment overrides.
     os.environ["SLUICE_SERVER__HOST"] = settings.server.host
     os.environ["SLUICE_SERVER__PORT"] = str(settings.server.port)

@@ -267,14 +267,17 @@ class ServerSettings(_Strict):
     @field_validator("trusted_proxies")
     @classmethod
     def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        """Each entry as a network: uvicorn ignores, without a word, a network written with
+        host bits set (``127.0.0.1/8``), which would trust no proxy at all."""
+        networks = []
         for entry in value:
             try:
-                ipaddress.ip_network(entry, strict=False)
+                networks.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
             except ValueError:
                 raise ValueError(
                     f"trusted_proxies: {entry!r} is not an IP address or network (CIDR)"
                 ) from None
-        return value
+        return networks
 
 
 class LoggingSettings(_Strict):

@@ -64,3 +64,59 @@ async def test_a_file_missing_for_a_moment_is_not_a_change(tmp_path: Path) -> No
         assert calls == []
     finally:
         await watcher.close()
+
+
+def test_every_worker_sees_a_configmap_update(tmp_path: Path) -> None:
+    """``--workers 2`` on a ConfigMap-style mount: the workers must watch the link the
+    operator named, not the folder it pointed to at start-up (the kubelet deletes it)."""
+    import shutil
+    import time
+
+    import httpx
+    import yaml
+
+    from tests.gateway import GatewayProcess
+
+    def version(folder: Path, model: str) -> None:
+        folder.mkdir()
+        config = {
+            "data_dir": str(tmp_path / "data"),
+            "server": {"workers": 2, "watch_config": 0.1},
+            "models": [
+                {
+                    "name": model,
+                    "deployments": [{"provider": "openai", "api_base": "http://127.0.0.1:9/v1"}],
+                }
+            ],
+        }
+        (folder / "sluice.yaml").write_text(yaml.safe_dump(config))
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    version(mount / "..v1", "first")
+    os.symlink("..v1", mount / "..data")
+    os.symlink("..data/sluice.yaml", mount / "sluice.yaml")
+    gateway = GatewayProcess({}, tmp_path)
+    gateway.config_path = mount / "sluice.yaml"
+    gateway.start(timeout=30)
+    try:
+        version(mount / "..v2", "second")
+        os.symlink("..v2", mount / "..data_tmp")
+        os.replace(mount / "..data_tmp", mount / "..data")
+        shutil.rmtree(mount / "..v1")  # as the kubelet does
+        deadline = time.monotonic() + 10
+        seen: set[str] = set()
+        while time.monotonic() < deadline:
+            # New connections spread over both workers: sample enough of them.
+            seen = {
+                httpx.get(f"{gateway.url}/v1/models", headers={"connection": "close"}).json()[
+                    "data"
+                ][0]["id"]
+                for _ in range(20)
+            }
+            if seen == {"second"}:
+                break
+            time.sleep(0.2)
+        assert seen == {"second"}
+    finally:
+        gateway.stop()
