@@ -243,7 +243,7 @@ def test_migrations_run_once_before_the_replicas() -> None:
 def test_sluice_trusts_forwarded_addresses_from_nginx_only() -> None:
     networks = compose()["networks"]["backend"]["ipam"]["config"]
     address = compose()["services"]["nginx"]["networks"]["backend"]["ipv4_address"]
-    assert compose_settings().server.trusted_proxies == [address]
+    assert compose_settings().server.trusted_proxies == [f"{address}/32"]
     assert any(
         ipaddress.ip_address(address) in ipaddress.ip_network(net["subnet"]) for net in networks
     )

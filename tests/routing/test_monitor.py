@@ -150,7 +150,7 @@ def test_an_alias_publishes_nothing_of_its_own_and_stops_nothing() -> None:
     assert published == {("m", d.id) for d in group}
 
 
-def test_a_deployments_cap_is_published_and_none_without_one() -> None:
+def test_a_deployments_cap_is_published_and_zero_without_one() -> None:
     clock = FakeClock()
     capped = deployments(clock, count=1, max_concurrency=8)
     uncapped = deployments(clock, count=1)
@@ -161,4 +161,4 @@ def test_a_deployments_cap_is_published_and_none_without_one() -> None:
     assert sample(metrics, "sluice_deployment_max_concurrency", "d0") == 8
     table["m"] = uncapped  # a reload dropped the cap
     monitor.publish()
-    assert sample(metrics, "sluice_deployment_max_concurrency", "d0") is None
+    assert sample(metrics, "sluice_deployment_max_concurrency", "d0") == 0

@@ -6,6 +6,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
+
 from sluice.routing.watch import ConfigWatcher
 
 
@@ -120,3 +122,27 @@ def test_every_worker_sees_a_configmap_update(tmp_path: Path) -> None:
         assert seen == {"second"}
     finally:
         gateway.stop()
+
+
+async def test_a_file_that_cannot_be_read_is_said_once_and_never_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "sluice.yaml"
+    config.write_text("same\n")
+    calls: list[int] = []
+    watcher = ConfigWatcher(str(config), 0.02, lambda: calls.append(1))
+    watcher.start()
+    try:
+        config.unlink()
+        os.mkfifo(config)  # a read would block for ever
+        await asyncio.sleep(0.15)
+        assert calls == []
+        warnings = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "not a regular file" in warnings[0].getMessage()
+        config.unlink()
+        config.write_text("changed\n")
+        await asyncio.sleep(0.1)
+        assert calls == [1]
+    finally:
+        await watcher.close()

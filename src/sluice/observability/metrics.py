@@ -173,7 +173,7 @@ class GatewayMetrics:
             registry,
             "sluice_deployment_max_concurrency",
             "The deployment's cap on attempts under way (max_concurrency; each worker has "
-            "its own, so they add up). Absent for a deployment without a cap.",
+            "its own, so they add up); 0 for a deployment without a cap.",
             "livesum",
         )
         self.deployment_ttfb = _deployment_gauge(

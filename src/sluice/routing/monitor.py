@@ -78,11 +78,10 @@ class HealthMonitor:
             metrics.deployment_ejected.labels(*labels).set(ejected)
             metrics.deployment_cooling.labels(*labels).set(cooling)
             metrics.deployment_outstanding.labels(*labels).set(deployment.outstanding)
-            if deployment.max_concurrency is not None:
-                metrics.deployment_max_concurrency.labels(*labels).set(deployment.max_concurrency)
-            else:  # a reload may have lifted the cap
-                with suppress(KeyError):
-                    metrics.deployment_max_concurrency.remove(*labels)
+            # 0 for no cap, not a removed series: with --workers N a removed child's last
+            # value stays in the shared files (prometheus_client cannot remove it there).
+            cap = deployment.max_concurrency or 0
+            metrics.deployment_max_concurrency.labels(*labels).set(cap)
             latency = health.latency(now) if health is not None else None
             if latency is not None:
                 metrics.deployment_ttfb.labels(*labels).set(latency)

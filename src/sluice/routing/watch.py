@@ -17,8 +17,11 @@ import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from stat import S_ISREG
 
 log = logging.getLogger("sluice.reload")
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""A configuration file past this is not read (nor reloaded): a mistake, not a config."""
 
 
 class ConfigWatcher:
@@ -28,6 +31,7 @@ class ConfigWatcher:
         self._path = Path(path)
         self._interval = interval
         self._on_change = on_change
+        self._unreadable: str | None = None  # why the last look failed, logged once
         self._seen = self._digest()
         self._task: asyncio.Task[None] | None = None
 
@@ -51,7 +55,25 @@ class ConfigWatcher:
             self._on_change()
 
     def _digest(self) -> bytes | None:
+        """The file's hash; None (and one warning until it reads again) when it cannot
+        be read: missing, not a regular file (a FIFO would block the read), too large."""
         try:
-            return hashlib.blake2b(self._path.read_bytes(), digest_size=16).digest()
-        except OSError:
+            stat = self._path.stat()
+            if not S_ISREG(stat.st_mode):
+                raise OSError("not a regular file")
+            if stat.st_size > MAX_CONFIG_BYTES:
+                raise OSError(f"larger than {MAX_CONFIG_BYTES} bytes")
+            digest = hashlib.blake2b(self._path.read_bytes(), digest_size=16).digest()
+        except OSError as exc:
+            reason = str(exc)
+            if reason != self._unreadable:
+                log.warning(
+                    "the configuration file cannot be read; changes are not reloaded "
+                    "until it can: %s",
+                    reason,
+                    extra={"path": str(self._path)},
+                )
+            self._unreadable = reason
             return None
+        self._unreadable = None
+        return digest

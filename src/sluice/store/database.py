@@ -113,8 +113,12 @@ class Database:
             self._writer = engine.execution_options(**{_WRITE_OPTION: True})
 
     def describe(self) -> str:
-        """The URL without its password."""
-        return self.url.render_as_string(hide_password=True)
+        """The URL without its password, in the userinfo or in the query string."""
+        query = {
+            name: "***" if "password" in name.lower() else value
+            for name, value in self.url.query.items()
+        }
+        return self.url.set(query=query).render_as_string(hide_password=True)
 
     async def close(self) -> None:
         engine, self._engine, self._writer = self._engine, None, None

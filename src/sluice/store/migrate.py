@@ -16,6 +16,7 @@ log = logging.getLogger("sluice.migrate")
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # Any constant works; it only has to be the same for every Sluice replica.
 _PG_MIGRATION_LOCK = 0x51C1CE
+_PG_LOCK_TIMEOUT = "5s"
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -102,6 +103,10 @@ def _run(connection: Connection, action: str, revision: str) -> str | None:
 
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        # Taken after the advisory lock (which may rightly wait for another migrator): a
+        # table lock that waits behind live replicas' transactions would queue every later
+        # query on that table behind it, so give up instead, loudly, and let the job retry.
+        connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_PG_LOCK_TIMEOUT}'")
     found = MigrationContext.configure(connection).get_current_revision()
     config = alembic_config(connection)
     if action == "upgrade":
