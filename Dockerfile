@@ -1,7 +1,7 @@
 # Sluice's container image (docs: deploy/compose/README.md).
 #
 #   docker build -t sluice:0.1.0 .
-#   docker run --rm -p 8080:8080 --read-only --tmpfs /tmp sluice:0.1.0
+#   docker run --rm -p 127.0.0.1:8080:8080 --read-only --tmpfs /tmp sluice:0.1.0
 #
 # With no configuration it serves the embedded SmolLM2 model; mount a file and point
 # SLUICE_CONFIG at it (or pass `serve --config FILE`) for anything else. The entrypoint is

@@ -314,7 +314,7 @@ def test_the_grace_period_outlasts_the_drain(name: str) -> None:
     pod = the(name, "Deployment")["spec"]["template"]["spec"]
     drain = float(server["drain_delay"]) + float(server["drain_timeout"])
     # A margin for the lifespan's shutdown (closing pools, the last usage write).
-    assert pod["terminationGracePeriodSeconds"] >= drain + 10
+    assert pod["terminationGracePeriodSeconds"] >= drain + 20
     assert server["drain_delay"] > 0  # kube-proxy and ingresses need time to stop routing
 
 
