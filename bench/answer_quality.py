@@ -193,7 +193,7 @@ async def main_async(args: Any) -> dict[str, Any]:
     backend = LocalBackend("quality", config)
     await backend.start()
     gate = asyncio.Semaphore(args.parallel)
-    conds = conditions(args.seeds, args.cap)
+    conds = [c for c in conditions(args.seeds, args.cap) if args.only in c.name]
     try:
         for cond in conds:
             await run_condition(backend, gate, cond)
@@ -205,10 +205,11 @@ async def main_async(args: Any) -> dict[str, Any]:
 def run() -> int:
     p = harness.parser(__doc__)
     p.add_argument("--seeds", type=int, default=3, help="seeds of each sampled condition")
-    p.add_argument("--cap", type=int, default=512, help="max_tokens of every capped request")
+    p.add_argument("--cap", type=int, default=256, help="max_tokens of every capped request")
     p.add_argument("--parallel", type=int, default=16, help="engine slots (questions at once)")
     p.add_argument("--context", type=int, default=2048, help="tokens of context per slot")
-    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads (1: a shared machine)")
+    p.add_argument("--only", default="", help="run only the conditions whose name has this")
     args = harness.parse(p)
     started = time.monotonic()
     results = asyncio.run(main_async(args))

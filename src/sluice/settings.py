@@ -135,7 +135,7 @@ class LocalRequestDefaults(_Strict):
         512, ge=1, description="completion tokens; null: the rest of the context"
     )
     system_prompt: str | None = Field(
-        "You are a helpful assistant.",
+        "You are a helpful assistant. Answer briefly and accurately.",
         max_length=4096,
         description="put first in a chat with no system or developer message; "
         "null or empty: the chat template's own",
