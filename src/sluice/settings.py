@@ -123,6 +123,25 @@ class OpenAIDeployment(_Strict):
         return value
 
 
+class LocalRequestDefaults(_Strict):
+    """What a request to a local deployment gets for the fields it omits; a value the
+    request gives always wins. Chosen by measurement (bench/answer_quality.py,
+    docs/local-model.md): the model card's sampling, a plain system prompt in place of the
+    chat template's own, and a completion cap far below the context."""
+
+    temperature: float = Field(0.2, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(0.9, gt=0, le=1, allow_inf_nan=False)
+    max_tokens: int | None = Field(
+        512, ge=1, description="completion tokens; null: the rest of the context"
+    )
+    system_prompt: str | None = Field(
+        "You are a helpful assistant. Answer briefly and accurately.",
+        max_length=4096,
+        description="put first in a chat with no system or developer message; "
+        "null or empty: the chat template's own",
+    )
+
+
 class LocalDeployment(_Strict):
     """The in-process model, run by llama.cpp with continuous batching."""
 
@@ -143,12 +162,21 @@ class LocalDeployment(_Strict):
     max_sequences_per_request: int = Field(
         16, ge=1, le=1024, description="most sequences (prompts x n) one request may run"
     )
+    defaults: LocalRequestDefaults = LocalRequestDefaults()
     weight: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _batch_fits_every_slot(self) -> LocalDeployment:
         if self.batch_size <= self.parallel:
             raise ValueError("batch_size must be larger than parallel (one token per slot)")
+        # An explicit default that cannot fit is a mistake; the built-in one is cut to the
+        # context a request has left (sluice.backends.local_params.build).
+        max_tokens = self.defaults.max_tokens
+        explicit = "max_tokens" in self.defaults.model_fields_set
+        if explicit and max_tokens is not None and max_tokens >= self.context_size:
+            raise ValueError(
+                "defaults.max_tokens must be below context_size (the prompt needs room too)"
+            )
         return self
 
 

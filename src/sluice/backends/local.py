@@ -17,7 +17,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 
 from sluice.backends.base import UpstreamCall, UpstreamReply
-from sluice.backends.local_params import Job, Kind, build, tokenize, validate
+from sluice.backends.local_params import (
+    NO_DEFAULTS,
+    Job,
+    Kind,
+    RequestDefaults,
+    build,
+    tokenize,
+    validate,
+)
 from sluice.backends.local_render import DONE, Choice, Renderer
 from sluice.engine.chat_template import ChatTemplateError
 from sluice.engine.config import EngineConfig
@@ -120,10 +128,13 @@ class LocalBackend:
         config: EngineConfig,
         metrics: EngineMetrics | None = None,
         tracer: SequenceTracer | None = None,
+        defaults: RequestDefaults = NO_DEFAULTS,
     ) -> None:
         self.name = name
         self.engine = Engine(config, metrics)
         self._tracer = tracer
+        self.defaults = defaults
+        """What a request that omits sampling, max_tokens or a system message gets."""
 
     async def start(self) -> None:
         await self.engine.start()
@@ -139,7 +150,7 @@ class LocalBackend:
         engine = self.engine
         try:
             kind: Kind = "chat" if call.route == "chat/completions" else "text"
-            draft = validate(kind, call.body, engine.request_limits)
+            draft = validate(kind, call.body, engine.request_limits, self.defaults)
             if draft.chars > INLINE_CHARS:
                 prompts = await engine.offload(tokenize, draft, engine)
             else:

@@ -17,6 +17,11 @@ do not fit a sequence's context. Fields the local model cannot honour but that d
 change the answer's shape (penalties, ``user``, ``response_format``, a valid
 ``logit_bias``…) are accepted and ignored; so is a body ``priority`` (a vLLM extension):
 the queue order is the key's, never the client's.
+
+A field the request omits takes the deployment's `RequestDefaults` (temperature, top_p,
+max_tokens, a system prompt put first in a chat that has none); a value the request gives
+always wins. A default ``max_tokens`` is cut to what the context has left after the
+prompt, where a client's own is refused when it does not fit.
 """
 
 from __future__ import annotations
@@ -36,6 +41,33 @@ MAX_LOGIT_BIAS = 300
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDefaults:
+    """A deployment's answers for the fields a request omits (docs/local-model.md).
+
+    The bare defaults are OpenAI's: temperature 1, top_p 1, the rest of the context, and
+    no system prompt but the chat template's own."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    """Completion tokens when the request gives none; None: the rest of the context."""
+    system_prompt: str | None = None
+    """Put first, as a system message, in a chat with no system or developer message."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("temperature must be between 0 and 2")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be greater than 0 and at most 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+
+
+NO_DEFAULTS = RequestDefaults()
+_SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
 class Tokenizer(Protocol):
@@ -61,7 +93,9 @@ class Draft:
     seed: int | None
     stop: tuple[str, ...]
     max_tokens: int | None
-    """The client's max_tokens (or max_completion_tokens); None: the rest of the context."""
+    """The client's max_tokens (or max_completion_tokens); None: the default."""
+    default_max_tokens: int | None
+    """The deployment's default, cut to the context left; None: the rest of the context."""
     limits: RequestLimits
     prompt_param: str
     texts: list[str] = field(default_factory=list)
@@ -88,19 +122,29 @@ class Job:
 
 
 def parse(
-    kind: Kind, body: Mapping[str, Any], tok: Tokenizer, limits: RequestLimits, priority: int = 0
+    kind: Kind,
+    body: Mapping[str, Any],
+    tok: Tokenizer,
+    limits: RequestLimits,
+    priority: int = 0,
+    defaults: RequestDefaults = NO_DEFAULTS,
 ) -> Job:
     """Validate `body`, tokenize its prompts and build the engine requests, inline."""
-    draft = validate(kind, body, limits)
+    draft = validate(kind, body, limits, defaults)
     return build(draft, tokenize(draft, tok), priority)
 
 
-def validate(kind: Kind, body: Mapping[str, Any], limits: RequestLimits) -> Draft:
+def validate(
+    kind: Kind,
+    body: Mapping[str, Any],
+    limits: RequestLimits,
+    defaults: RequestDefaults = NO_DEFAULTS,
+) -> Draft:
     """Every check that needs no tokenizer, cheapest first; nothing here scales with the
-    body before its size has been bounded."""
+    body before its size has been bounded. Omitted fields take `defaults`."""
     n = _int(body, "n", 1, low=1, high=MAX_N)
-    temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
-    top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0)
+    temperature = _number(body, "temperature", defaults.temperature, low=0.0, high=2.0)
+    top_p = _number(body, "top_p", defaults.top_p, low=0.0, high=1.0)
     if top_p == 0.0:
         raise InvalidRequestError("top_p must be greater than 0", param="top_p")
     top_k = _int(body, "top_k", 0, low=0, high=INT32_MAX)
@@ -138,12 +182,17 @@ def validate(kind: Kind, body: Mapping[str, Any], limits: RequestLimits) -> Draf
         seed=seed,
         stop=stop,
         max_tokens=max_tokens,
+        default_max_tokens=defaults.max_tokens,
         limits=limits,
         prompt_param="messages" if kind == "chat" else "prompt",
     )
     if kind == "chat":
         _sequences(1, n, limits)
         draft.messages, draft.chars = _messages(body, limits)
+        system = defaults.system_prompt
+        if system and not any(m["role"] in _SYSTEM_ROLES for m in draft.messages):
+            draft.messages.insert(0, {"role": "system", "content": system})
+            draft.chars += len(system) + 16
     else:
         _prompts(body, draft)
     return draft
@@ -182,7 +231,11 @@ def build(draft: Draft, prompts: list[list[int]], priority: int = 0) -> Job:
     n_ctx = draft.limits.n_ctx
     job = Job(draft.kind, draft.model, draft.stream, draft.include_usage, 0)
     for prompt in prompts:
-        max_tokens = draft.max_tokens if draft.max_tokens is not None else n_ctx - len(prompt)
+        max_tokens = draft.max_tokens
+        if max_tokens is None:  # the default, cut to what the context has left
+            max_tokens = n_ctx - len(prompt)
+            if draft.default_max_tokens is not None:
+                max_tokens = min(max_tokens, draft.default_max_tokens)
         if len(prompt) + max(max_tokens, 1) > n_ctx:
             raise _context_error(len(prompt), max_tokens, draft)
         job.prompt_tokens += len(prompt)
