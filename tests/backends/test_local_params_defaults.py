@@ -122,3 +122,23 @@ def test_deployment_max_tokens_must_leave_room_for_a_prompt() -> None:
 def test_unknown_default_is_refused() -> None:
     with pytest.raises(ValidationError):
         LocalDeployment(provider="local", defaults={"top_k": 40})
+
+
+def test_the_provider_gives_the_backend_its_deployments_defaults() -> None:
+    """The settings' defaults reach the backend that serves the deployment."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("needs llama-cpp-python (pip install 'sluice-gateway[local]')")
+    from prometheus_client import CollectorRegistry
+
+    from sluice.backends.registry import LocalProvider
+    from sluice.settings import LocalDeployment
+
+    spec = LocalDeployment(provider="local", defaults={"temperature": 0.5, "max_tokens": 100})
+    backend = LocalProvider(CollectorRegistry()).build("x", spec)
+    given = spec.defaults
+    assert backend.defaults == RequestDefaults(  # type: ignore[attr-defined]
+        given.temperature, given.top_p, given.max_tokens, given.system_prompt
+    )
+    assert backend.defaults.temperature == 0.5  # type: ignore[attr-defined]

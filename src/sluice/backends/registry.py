@@ -96,6 +96,7 @@ class LocalProvider:
     def build(self, name: str, spec: LocalDeployment) -> Backend:
         try:
             from sluice.backends.local import LocalBackend
+            from sluice.backends.local_params import RequestDefaults
             from sluice.engine.config import EngineConfig
             from sluice.engine.metrics import EngineMetrics
         except ImportError as exc:  # the optional extra is missing
@@ -116,7 +117,11 @@ class LocalProvider:
             cache_prompt=spec.cache_prompt,
             max_sequences_per_request=spec.max_sequences_per_request,
         )
-        backend: Backend = LocalBackend(name, config, self._metrics, self._tracer)  # type: ignore[arg-type]
+        given = spec.defaults
+        defaults = RequestDefaults(
+            given.temperature, given.top_p, given.max_tokens, given.system_prompt
+        )
+        backend: Backend = LocalBackend(name, config, self._metrics, self._tracer, defaults)  # type: ignore[arg-type]
         return backend
 
     def describe(self, spec: LocalDeployment, public_model: str) -> Description:
