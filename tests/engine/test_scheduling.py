@@ -130,11 +130,10 @@ async def test_prompt_copied_from_a_running_slot_decodes_as_a_fresh_one() -> Non
         assert common > 40
         expected, _ = await collect(reference, greedy(second, 12))
         with batches(eng) as seen:
-            running = asyncio.create_task(collect(eng, greedy(first, 60)))
-            while not any(len(b) == 1 and b[0][1] == 1 for b in seen):  # first decodes
-                await asyncio.sleep(0.01)
+            running = eng.generate(greedy(first, 60))
+            await anext(running)  # the first prompt is in its slot's cells, and decoding
             got, _ = await collect(eng, greedy(second, 12))
-            await running
+            await running.aclose()
         assert got == expected
         slot_of_second = {slot for b in seen for slot, _ in b} - {0}
         assert slot_of_second == {1}
