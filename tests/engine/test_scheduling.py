@@ -73,13 +73,36 @@ async def test_running_sequences_fill_the_lowest_slots_in_order() -> None:
         prompts = [eng.tokenize(f"Count to {i}:", add_special=False) for i in range(6)]
         with batches(eng) as seen:
             await asyncio.gather(*(collect(eng, greedy(p, 6)) for p in prompts[:3]))
-            await collect(eng, greedy(prompts[3], 4))
+            await collect(eng, greedy(prompts[3], 4))  # alone: a slot that keeps nothing
         slots = [[slot for slot, _ in batch] for batch in seen]
         for batch in slots:
             assert batch == sorted(batch)
             assert batch == list(range(batch[0], batch[0] + len(batch)))  # one run of ids
-        assert {s for batch in slots for s in batch} == {0, 1, 2}  # the 4th reused slot 0
-        assert slots[-1] == [0]
+        assert {s for batch in slots[:-4] for s in batch} == {0, 1, 2}
+        assert slots[-1] == [3]
+    finally:
+        await eng.close()
+
+
+async def test_a_gap_left_by_a_finished_sequence_is_filled_first() -> None:
+    eng = await _engine(parallel=4)
+    try:
+        story = [prompt_of(eng, f"Write a long story about the number {i}.") for i in range(4)]
+        streams = [eng.generate(greedy(p, 500)) for p in story[:3]]
+        for stream in streams:
+            await anext(stream)
+        await streams[1].aclose()  # slot 1 frees up between slots 0 and 2
+        for _ in range(200):
+            if eng.stats().free_slots == 2:
+                break
+            await asyncio.sleep(0.01)
+        with batches(eng) as seen:
+            late = eng.generate(greedy(story[3], 500))
+            await anext(late)
+            await anext(late)
+        for stream in (streams[0], streams[2], late):
+            await stream.aclose()
+        assert [slot for slot, _ in seen[-1]] == [0, 1, 2]
     finally:
         await eng.close()
 

@@ -12,7 +12,7 @@ Slot order. The context keeps one KV stream per slot, and llama.cpp splits a bat
 of consecutive sequence ids, one forward pass per run: tokens go in in slot order and new
 sequences take the lowest free slot while others run, so running sequences stay packed and a
 step is one pass (plus the rest of a prompt chunk longer than the decodes beside it). Alone,
-a sequence goes where its prompt is cached, else to a slot that keeps nothing.
+a sequence goes where it overwrites the least cached work (`_pick_slot`).
 
 The token budget (`step_tokens`): a fixed number of tokens a step, or by default twice the
 decoding sequences (at least `MIN_STEP_TOKENS`): a step's time grows with its tokens, so a
@@ -90,6 +90,8 @@ class Scheduler:
         # Tokens held in the KV cache of each free slot (decode thread only; a running
         # sequence's own tokens are tracked on the sequence and stored here on release).
         self._cached: list[list[int]] = [[] for _ in range(model.n_seq)]
+        self._freed = [0] * model.n_seq  # when each slot was last freed (a release count)
+        self._releases = 0
         self._metrics = metrics
         if metrics is not None:
             metrics.kv_cells.set(model.n_seq * model.n_ctx)
@@ -148,6 +150,7 @@ class Scheduler:
                 self._resume_waiting()
                 if self._running:
                     self._step()
+                    self._release_cancelled()  # before the next admission takes a slot
         except BaseException as exc:
             log.exception("decode loop failed")
             error = EngineError(f"local engine failed: {exc}")
@@ -174,17 +177,21 @@ class Scheduler:
         return n
 
     def _pick_slot(self, seq: Sequence, free: list[int]) -> int:
-        """The lowest free slot while others run (one run of ids a step); alone, the slot
-        whose kept cells hold the longest prefix, else one that keeps nothing."""
+        """The lowest free slot while others run (one run of ids a step). Alone: a slot
+        whose kept cells are mostly a prefix of the prompt (a conversation going on), else an
+        empty slot, else the least recently freed; `_start` then copies a cached prefix from
+        wherever it is, so a slot's cells are overwritten only when little of them is lost."""
         if len(free) < len(self._cached):
             return min(free)
         best, best_n = -1, 0
         for slot in sorted(free):
-            if (n := self._common(self._cached[slot], seq.prompt)) > best_n:
+            cached = self._cached[slot]
+            n = self._common(cached, seq.prompt)
+            if n > best_n and 2 * n >= len(cached):
                 best, best_n = slot, n
         if best >= 0:
             return best
-        return min((s for s in free if not self._cached[s]), default=min(free))
+        return min(free, key=lambda s: (bool(self._cached[s]), self._freed[s], s))
 
     def _start(self, seq: Sequence, earlier: list[Sequence]) -> None:
         """Give a newly admitted sequence the longest cached prefix of its prompt.
@@ -258,6 +265,8 @@ class Scheduler:
 
         Its KV cells stay for the next request in the slot (prompt caching) unless it failed.
         """
+        self._releases += 1
+        self._freed[seq.slot] = self._releases
         if self._cache_prompt and outcome != "error" and seq.source is None:
             self._cached[seq.slot] = seq.held()
         else:
