@@ -1,8 +1,8 @@
 """Continuous batching: the decode thread that owns the llama.cpp context.
 
 Each step the thread (1) drops cancelled and expired requests, (2) admits waiting requests
-into free sequence slots (highest priority first, then first come, first served; the lowest
-free slot while others run), (3) builds one `llama_batch` within a token budget: one token for every
+into free sequence slots (highest priority first, then first come, first served; next to
+the busy slots), (3) builds one `llama_batch` within a token budget: one token for every
 decoding sequence first, then chunks of prompt tokens for sequences still prefilling (so a
 long prompt joins a little each step and never stalls the running streams for long), (4)
 runs one `llama_decode`, and (5) samples every sequence that produced logits with its own
@@ -10,9 +10,9 @@ sampler chain. A sequence that ends or is cancelled frees its slot in the same s
 
 Slot order. The context keeps one KV stream per slot, and llama.cpp splits a batch into runs
 of consecutive sequence ids, one forward pass per run: tokens go in in slot order and new
-sequences take the lowest free slot while others run, so running sequences stay packed and a
-step is one pass (plus the rest of a prompt chunk longer than the decodes beside it). Alone,
-a sequence goes where it overwrites the least cached work (`_pick_slot`).
+sequences take a free slot next to the busy ones (`_pick_slot`), so running sequences stay
+packed and a step is one pass (plus the rest of a prompt chunk longer than the decodes beside
+it); among such slots, the one where the least cached work is overwritten.
 
 The token budget (`step_tokens`): a fixed number of tokens a step, or by default twice the
 decoding sequences (at least `MIN_STEP_TOKENS`): a step's time grows with its tokens, so a
@@ -177,21 +177,21 @@ class Scheduler:
         return n
 
     def _pick_slot(self, seq: Sequence, free: list[int]) -> int:
-        """The lowest free slot while others run (one run of ids a step). Alone: a slot
-        whose kept cells are mostly a prefix of the prompt (a conversation going on), else an
-        empty slot, else the least recently freed; `_start` then copies a cached prefix from
-        wherever it is, so a slot's cells are overwritten only when little of them is lost."""
-        if len(free) < len(self._cached):
-            return min(free)
-        best, best_n = -1, 0
-        for slot in sorted(free):
+        """The free slot that keeps the busy slots in the fewest runs of consecutive ids (one
+        forward pass each); among those, one whose kept cells are mostly a prefix of the
+        prompt (a conversation going on), else one that keeps nothing, else the least
+        recently freed. `_start` then copies a cached prefix from wherever it is, so a
+        slot's cells are overwritten only when little of them is lost."""
+        busy = set(range(len(self._cached))).difference(free)
+
+        def rank(slot: int) -> tuple[int, int, bool, int, int]:
+            runs = 1 - (slot - 1 in busy) - (slot + 1 in busy)  # runs it adds
             cached = self._cached[slot]
             n = self._common(cached, seq.prompt)
-            if n > best_n and 2 * n >= len(cached):
-                best, best_n = slot, n
-        if best >= 0:
-            return best
-        return min(free, key=lambda s: (bool(self._cached[s]), self._freed[s], s))
+            useful = n if 2 * n >= len(cached) else 0
+            return (runs, -useful, bool(cached), self._freed[slot], slot)
+
+        return min(free, key=rank)
 
     def _start(self, seq: Sequence, earlier: list[Sequence]) -> None:
         """Give a newly admitted sequence the longest cached prefix of its prompt.
