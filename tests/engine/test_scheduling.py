@@ -129,7 +129,7 @@ async def test_fixed_token_budget_is_respected_and_decodes_go_first() -> None:
         await eng.close()
 
 
-async def test_default_budget_is_twice_the_decodes_at_least_64() -> None:
+async def test_default_budget_is_twice_the_decodes_with_a_floor() -> None:
     from sluice.engine.scheduler import MIN_STEP_TOKENS
 
     eng = await _engine(parallel=4)

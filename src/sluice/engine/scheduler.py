@@ -15,9 +15,10 @@ packed and a step is one pass (plus the rest of a prompt chunk longer than the d
 it); among such slots, the one where the least cached work is overwritten.
 
 The token budget (`step_tokens`): a fixed number of tokens a step, or by default twice the
-decoding sequences (at least `MIN_STEP_TOKENS`): a step's time grows with its tokens, so a
-step with prompt work beside N decodes takes about twice a decode-only step at most
-(docs/architecture.md has the measurement).
+decoding sequences (at least `MIN_STEP_TOKENS`): on a CPU a step's time grows about linearly
+with its tokens past the first few, so from 16 decoding sequences up a step with prompt work
+takes about twice a decode-only one, and below that at most a 32-token step
+(docs/architecture.md).
 
 Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse and its prompt cache):
 a finished or cancelled sequence leaves its KV cells in its slot, and the scheduler
@@ -62,8 +63,9 @@ StepObserver = Callable[[int, int, int], None]
 BatchObserver = Callable[[list[tuple[int, int]]], None]
 """Called before each decode with the batch's (slot, tokens) in batch order."""
 
-MIN_STEP_TOKENS = 64
-"""The default token budget's floor: prompt work a step can always take beside few decodes."""
+MIN_STEP_TOKENS = 32
+"""The default token budget's floor: prompt work a step can always take beside few decodes
+(a 31-token chat prompt joins a lone stream in one step)."""
 MIN_COPY_TOKENS = 32
 """Prefix tokens another slot must add over a slot's own cache to be worth copying: the copy
 moves that slot's whole KV stream (n_ctx cells), a few milliseconds."""
