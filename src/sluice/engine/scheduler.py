@@ -3,8 +3,9 @@
 Each step the thread (1) drops cancelled and expired requests, (2) admits waiting requests
 into free sequence slots (highest priority first, then first come, first served; next to
 the busy slots), (3) builds one `llama_batch` within a token budget: one token for every
-decoding sequence first, then chunks of prompt tokens for sequences still prefilling (so a
-long prompt joins a little each step and never stalls the running streams for long), (4)
+decoding sequence first, then chunks of prompt tokens for sequences still prefilling, the
+shortest rest of a prompt first (so a long prompt joins a little each step and neither
+stalls the running streams nor the short prompts behind it for long), (4)
 runs one `llama_decode`, and (5) samples every sequence that produced logits with its own
 sampler chain. A sequence that ends or is cancelled frees its slot in the same step.
 
@@ -289,8 +290,8 @@ class Scheduler:
             batch.seq_id,
             batch.logits,
         )
-        # Who takes part, decided in admission order: every decoding sequence (one token),
-        # then prefilling ones (chunks of their prompts) within the step's token budget.
+        # Who takes part: every decoding sequence (one token), then prefilling ones
+        # (chunks of their prompts) within the step's token budget.
         takes: list[tuple[Sequence, int]] = []
         decoded = 0
         for seq in self._running:
@@ -300,7 +301,9 @@ class Scheduler:
                 decoded += 1
         budget = self._budget(decoded) - decoded
         budget = min(self._prefill_chunk, budget)
-        for seq in self._running:
+        # Prompt room goes to the shortest rest of a prompt first (within a priority), so a
+        # short prompt joins at once instead of queueing behind a long one's chunks.
+        for seq in sorted(self._running, key=_prefill_order):
             if budget <= 0:
                 break
             if seq.prefilling and seq.source is None:
@@ -413,3 +416,7 @@ class Scheduler:
 
 def _slot_of_take(take: tuple[Sequence, int]) -> int:
     return take[0].slot
+
+
+def _prefill_order(seq: Sequence) -> tuple[int, int, int]:
+    return (-seq.req.priority, len(seq.prompt) - seq.cursor, seq.order)
