@@ -19,6 +19,7 @@ from sluice.engine.config import EngineConfig
         {"max_queue": -1},
         {"max_queue_wait_s": 0},
         {"prefill_chunk": 0},
+        {"step_tokens": 8, "parallel": 8},
     ],
 )
 def test_engine_config_validation(kwargs: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ class Admission:
         self._metrics = metrics
         self._cond = threading.Condition()
         self._waiting: list[Sequence] = []  # sorted by Sequence.sort_key
-        self._free = list(range(slots - 1, -1, -1))
+        self._free = list(range(slots))
         self._stopping = False
         self._order = 0
 
@@ -86,7 +86,9 @@ class Admission:
 
         While `idle` (nothing running) and nothing waits, block until work arrives. Drops
         cancelled sequences and fails those that waited past the limit. `pick(seq, free)`
-        chooses which of the free slots a sequence gets (default: the last one freed).
+        chooses which of the free slots a sequence gets (default: the lowest: llama.cpp
+        decodes each run of consecutive sequence ids in a batch as a forward pass of its own,
+        so running sequences packed at the low ids make one pass a step).
         """
         with self._cond:
             while idle and not self._stopping and not self._waiting:
@@ -100,7 +102,7 @@ class Admission:
                 if seq.cancelled:
                     continue
                 if self._free:
-                    slot = pick(seq, self._free) if pick else self._free[-1]
+                    slot = pick(seq, self._free) if pick else min(self._free)
                     self._free.remove(slot)
                     admitted.append((seq, slot))
                     seq.admitted_at = now

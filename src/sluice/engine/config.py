@@ -26,8 +26,14 @@ class EngineConfig:
     max_queue_wait_s: float = 30.0
     """Longest a request may wait for a slot before `QueueTimeoutError`."""
     prefill_chunk: int | None = None
-    """Most prompt tokens prefilled per step (None: as many as the batch has room for).
-    Smaller chunks keep inter-token latency of running sequences low under long prompts."""
+    """Most prompt tokens prefilled per step (None: as many as the token budget leaves)."""
+    step_tokens: int | None = None
+    """Token budget of one decode step (as vLLM's ``max_num_batched_tokens``): one token for
+    each decoding sequence first, then prompt chunks up to the budget, so a long prompt joins
+    a little each step instead of stalling running streams. None: twice the decoding
+    sequences, at least 32 (on a CPU a step's time grows with its tokens, so from 16
+    decoding sequences up a step with prompt work takes about twice a decode-only one).
+    Set, it must exceed `parallel` so that prompts always make progress."""
     cache_prompt: bool = True
     """Keep a finished sequence's KV cache in its slot and reuse its longest common prefix
     with the next prompt admitted there, prefilling only the new suffix."""
@@ -46,6 +52,8 @@ class EngineConfig:
             raise ValueError("batch_size must exceed parallel")
         if self.max_queue < 0:
             raise ValueError("max_queue must not be negative")
+        if self.step_tokens is not None and self.step_tokens <= self.parallel:
+            raise ValueError("step_tokens must exceed parallel")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
         if self.max_sequences_per_request < 1:

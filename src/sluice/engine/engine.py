@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from sluice.engine.config import EngineConfig
 from sluice.engine.metrics import EngineMetrics
 from sluice.engine.model import LlamaModel, default_model_path
-from sluice.engine.scheduler import Scheduler, StepObserver
+from sluice.engine.scheduler import BatchObserver, Scheduler, StepObserver
 from sluice.engine.sequence import GenerationStream
 from sluice.engine.sequence import Sequence as _Sequence
 from sluice.engine.types import (
@@ -65,6 +65,7 @@ class Engine:
             max_queue=cfg.max_queue,
             max_queue_wait_s=cfg.max_queue_wait_s,
             prefill_chunk=cfg.prefill_chunk or cfg.batch_size,
+            step_tokens=cfg.step_tokens,
             cache_prompt=cfg.cache_prompt,
             metrics=self.metrics,
         )
@@ -166,6 +167,16 @@ class Engine:
 
     def remove_step_observer(self, observer: StepObserver) -> None:
         self._require().step_observers.remove(observer)
+
+    def add_batch_observer(self, observer: BatchObserver) -> None:
+        """Call `observer([(slot, tokens), ...])` with each step's batch, in batch order.
+
+        It runs on the decode thread before the decode: keep it tiny and thread-safe.
+        """
+        self._require().batch_observers.append(observer)
+
+    def remove_batch_observer(self, observer: BatchObserver) -> None:
+        self._require().batch_observers.remove(observer)
 
     def generate(self, request: GenerationRequest) -> GenerationStream:
         """Queue `request`; iterate the result for its events (the last has finish_reason).

@@ -1,25 +1,37 @@
 """Continuous batching: the decode thread that owns the llama.cpp context.
 
 Each step the thread (1) drops cancelled and expired requests, (2) admits waiting requests
-into free sequence slots (highest priority first, then first come, first served), (3) builds
-one `llama_batch` with one token for every decoding sequence plus chunks of prompt tokens
-for sequences still prefilling (chunked prefill, so a long prompt never stalls decodes),
-(4) runs one `llama_decode`, and (5) samples every sequence that produced logits with its
-own sampler chain. A sequence that ends or is cancelled frees its slot in the same step.
+into free sequence slots (highest priority first, then first come, first served; next to
+the busy slots), (3) builds one `llama_batch` within a token budget: one token for every
+decoding sequence first, then chunks of prompt tokens for sequences still prefilling, the
+shortest rest of a prompt first (so a long prompt joins a little each step and neither
+stalls the running streams nor the short prompts behind it for long), (4)
+runs one `llama_decode`, and (5) samples every sequence that produced logits with its own
+sampler chain. A sequence that ends or is cancelled frees its slot in the same step.
 
-Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse): a finished or cancelled
-sequence leaves its KV cells in its slot, and the scheduler remembers which tokens they hold.
-A new request goes to the free slot whose kept tokens share the longest prefix with its
-prompt; only the cache past that prefix is dropped (`llama_memory_seq_rm`) and prefill
-starts there. At least the last prompt token is always decoded again, so that position
-yields the logits of the first sampled token. A sequence that fails leaves nothing behind.
+Slot order. The context keeps one KV stream per slot, and llama.cpp splits a batch into runs
+of consecutive sequence ids, one forward pass per run: tokens go in in slot order and new
+sequences take a free slot next to the busy ones (`_pick_slot`), so running sequences stay
+packed and a step is one pass (plus the rest of a prompt chunk longer than the decodes beside
+it); among such slots, the one where the least cached work is overwritten.
 
-Kept cells are not free: every later decode step attends over them, which measurably
-slowed batched decode when every slot kept its cache (a measurement taken before the batch
-was laid out in slot order, which removed a slowdown of the same size; not re-examined
-since; docs/architecture.md). So at most one free slot keeps its cells (the most recently
-freed), and none while several sequences decode together: the cache serves sequential
-traffic (and the shared system prompt) without taxing batches.
+The token budget (`step_tokens`): a fixed number of tokens a step, or by default twice the
+decoding sequences (at least `MIN_STEP_TOKENS`): on a CPU a step's time grows about linearly
+with its tokens past the first few, so from 16 decoding sequences up a step with prompt work
+takes about twice a decode-only one, and below that at most a 32-token step
+(docs/architecture.md).
+
+Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse and its prompt cache):
+a finished or cancelled sequence leaves its KV cells in its slot, and the scheduler
+remembers which tokens they hold. A new sequence takes the longest prefix of its prompt that
+any slot holds: its own slot's kept cells are trimmed to the prefix (`llama_memory_seq_rm`);
+another slot's cells, kept or of a running sequence, are copied (`llama_memory_seq_cp`, a
+copy of that slot's whole KV stream, so only for a prefix at least `MIN_COPY_TOKENS` longer
+than the slot's own) and trimmed. A prompt that shares a long prefix with one still being
+prefilled (the `n` choices of one request, a burst with one long system prompt) waits for
+that prefill and copies it instead of computing it twice. At least the last prompt token is
+always decoded again, so that position yields the logits of the first sampled token. A
+sequence that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -28,7 +40,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +61,15 @@ log = logging.getLogger("sluice.engine")
 
 StepObserver = Callable[[int, int, int], None]
 """Called after each step with (sequences, prompt tokens, decoded tokens)."""
+BatchObserver = Callable[[list[tuple[int, int]]], None]
+"""Called before each decode with the batch's (slot, tokens) in batch order."""
+
+MIN_STEP_TOKENS = 32
+"""The default token budget's floor: prompt work a step can always take beside few decodes
+(a 31-token chat prompt joins a lone stream in one step)."""
+MIN_COPY_TOKENS = 32
+"""Prefix tokens another slot must add over a slot's own cache to be worth copying: the copy
+moves that slot's whole KV stream (n_ctx cells), a few milliseconds."""
 
 
 class Scheduler:
@@ -62,16 +82,19 @@ class Scheduler:
         max_queue: int,
         max_queue_wait_s: float,
         prefill_chunk: int,
+        step_tokens: int | None = None,
         cache_prompt: bool = True,
         metrics: EngineMetrics | None = None,
     ) -> None:
         self._model = model
         self._prefill_chunk = prefill_chunk
+        self._step_tokens = step_tokens
         self._cache_prompt = cache_prompt
         # Tokens held in the KV cache of each free slot (decode thread only; a running
         # sequence's own tokens are tracked on the sequence and stored here on release).
         self._cached: list[list[int]] = [[] for _ in range(model.n_seq)]
-        self._kept: deque[int] = deque()  # free slots whose cells are kept, oldest first
+        self._freed = [0] * model.n_seq  # when each slot was last freed (a release count)
+        self._releases = 0
         self._metrics = metrics
         if metrics is not None:
             metrics.kv_cells.set(model.n_seq * model.n_ctx)
@@ -82,6 +105,7 @@ class Scheduler:
         self._running: list[Sequence] = []  # decode thread only
         self._outbox: list[tuple[Sequence, Item]] = []  # decode thread only, flushed per step
         self.step_observers: list[StepObserver] = []
+        self.batch_observers: list[BatchObserver] = []
         self._thread = threading.Thread(target=self._run, name="sluice-decode", daemon=True)
 
     # -- event-loop side ------------------------------------------------------------------
@@ -119,15 +143,17 @@ class Scheduler:
             while (
                 admitted := self._admission.admit(idle=not self._running, pick=pick)
             ) is not None:
+                earlier = [s for s in self._running if not s.cancelled]
                 for seq, slot in admitted:
                     seq.slot = slot
-                    self._reuse_cache(seq)
                     seq.sampler = make_sampler(seq.req)
+                    self._start(seq, earlier)
                     self._running.append(seq)
                 self._release_cancelled()
-                self._trim_kept()
+                self._resume_waiting()
                 if self._running:
                     self._step()
+                    self._release_cancelled()  # before the next admission takes a slot
         except BaseException as exc:
             log.exception("decode loop failed")
             error = EngineError(f"local engine failed: {exc}")
@@ -144,47 +170,94 @@ class Scheduler:
 
     # -- prompt cache ---------------------------------------------------------------------
 
-    def _reusable(self, seq: Sequence, slot: int) -> int:
-        """Leading prompt tokens already in `slot`'s cache (never the whole prompt)."""
-        cached, prompt = self._cached[slot], seq.prompt
-        limit = min(len(cached), len(prompt) - 1)
+    @staticmethod
+    def _common(held: list[int], prompt: list[int]) -> int:
+        """Leading prompt tokens `held` holds (never the whole prompt)."""
+        limit = min(len(held), len(prompt) - 1)
         n = 0
-        while n < limit and cached[n] == prompt[n]:
+        while n < limit and held[n] == prompt[n]:
             n += 1
         return n
 
     def _pick_slot(self, seq: Sequence, free: list[int]) -> int:
-        """The free slot with the longest reusable prefix; else the least recently freed."""
-        best, best_n = free[0], 0
-        for slot in reversed(free):
-            n = self._reusable(seq, slot)
-            if n > best_n:
-                best, best_n = slot, n
-        return best
+        """The free slot that keeps the busy slots in the fewest runs of consecutive ids (one
+        forward pass each); among those, one whose kept cells are mostly a prefix of the
+        prompt (a conversation going on), else one that keeps nothing, else the least
+        recently freed. `_start` then copies a cached prefix from wherever it is, so a
+        slot's cells are overwritten only when little of them is lost."""
+        busy = set(range(len(self._cached))).difference(free)
 
-    def _reuse_cache(self, seq: Sequence) -> None:
-        """Trim the new sequence's slot to the prefix it shares and start prefill after it."""
+        def rank(slot: int) -> tuple[int, int, bool, int, int]:
+            runs = 1 - (slot - 1 in busy) - (slot + 1 in busy)  # runs it adds
+            cached = self._cached[slot]
+            n = self._common(cached, seq.prompt)
+            useful = n if 2 * n >= len(cached) else 0
+            return (runs, -useful, bool(cached), self._freed[slot], slot)
+
+        return min(free, key=rank)
+
+    def _start(self, seq: Sequence, earlier: list[Sequence]) -> None:
+        """Give a newly admitted sequence the longest cached prefix of its prompt.
+
+        `earlier`: sequences running before this admission round (their cells are computed).
+        """
+        slot, prompt = seq.slot, seq.prompt
+        own = self._common(self._cached[slot], prompt) if self._cache_prompt else 0
+        best, src = own, slot
+        if self._cache_prompt:
+            for other, held in enumerate(self._cached):
+                if other != slot and held and (n := self._common(held, prompt)) > best:
+                    best, src = n, other
+            for run in earlier:
+                if run.slot != slot and (n := self._common(run.held(), prompt)) > best:
+                    best, src = n, run.slot
+            # A prompt still being prefilled that will hold a longer prefix: wait for it.
+            pending, share = None, best
+            for run in self._running:
+                if run is not seq and run.prefilling and run.source is None:
+                    n = self._common(run.prompt, prompt)
+                    if n > share:
+                        pending, share = run, n
+            if pending is not None and share >= max(best, own) + MIN_COPY_TOKENS:
+                self._forget(slot)
+                seq.source, seq.share = pending, share
+                return
+            if src != slot and best < own + MIN_COPY_TOKENS:
+                best, src = own, slot
+        self._place(seq, src, best)
+
+    def _place(self, seq: Sequence, src: int, n: int) -> None:
+        """Start `seq` with its first `n` prompt tokens taken from slot `src`'s cells."""
         slot, memory = seq.slot, self._model.memory
-        n = self._reusable(seq, slot) if self._cache_prompt else 0
+        if n > 0 and src != slot:
+            llama_cpp.llama_memory_seq_cp(memory, src, slot, 0, -1)  # whole stream, then trim
         if n > 0 and not llama_cpp.llama_memory_seq_rm(memory, slot, n, -1):
             n = 0  # this memory cannot drop a tail (e.g. recurrent): start over
-        if n == 0 and self._cached[slot]:
+        if n == 0:
             llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
         self._cached[slot] = []
         seq.cursor = seq.n_past = seq.reused = n
+        seq.source, seq.share = None, 0
         if n and self._metrics:
             self._metrics.prompt_tokens_reused.inc(n)
-        if slot in self._kept:
-            self._kept.remove(slot)
 
-    def _trim_kept(self) -> None:
-        """Drop kept cells beyond one free slot, or all of them while several sequences run."""
-        limit = 1 if len(self._running) <= 1 else 0
-        while len(self._kept) > limit:
-            slot = self._kept.popleft()
-            if self._cached[slot]:
-                llama_cpp.llama_memory_seq_rm(self._model.memory, slot, -1, -1)
-                self._cached[slot] = []
+    def _forget(self, slot: int) -> None:
+        if self._cached[slot]:
+            llama_cpp.llama_memory_seq_rm(self._model.memory, slot, -1, -1)
+            self._cached[slot] = []
+
+    def _resume_waiting(self) -> None:
+        """Copy a finished shared prefill to the sequences waiting for it."""
+        for seq in self._running:
+            source = seq.source
+            if source is None:
+                continue
+            if source in self._running and not source.cancelled:
+                if source.cursor >= seq.share:
+                    self._place(seq, source.slot, seq.share)
+            else:  # the source ended or failed: take what is cached now
+                seq.source = None
+                self._start(seq, [s for s in self._running if s.source is None])
 
     def _release_cancelled(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
@@ -195,9 +268,10 @@ class Scheduler:
 
         Its KV cells stay for the next request in the slot (prompt caching) unless it failed.
         """
-        if self._cache_prompt and outcome != "error":
-            self._cached[seq.slot] = seq.prompt[: seq.cursor] + seq.decoded
-            self._kept.append(seq.slot)
+        self._releases += 1
+        self._freed[seq.slot] = self._releases
+        if self._cache_prompt and outcome != "error" and seq.source is None:
+            self._cached[seq.slot] = seq.held()
         else:
             llama_cpp.llama_memory_seq_rm(self._model.memory, seq.slot, -1, -1)
             self._cached[seq.slot] = []
@@ -216,26 +290,30 @@ class Scheduler:
             batch.seq_id,
             batch.logits,
         )
-        # Who takes part, decided in admission order: every decoding sequence (one token),
-        # then prefilling ones (chunks of their prompts) while the batch has room.
+        # Who takes part: every decoding sequence (one token), then prefilling ones
+        # (chunks of their prompts) within the step's token budget.
         takes: list[tuple[Sequence, int]] = []
         decoded = 0
         for seq in self._running:
             seq.batch_index = -1
-            if not seq.prefilling:
+            if not seq.prefilling and seq.source is None:
                 takes.append((seq, 1))
                 decoded += 1
-        budget = min(self._prefill_chunk, self._model.n_batch - decoded)
-        for seq in self._running:
+        budget = self._budget(decoded) - decoded
+        budget = min(self._prefill_chunk, budget)
+        # Prompt room goes to the shortest rest of a prompt first (within a priority), so a
+        # short prompt joins at once instead of queueing behind a long one's chunks.
+        for seq in sorted(self._running, key=_prefill_order):
             if budget <= 0:
                 break
-            if seq.prefilling:
+            if seq.prefilling and seq.source is None:
                 take = min(budget, len(seq.prompt) - seq.cursor)
                 takes.append((seq, take))
                 budget -= take
-        # Tokens go in in slot (sequence id) order: with one KV stream per sequence,
-        # llama.cpp decodes a batch whose ids run backwards markedly slower, and prompt
-        # caching's slot choice once produced that order (docs/architecture.md).
+        if not takes:
+            return
+        # Tokens go in in slot (sequence id) order: llama.cpp decodes each run of
+        # consecutive ids as one forward pass, and ids running backwards cost one each.
         takes.sort(key=_slot_of_take)
         n = 0
         in_batch: list[Sequence] = []
@@ -259,6 +337,8 @@ class Scheduler:
                     seq.batch_index = n - 1
             in_batch.append(seq)
         batch.n_tokens = n
+        for watch in self.batch_observers:
+            watch([(seq.slot, take) for seq, take in takes])
         started = time.perf_counter()
         rc = llama_cpp.llama_decode(self._model.ctx, batch)
         elapsed = time.perf_counter() - started
@@ -282,9 +362,17 @@ class Scheduler:
                 self._sample(seq)
         self._flush()
 
+    def _budget(self, decoding: int) -> int:
+        """Most tokens in a step with `decoding` sequences decoding."""
+        if self._step_tokens is not None:
+            budget = self._step_tokens
+        else:
+            budget = max(2 * decoding, MIN_STEP_TOKENS)
+        return min(budget, self._model.n_batch)
+
     def _kv_cells_used(self) -> int:
         held = sum(seq.n_past for seq in self._running)
-        return held + sum(len(self._cached[slot]) for slot in self._kept)
+        return held + sum(len(cells) for cells in self._cached)
 
     def _flush(self) -> None:
         """Deliver this step's events: one wake-up per consumer event loop, not per token."""
@@ -328,3 +416,7 @@ class Scheduler:
 
 def _slot_of_take(take: tuple[Sequence, int]) -> int:
     return take[0].slot
+
+
+def _prefill_order(seq: Sequence) -> tuple[int, int, int]:
+    return (-seq.req.priority, len(seq.prompt) - seq.cursor, seq.order)

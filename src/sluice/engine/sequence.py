@@ -64,7 +64,11 @@ class Sequence:
         """Prompt tokens already fed to the model (also the next position while prefilling)."""
         self.n_past = 0
         self.reused = 0
-        """Prompt tokens taken from the slot's kept KV cache instead of prefilled."""
+        """Prompt tokens taken from a KV cache (the slot's own or another slot's copied)."""
+        self.source: Sequence | None = None
+        """A sequence still prefilling a prompt that shares this one's first `share` tokens:
+        this one waits for them and copies them instead of prefilling them again (n > 1)."""
+        self.share = 0
         self.decoded: list[int] = []
         """Sampled tokens already fed back to the model (in the KV cache after the prompt)."""
         self.next_token = -1
@@ -81,6 +85,10 @@ class Sequence:
     @property
     def prefilling(self) -> bool:
         return self.cursor < len(self.prompt)
+
+    def held(self) -> list[int]:
+        """The tokens in this sequence's KV cells between steps (prompt so far, then output)."""
+        return self.prompt[: self.cursor] + self.decoded
 
     def post(self, item: Item) -> None:
         """Hand `item` to the consumer's event loop now (safe from any thread)."""
