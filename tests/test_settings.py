@@ -145,3 +145,12 @@ def test_trusted_proxies_are_normalised_to_networks() -> None:
     assert server.trusted_proxies == ["127.0.0.0/8", "10.1.2.3/32", "::1/128"]
     with pytest.raises(ValueError, match="not an IP address"):
         ServerSettings(trusted_proxies=["nginx"])
+
+
+def test_a_local_step_budget_fits_between_parallel_and_batch_size() -> None:
+    from sluice.settings import LocalDeployment
+
+    assert LocalDeployment(provider="local", parallel=4, step_tokens=16).step_tokens == 16
+    for bad in (4, 513):
+        with pytest.raises(ValueError, match="step_tokens"):
+            LocalDeployment(provider="local", parallel=4, step_tokens=bad)

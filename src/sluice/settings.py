@@ -154,6 +154,12 @@ class LocalDeployment(_Strict):
     parallel: int = Field(8, ge=1, le=256, description="sequences decoded together")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     batch_size: int = Field(512, ge=16, description="tokens per llama_decode step (> parallel)")
+    step_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="tokens a decode step may take: one per decoding sequence first, then "
+        "prompt chunks (default: twice the decoding sequences, at least 32)",
+    )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     max_queue_wait: float = Field(30.0, gt=0, description="seconds a request may wait for a slot")
     cache_prompt: bool = Field(
@@ -169,6 +175,11 @@ class LocalDeployment(_Strict):
     def _batch_fits_every_slot(self) -> LocalDeployment:
         if self.batch_size <= self.parallel:
             raise ValueError("batch_size must be larger than parallel (one token per slot)")
+        if self.step_tokens is not None and not self.parallel < self.step_tokens <= self.batch_size:
+            raise ValueError(
+                "step_tokens must be larger than parallel (one token per slot) and at most "
+                "batch_size"
+            )
         # An explicit default that cannot fit is a mistake; the built-in one is cut to the
         # context a request has left (sluice.backends.local_params.build).
         max_tokens = self.defaults.max_tokens

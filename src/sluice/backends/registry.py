@@ -112,6 +112,7 @@ class LocalProvider:
             parallel=spec.parallel,
             threads=spec.threads,
             batch_size=spec.batch_size,
+            step_tokens=spec.step_tokens,
             max_queue=spec.max_queue,
             max_queue_wait_s=spec.max_queue_wait,
             cache_prompt=spec.cache_prompt,
