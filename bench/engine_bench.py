@@ -356,11 +356,13 @@ async def one_stream(
 ) -> dict[str, Any]:
     """One streaming request: TTFT, and each later token's (arrival time, gap). A request
     that could not be written on a kept-alive connection the server had closed (llama-server's
-    cpp-httplib closes one after 5 requests) is sent again, once, on a new one."""
+    cpp-httplib closes one after 5 requests) is sent again (up to 3 times)."""
     sent = time.perf_counter()
     s = await _one_stream(session, url, payload, sent)
-    stale = str(s["error"]).startswith(("ClientOSError", "ServerDisconnectedError"))
-    if stale and s["tokens"] == 0:
+    for _ in range(3):  # the pool may hand out another closed connection
+        stale = str(s["error"]).startswith(("ClientOSError", "ServerDisconnectedError"))
+        if not stale or s["tokens"]:
+            break
         s = await _one_stream(session, url, payload, sent) | {"retried": True}
     return s
 
