@@ -121,6 +121,10 @@ def test_every_worker_sees_a_configmap_update(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert seen == {"second"}
     finally:
+        # SIGTERM, so the supervisor stops its workers (stop()'s SIGKILL would orphan them).
+        if gateway.process is not None:
+            gateway.process.terminate()
+            gateway.process.wait(20)
         gateway.stop()
 
 
