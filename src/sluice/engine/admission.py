@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from sluice.engine.metrics import EngineMetrics
+from sluice.engine.metrics import EngineMetrics, EngineShare
 from sluice.engine.sequence import Sequence
 from sluice.engine.types import EngineClosedError, QueueFullError, QueueTimeoutError
 
@@ -27,11 +27,14 @@ class Admission:
         max_queue: int,
         max_wait_s: float,
         metrics: EngineMetrics | None = None,
+        share: EngineShare | None = None,
     ) -> None:
+        """``share``: this engine's part of ``metrics``' gauges (the scheduler's)."""
         self.slots = slots
         self._max_queue = max_queue
         self._max_wait = max_wait_s
         self._metrics = metrics
+        self._share = share
         self._cond = threading.Condition()
         self._waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self._free = list(range(slots))
@@ -135,6 +138,6 @@ class Admission:
         return sum(1 for s in self._waiting if not s.cancelled)
 
     def _gauges(self) -> None:
-        if self._metrics:
-            self._metrics.queue_depth.set(len(self._waiting))
-            self._metrics.running_sequences.set(self.slots - len(self._free))
+        if self._share is not None:
+            self._share.set("queue_depth", len(self._waiting))
+            self._share.set("running_sequences", self.slots - len(self._free))

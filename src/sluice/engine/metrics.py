@@ -28,6 +28,35 @@ _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
+class EngineShare:
+    """One engine's part of the process-wide gauges (queue, running sequences, KV cells).
+
+    Every local deployment of a process shares one `EngineMetrics`: setting a gauge would
+    let the engine that wrote last hide the others. Each engine adds the change of its own
+    value instead, so the gauges read the sum of the engines (and, livesum, of the workers),
+    and `clear` takes a closed engine's part out. Each name is written from one thread (the
+    admission lock's holder, or the decode thread)."""
+
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self._gauges = {
+            "queue_depth": metrics.queue_depth,
+            "running_sequences": metrics.running_sequences,
+            "kv_cells": metrics.kv_cells,
+            "kv_cells_used": metrics.kv_cells_used,
+        }
+        self._values = dict.fromkeys(self._gauges, 0.0)
+
+    def set(self, name: str, value: float) -> None:
+        change = value - self._values[name]
+        if change:
+            self._values[name] = value
+            self._gauges[name].inc(change)
+
+    def clear(self) -> None:
+        for name in self._gauges:
+            self.set(name, 0.0)
+
+
 class EngineMetrics:
     """The engine's instruments, all prefixed ``sluice_engine_``."""
 
@@ -132,9 +161,10 @@ class EngineMetrics:
         decode_tokens: int,
         seconds: float,
         kv_cells_used: int,
+        share: EngineShare,
     ) -> None:
-        """Record one decode step."""
-        self.kv_cells_used.set(kv_cells_used)
+        """Record one decode step (``share``: the engine's part of the gauges)."""
+        share.set("kv_cells_used", kv_cells_used)
         self.batch_sequences.observe(sequences)
         self.batch_tokens.observe(prompt_tokens + decode_tokens)
         if prompt_tokens:

@@ -46,7 +46,7 @@ from typing import Any
 import llama_cpp
 
 from sluice.engine.admission import Admission
-from sluice.engine.metrics import EngineMetrics
+from sluice.engine.metrics import EngineMetrics, EngineShare
 from sluice.engine.model import LlamaModel
 from sluice.engine.sequence import Item, Sequence, deliver, make_sampler
 from sluice.engine.types import (
@@ -96,10 +96,15 @@ class Scheduler:
         self._freed = [0] * model.n_seq  # when each slot was last freed (a release count)
         self._releases = 0
         self._metrics = metrics
-        if metrics is not None:
-            metrics.kv_cells.set(model.n_seq * model.n_ctx)
+        self._share = EngineShare(metrics) if metrics is not None else None
+        if self._share is not None:
+            self._share.set("kv_cells", model.n_seq * model.n_ctx)
         self._admission = Admission(
-            model.n_seq, max_queue=max_queue, max_wait_s=max_queue_wait_s, metrics=metrics
+            model.n_seq,
+            max_queue=max_queue,
+            max_wait_s=max_queue_wait_s,
+            metrics=metrics,
+            share=self._share,
         )
         self._batch: Any = llama_cpp.llama_batch_init(model.n_batch, 0, 1)
         self._running: list[Sequence] = []  # decode thread only
@@ -133,6 +138,8 @@ class Scheduler:
         if self._batch is not None and not self._thread.is_alive():
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if self._share is not None and not self._thread.is_alive():
+            self._share.clear()  # a closed engine (a reload removed it) counts for nothing
 
     # -- decode thread ----------------------------------------------------------------------
 
@@ -347,13 +354,14 @@ class Scheduler:
                 self._release(seq, outcome="error")
                 seq.fail(DecodeError(f"llama_decode failed with status {rc}"))
             return
-        if self._metrics:
+        if self._metrics is not None and self._share is not None:
             self._metrics.observe_step(
                 sequences=len(in_batch),
                 prompt_tokens=n - decoded,
                 decode_tokens=decoded,
                 seconds=elapsed,
                 kv_cells_used=self._kv_cells_used(),
+                share=self._share,
             )
         for observe in self.step_observers:
             observe(len(in_batch), n - decoded, decoded)
