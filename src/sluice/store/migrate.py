@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -49,12 +50,14 @@ async def downgrade(engine: AsyncEngine, revision: str) -> None:
 
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or None before the first migration."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_revision_of)
+
+
+def _revision_of(connection: Connection) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    async with engine.connect() as conn:
-        return await conn.run_sync(
-            lambda sync: MigrationContext.configure(sync).get_current_revision()
-        )
+    return MigrationContext.configure(connection).get_current_revision()
 
 
 def head_revision() -> str:
@@ -64,11 +67,16 @@ def head_revision() -> str:
     return head
 
 
-def known_revisions() -> frozenset[str]:
-    """Every packaged migration's revision."""
-    return frozenset(
-        script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()
-    )
+def is_newer(revision: str | None) -> bool:
+    """A revision none of the packaged migrations has: a later release's (it ran its
+    migrations during a rolling upgrade, or before a rollback to this one)."""
+    return revision is not None and revision not in _packaged_revisions()
+
+
+@functools.cache
+def _packaged_revisions() -> frozenset[str]:
+    scripts = ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    return frozenset(script.revision for script in scripts)
 
 
 class SchemaBehind(RuntimeError):
@@ -85,7 +93,7 @@ async def require_head(engine: AsyncEngine) -> None:
     current, head = await current_revision(engine), head_revision()
     if current == head:
         return
-    if current is not None and current not in known_revisions():
+    if is_newer(current):
         log.warning(
             "the database schema is at %s, newer than this Sluice's %s: running on it",
             current,
@@ -99,15 +107,13 @@ async def require_head(engine: AsyncEngine) -> None:
 
 
 def _run(connection: Connection, action: str, revision: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
         # Taken after the advisory lock (which may rightly wait for another migrator): a
         # table lock that waits behind live replicas' transactions would queue every later
         # query on that table behind it, so give up instead, loudly, and let the job retry.
         connection.exec_driver_sql(f"SET LOCAL lock_timeout = '{_PG_LOCK_TIMEOUT}'")
-    found = MigrationContext.configure(connection).get_current_revision()
+    found = _revision_of(connection)
     config = alembic_config(connection)
     if action == "upgrade":
         command.upgrade(config, revision)

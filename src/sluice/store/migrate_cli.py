@@ -22,7 +22,7 @@ from typing import TypeVar
 from sluice.services import database_for
 from sluice.settings import Settings
 from sluice.store.database import Database
-from sluice.store.migrate import current_revision, head_revision, known_revisions, upgrade
+from sluice.store.migrate import current_revision, head_revision, is_newer, upgrade
 
 T = TypeVar("T")
 log = logging.getLogger("sluice.migrate")
@@ -56,7 +56,7 @@ async def migrate(settings: Settings, wait: float, check_only: bool) -> str:
         before = await _until_reachable(
             database, deadline, lambda: current_revision(database.engine)
         )
-        if before is not None and before not in known_revisions():
+        if is_newer(before):
             log.warning("the schema is at %s, newer than this release's %s", before, head)
             return (
                 f"{database.describe()}: schema at {before}, newer than this release's "
@@ -100,14 +100,13 @@ async def _until_reachable(
 
 
 async def _wait_for_head(database: Database, head: str, deadline: float) -> str:
-    known = known_revisions()
     while True:
         current = await _until_reachable(
             database, deadline, lambda: current_revision(database.engine)
         )
         if current == head:
             return f"{database.describe()}: schema at {head}"
-        if current is not None and current not in known:
+        if is_newer(current):
             return f"{database.describe()}: schema at {current}, newer than this Sluice's {head}"
         if time.monotonic() + _RETRY_SECONDS > deadline:
             raise MigrateFailed(
