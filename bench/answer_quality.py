@@ -116,9 +116,8 @@ def conditions(seeds: int, cap: int) -> list[Condition]:
         Condition("template prompt, T=0.2 top_p=0.9", RequestDefaults(**CARD), sampled, cap),
     ]
     for name, prompt in SYSTEM_PROMPTS.items():
-        out.append(
-            Condition(f"{name!r}, T=0", RequestDefaults(0.0, 1.0, None, prompt), [None], cap)
-        )
+        greedy = RequestDefaults(temperature=0.0, system_prompt=prompt)
+        out.append(Condition(f"{name!r}, T=0", greedy, [None], cap))
         out.append(
             Condition(
                 f"{name!r}, T=0.2 top_p=0.9",
@@ -127,8 +126,10 @@ def conditions(seeds: int, cap: int) -> list[Condition]:
                 cap,
             )
         )
-    spec = LocalDeployment(provider="local").defaults
-    shipped = RequestDefaults(spec.temperature, spec.top_p, spec.max_tokens, spec.system_prompt)
+    brief = SYSTEM_PROMPTS["brief"]
+    top_k = RequestDefaults(system_prompt=brief, top_k=50, **CARD)
+    out.append(Condition("'brief', T=0.2 top_p=0.9 top_k=50", top_k, sampled, cap))
+    shipped = RequestDefaults(**LocalDeployment(provider="local").defaults.model_dump())
     out.append(Condition("shipped defaults, no cap", shipped, sampled, None))
     return out
 

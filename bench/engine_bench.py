@@ -16,7 +16,9 @@ and raw llama.cpp.
    temperature 0, non-streaming, on every server; how much of the text agrees.
 3. --workloads shared: every request carries the same ~300-token system prompt, at c=16
    (TTFT is the figure); arrival: 8 closed-loop streams, inter-token gaps over a window
-   without and a window with a ~1,000-token prompt arriving every --arrival-every s.
+   without and a window with a ~1,000-token prompt arriving every --arrival-every s;
+   sampled: c=16 with the sampling fields left out (each server's own defaults, as the openai
+   SDK sends a request): what sampling costs beside greedy decoding.
 4. --profile yes: one in-process engine at c=16, every llama_decode timed; per step the
    time inside it and the time outside it (the Python around it), the batch's shape and
    its runs of consecutive sequence ids.
@@ -338,15 +340,23 @@ def raw_phase(bench: Bench) -> list[dict[str, Any]]:
 
 
 def body(
-    user: str, tokens: int, stream: bool, extra: dict[str, Any], system: str = SYSTEM
+    user: str,
+    tokens: int,
+    stream: bool,
+    extra: dict[str, Any],
+    system: str = SYSTEM,
+    greedy: bool = True,
 ) -> dict[str, Any]:
+    """A chat request; greedy=False leaves the sampling fields out (each server's defaults,
+    as the openai SDK sends it)."""
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    sampling = {"temperature": 0} if greedy else {}
     return {
-        **extra,
+        **(extra if greedy else {}),
+        **sampling,
         "model": MODEL,
         "messages": messages,
         "stream": stream,
-        "temperature": 0,
         "max_tokens": tokens,
     }
 
@@ -418,7 +428,13 @@ def summary(streams: list[dict[str, Any]], wall: float) -> dict[str, Any]:
 
 
 async def level(
-    url: str, conns: int, n: int, tokens: int, extra: dict[str, Any], system: str = SYSTEM
+    url: str,
+    conns: int,
+    n: int,
+    tokens: int,
+    extra: dict[str, Any],
+    system: str = SYSTEM,
+    greedy: bool = True,
 ) -> dict[str, Any]:
     """n streaming requests, `conns` at a time (closed loop), the prompts in turn."""
     queue = list(range(conns, conns + n))
@@ -427,7 +443,8 @@ async def level(
 
         async def client() -> None:
             while queue:
-                payload = body(PROMPTS[queue.pop(0) % len(PROMPTS)], tokens, True, extra, system)
+                user = PROMPTS[queue.pop(0) % len(PROMPTS)]
+                payload = body(user, tokens, True, extra, system, greedy)
                 streams.append(await one_stream(http, url, payload))
 
         began = time.perf_counter()
@@ -589,6 +606,12 @@ def server_session(
                     lambda: asyncio.run(level(url, 16, 48, args.tokens, extra, system)),
                 )
                 out["shared"] = res | {"others_pct": cpu.others_pct}
+            if "sampled" in workloads:
+                res, cpu = bench.measure(
+                    f"{name} default sampling c=16",
+                    lambda: asyncio.run(level(url, 16, 48, args.tokens, extra, greedy=False)),
+                )
+                out["sampled"] = res | {"others_pct": cpu.others_pct}
             if "arrival" in workloads:
                 res, cpu = bench.measure(
                     f"{name} long-prompt arrivals",
@@ -733,6 +756,21 @@ def report(res: dict[str, Any]) -> list[str]:
             head += " | 8 streams: inter-token p99 without arrivals (ms) | with 1,000-token"
             head += " arrivals (ms) | with / without | Long prompts' TTFT p50 (ms)"
             tables.append(harness.table(head, wl_rows))
+        sampled_rows = []
+        for name in names:
+            sa = [r[name]["sampled"] for r in rounds if "sampled" in r.get(name, {})]
+            greedy = by_level(rounds, name, "").get((16, 16), [])
+            if sa:
+                sampled_rows.append([NAMES[name],
+                    median_spread([x["tok_s"] for x in sa], 1),
+                    median_spread([x["itl_p50_ms"] for x in sa if x["itl_p50_ms"]], 1),
+                    median_spread([x["ttft_p50_ms"] for x in sa if x["ttft_p50_ms"]], 0),
+                    median_spread([x["tok_s"] for x in greedy], 1) if greedy else "",
+                ])  # fmt: skip
+        if sampled_rows:
+            head = "Server | Its default sampling, c=16: tok/s | Inter-token p50 (ms)"
+            head += " | TTFT p50 (ms) | Greedy c=16 tok/s (above)"
+            tables.append(harness.table(head, sampled_rows))
         sane = {n: first[n]["sanity"] for n in names if "sanity" in first.get(n, {})}
         if "sluice" in sane:
             for other in (n for n in sane if n != "sluice"):
@@ -774,7 +812,7 @@ def main() -> int:
     parser.add_argument("--servers", default="sluice,llama-server,llama_cpp.server")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, servers in rotating order")
     parser.add_argument("--llamacpp-rounds", type=int, default=1, help="of them llama_cpp.server")
-    parser.add_argument("--workloads", default="shared,arrival", help="'' for none")
+    parser.add_argument("--workloads", default="shared,arrival,sampled", help="'' for none")
     parser.add_argument("--arrival-settle", type=float, default=8.0, help="s before the windows")
     parser.add_argument("--arrival-window", type=float, default=20.0, help="s of each window")
     parser.add_argument("--arrival-every", type=float, default=4.0, help="s between long prompts")

@@ -131,6 +131,13 @@ class LocalRequestDefaults(_Strict):
 
     temperature: float = Field(0.2, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(0.9, gt=0, le=1, allow_inf_nan=False)
+    top_k: int = Field(
+        50,
+        ge=0,
+        description="sample among the k likeliest tokens only (0: all of them); 50 is what "
+        "the model card's sampling ran with (Hugging Face's default), and it spares "
+        "llama.cpp's top_p a sort of the whole vocabulary",
+    )
     max_tokens: int | None = Field(
         512, ge=1, description="completion tokens; null: the rest of the context"
     )
@@ -157,8 +164,9 @@ class LocalDeployment(_Strict):
     step_tokens: int | None = Field(
         None,
         ge=2,
-        description="tokens a decode step may take: one per decoding sequence first, then "
-        "prompt chunks (default: twice the decoding sequences, at least 32)",
+        description="most tokens a decode step takes: one per decoding sequence first, then "
+        "prompt chunks (default: adaptive, twice the decoding sequences, at least 32, and a "
+        "prompt that fits in that joins whole)",
     )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")
     max_queue_wait: float = Field(30.0, gt=0, description="seconds a request may wait for a slot")

@@ -25,7 +25,9 @@ class ShowingTokenizer:
 
 
 LIMITS = RequestLimits(n_ctx=256, n_vocab=1000, max_sequences=16, max_prompt_chars=256 * 4)
-DEFAULTS = RequestDefaults(temperature=0.2, top_p=0.9, max_tokens=32, system_prompt="Be kind.")
+DEFAULTS = RequestDefaults(
+    temperature=0.2, top_p=0.9, top_k=50, max_tokens=32, system_prompt="Be kind."
+)
 USER = {"role": "user", "content": "hi"}
 
 
@@ -39,21 +41,21 @@ def rendered(job: Job) -> str:
 
 def test_omitted_fields_take_the_defaults() -> None:
     [req] = run("chat", {"messages": [USER]}).requests
-    assert (req.temperature, req.top_p, req.max_tokens) == (0.2, 0.9, 32)
+    assert (req.temperature, req.top_p, req.top_k, req.max_tokens) == (0.2, 0.9, 50, 32)
 
 
 def test_request_values_win() -> None:
-    body = {"messages": [USER], "temperature": 0, "top_p": 1, "max_tokens": 100}
+    body = {"messages": [USER], "temperature": 0, "top_p": 1, "top_k": 0, "max_tokens": 100}
     [req] = run("chat", body).requests
-    assert (req.temperature, req.top_p, req.max_tokens) == (0.0, 1.0, 100)
+    assert (req.temperature, req.top_p, req.top_k, req.max_tokens) == (0.0, 1.0, 0, 100)
     [req] = run("chat", {"messages": [USER], "max_completion_tokens": 7}).requests
     assert req.max_tokens == 7
 
 
 def test_explicit_null_is_omitted() -> None:
-    body = {"messages": [USER], "temperature": None, "top_p": None, "max_tokens": None}
-    [req] = run("chat", body).requests
-    assert (req.temperature, req.top_p, req.max_tokens) == (0.2, 0.9, 32)
+    body = {"messages": [USER], "temperature": None, "top_p": None, "top_k": None}
+    [req] = run("chat", body | {"max_tokens": None}).requests
+    assert (req.temperature, req.top_p, req.top_k, req.max_tokens) == (0.2, 0.9, 50, 32)
 
 
 def test_completions_take_sampling_and_max_tokens_but_no_system_prompt() -> None:
@@ -86,12 +88,20 @@ def test_default_max_tokens_is_cut_to_the_context_left() -> None:
 
 def test_no_defaults_keeps_openai_behaviour() -> None:
     [req] = run("chat", {"messages": [USER]}, RequestDefaults()).requests
-    assert (req.temperature, req.top_p, req.max_tokens) == (1.0, 1.0, 256 - len("user:hi|"))
+    assert (req.temperature, req.top_p, req.top_k) == (1.0, 1.0, 0)
+    assert req.max_tokens == 256 - len("user:hi|")
 
 
 @pytest.mark.parametrize(
     "fields",
-    [{"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"max_tokens": 0}],
+    [
+        {"temperature": -0.1},
+        {"temperature": 2.5},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_tokens": 0},
+    ],
 )
 def test_request_defaults_bounds(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="must be"):
@@ -104,6 +114,7 @@ def test_deployment_defaults() -> None:
     spec = LocalDeployment(provider="local")
     assert spec.defaults.temperature == 0.2
     assert spec.defaults.top_p == 0.9
+    assert spec.defaults.top_k == 50
     assert spec.defaults.max_tokens is not None
     assert spec.defaults.max_tokens < spec.context_size
     assert spec.defaults.system_prompt
@@ -121,7 +132,7 @@ def test_deployment_max_tokens_must_leave_room_for_a_prompt() -> None:
 
 def test_unknown_default_is_refused() -> None:
     with pytest.raises(ValidationError):
-        LocalDeployment(provider="local", defaults={"top_k": 40})
+        LocalDeployment(provider="local", defaults={"min_p": 0.05})
 
 
 def test_the_provider_gives_the_backend_its_deployments_defaults() -> None:
@@ -139,6 +150,10 @@ def test_the_provider_gives_the_backend_its_deployments_defaults() -> None:
     backend = LocalProvider(CollectorRegistry()).build("x", spec)
     given = spec.defaults
     assert backend.defaults == RequestDefaults(  # type: ignore[attr-defined]
-        given.temperature, given.top_p, given.max_tokens, given.system_prompt
+        temperature=given.temperature,
+        top_p=given.top_p,
+        top_k=given.top_k,
+        max_tokens=given.max_tokens,
+        system_prompt=given.system_prompt,
     )
     assert backend.defaults.temperature == 0.5  # type: ignore[attr-defined]

@@ -130,7 +130,7 @@ async def test_fixed_token_budget_is_respected_and_decodes_go_first() -> None:
 
 
 async def test_default_budget_is_twice_the_decodes_with_a_floor() -> None:
-    from sluice.engine.scheduler import MIN_STEP_TOKENS
+    from sluice.engine.budget import MIN_STEP_TOKENS
 
     eng = await _engine(parallel=4)
     try:
@@ -139,6 +139,48 @@ async def test_default_budget_is_twice_the_decodes_with_a_floor() -> None:
         with batches(eng) as seen:
             await collect(eng, greedy(long_prompt, 2))
         assert max(sum(t for _, t in b) for b in seen) == MIN_STEP_TOKENS
+    finally:
+        await eng.close()
+
+
+async def test_a_short_prompt_joins_running_streams_whole() -> None:
+    eng = await _engine(parallel=8)
+    try:
+        runners = [eng.tokenize(f"Count to {i}:", add_special=False) for i in range(7)]
+        words = "apple river stone cloud lamp bread window horse garden candle"
+        late = eng.tokenize(f"{words} {words} {words}", add_special=False)
+        assert 25 < len(late) <= 32  # more than the 25 free beside 7 decodes, within 32
+        streams = [eng.generate(greedy(p, 500)) for p in runners]
+        for stream in streams:
+            await anext(stream)  # all seven decode
+        with batches(eng) as seen:
+            await collect(eng, greedy(late, 2))
+        for stream in streams:
+            await stream.aclose()
+        joined = [b for b in seen if any(slot == 7 and t > 1 for slot, t in b)]
+        assert len(joined) == 1  # the whole prompt in one step, beside the seven decodes
+        assert sorted(joined[0]) == [(s, 1) for s in range(7)] + [(7, len(late))]
+    finally:
+        await eng.close()
+
+
+async def test_a_short_common_prefix_is_copied_from_another_slot() -> None:
+    from sluice.engine.scheduler import min_copy_tokens
+
+    eng = await _engine(parallel=3)
+    try:
+        prefix = "Here is a list of the animals on the farm by the old mill:"
+        first = eng.tokenize(f"{prefix} cows", add_special=False)
+        second = eng.tokenize(f"{prefix} geese and ducks", add_special=False)
+        common = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+        assert min_copy_tokens(1024) <= common < 32  # a bar of 32 (the old one) would not copy
+        with batches(eng) as seen:
+            running = eng.generate(greedy(first, 60))
+            await anext(running)
+            await collect(eng, greedy(second, 3))
+            await running.aclose()
+        took = sum(t for b in seen for slot, t in b if slot == 1)
+        assert took == len(second) - common + 2  # the new suffix, then one token a step
     finally:
         await eng.close()
 

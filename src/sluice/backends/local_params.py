@@ -19,8 +19,8 @@ change the answer's shape (penalties, ``user``, ``response_format``, a valid
 the queue order is the key's, never the client's.
 
 A field the request omits takes the deployment's `RequestDefaults` (temperature, top_p,
-max_tokens, a system prompt put first in a chat that has none); a value the request gives
-always wins. A default ``max_tokens`` is cut to what the context has left after the
+top_k, max_tokens, a system prompt put first in a chat that has none); a value the request
+gives always wins. A default ``max_tokens`` is cut to what the context has left after the
 prompt, where a client's own is refused when it does not fit.
 """
 
@@ -43,7 +43,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RequestDefaults:
     """A deployment's answers for the fields a request omits (docs/local-model.md).
 
@@ -52,6 +52,8 @@ class RequestDefaults:
 
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample among the k likeliest tokens only; 0: all of them."""
     max_tokens: int | None = None
     """Completion tokens when the request gives none; None: the rest of the context."""
     system_prompt: str | None = None
@@ -62,6 +64,8 @@ class RequestDefaults:
             raise ValueError("temperature must be between 0 and 2")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be greater than 0 and at most 1")
+        if self.top_k < 0:
+            raise ValueError("top_k must be at least 0")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
 
@@ -147,7 +151,7 @@ def validate(
     top_p = _number(body, "top_p", defaults.top_p, low=0.0, high=1.0)
     if top_p == 0.0:
         raise InvalidRequestError("top_p must be greater than 0", param="top_p")
-    top_k = _int(body, "top_k", 0, low=0, high=INT32_MAX)
+    top_k = _int(body, "top_k", defaults.top_k, low=0, high=INT32_MAX)
     seed = _optional_int(body, "seed", low=INT64_MIN, high=INT64_MAX)
     stop = _stop(body)
     stream = _bool(body, "stream", False)

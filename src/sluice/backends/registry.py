@@ -118,10 +118,7 @@ class LocalProvider:
             cache_prompt=spec.cache_prompt,
             max_sequences_per_request=spec.max_sequences_per_request,
         )
-        given = spec.defaults
-        defaults = RequestDefaults(
-            given.temperature, given.top_p, given.max_tokens, given.system_prompt
-        )
+        defaults = RequestDefaults(**spec.defaults.model_dump())
         backend: Backend = LocalBackend(name, config, self._metrics, self._tracer, defaults)  # type: ignore[arg-type]
         return backend
 

@@ -28,12 +28,12 @@ class EngineConfig:
     prefill_chunk: int | None = None
     """Most prompt tokens prefilled per step (None: as many as the token budget leaves)."""
     step_tokens: int | None = None
-    """Token budget of one decode step (as vLLM's ``max_num_batched_tokens``): one token for
-    each decoding sequence first, then prompt chunks up to the budget, so a long prompt joins
-    a little each step instead of stalling running streams. None: twice the decoding
-    sequences, at least 32 (on a CPU a step's time grows with its tokens, so from 16
-    decoding sequences up a step with prompt work takes about twice a decode-only one).
-    Set, it must exceed `parallel` so that prompts always make progress."""
+    """Most tokens in one decode step (as vLLM's ``max_num_batched_tokens``): one token for
+    each decoding sequence first, then prompt chunks up to the cap, so a long prompt joins a
+    little each step instead of stalling running streams. None: the adaptive budget of
+    `sluice.engine.budget` (twice the decoding sequences, at least 32, and a prompt that
+    fits in that joins whole). Set, it must exceed `parallel` so that prompts always make
+    progress."""
     cache_prompt: bool = True
     """Keep a finished sequence's KV cache in its slot and reuse its longest common prefix
     with the next prompt admitted there, prefilling only the new suffix."""

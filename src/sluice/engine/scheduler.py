@@ -3,10 +3,10 @@
 Each step the thread (1) drops cancelled and expired requests, (2) admits waiting requests
 into free sequence slots (highest priority first, then first come, first served; next to
 the busy slots), (3) builds one `llama_batch` within a token budget: one token for every
-decoding sequence first, then chunks of prompt tokens for sequences still prefilling, the
-shortest rest of a prompt first (so a long prompt joins a little each step and neither
-stalls the running streams nor the short prompts behind it for long), (4)
-runs one `llama_decode`, and (5) samples every sequence that produced logits with its own
+decoding sequence first, then prompt tokens for sequences still prefilling, the shortest
+rest of a prompt first (a short prompt whole, a long one a chunk each step, so that it
+neither stalls the running streams nor the short prompts behind it for long), (4) runs one
+`llama_decode`, and (5) samples every sequence that produced logits with its own
 sampler chain. A sequence that ends or is cancelled frees its slot in the same step.
 
 Slot order. The context keeps one KV stream per slot, and llama.cpp splits a batch into runs
@@ -15,19 +15,18 @@ sequences take a free slot next to the busy ones (`_pick_slot`), so running sequ
 packed and a step is one pass (plus the rest of a prompt chunk longer than the decodes beside
 it); among such slots, the one where the least cached work is overwritten.
 
-The token budget (`step_tokens`): a fixed number of tokens a step, or by default twice the
-decoding sequences (at least `MIN_STEP_TOKENS`): on a CPU a step's time grows about linearly
-with its tokens past the first few, so from 16 decoding sequences up a step with prompt work
-takes about twice a decode-only one, and below that at most a 32-token step
-(docs/architecture.md).
+The token budget (`engine/budget.py`): by default a step holds twice its decodes (at least
+32 tokens) and a prompt whose rest fits in that joins whole, longer prompts in chunks;
+`step_tokens` makes it a fixed cap.
 
 Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse and its prompt cache):
 a finished or cancelled sequence leaves its KV cells in its slot, and the scheduler
 remembers which tokens they hold. A new sequence takes the longest prefix of its prompt that
 any slot holds: its own slot's kept cells are trimmed to the prefix (`llama_memory_seq_rm`);
 another slot's cells, kept or of a running sequence, are copied (`llama_memory_seq_cp`, a
-copy of that slot's whole KV stream, so only for a prefix at least `MIN_COPY_TOKENS` longer
-than the slot's own) and trimmed. A prompt that shares a long prefix with one still being
+copy of that slot's whole KV stream, done inside the next `llama_decode`: about as long as
+computing 1.5 tokens for 1,024 cells, so only for a prefix `min_copy_tokens` longer than
+the slot's own) and trimmed. A prompt that shares a long prefix with one still being
 prefilled (the `n` choices of one request, a burst with one long system prompt) waits for
 that prefill and copies it instead of computing it twice. At least the last prompt token is
 always decoded again, so that position yields the logits of the first sampled token. A
@@ -46,6 +45,7 @@ from typing import Any
 import llama_cpp
 
 from sluice.engine.admission import Admission
+from sluice.engine.budget import AdaptiveBudget, FixedBudget, StepBudget
 from sluice.engine.metrics import EngineMetrics, EngineShare
 from sluice.engine.model import LlamaModel
 from sluice.engine.sequence import Item, Sequence, deliver, make_sampler
@@ -64,12 +64,13 @@ StepObserver = Callable[[int, int, int], None]
 BatchObserver = Callable[[list[tuple[int, int]]], None]
 """Called before each decode with the batch's (slot, tokens) in batch order."""
 
-MIN_STEP_TOKENS = 32
-"""The default token budget's floor: prompt work a step can always take beside few decodes
-(a 31-token chat prompt joins a lone stream in one step)."""
-MIN_COPY_TOKENS = 32
-"""Prefix tokens another slot must add over a slot's own cache to be worth copying: the copy
-moves that slot's whole KV stream (n_ctx cells), a few milliseconds."""
+
+def min_copy_tokens(n_ctx: int) -> int:
+    """Prefix tokens another slot must add over a slot's own cache to be worth copying. The
+    copy moves that slot's whole KV stream (n_ctx cells): for 1,024 cells about 6 ms inside
+    the next decode, 1.5 tokens' worth of compute (docs/benchmarks.md); it grows with the
+    cells, so the bar does too, with a margin of two to three."""
+    return max(4, n_ctx // 256)
 
 
 class Scheduler:
@@ -88,7 +89,10 @@ class Scheduler:
     ) -> None:
         self._model = model
         self._prefill_chunk = prefill_chunk
-        self._step_tokens = step_tokens
+        self._budget: StepBudget = (
+            AdaptiveBudget() if step_tokens is None else FixedBudget(step_tokens)
+        )
+        self._min_copy = min_copy_tokens(model.n_ctx)
         self._cache_prompt = cache_prompt
         # Tokens held in the KV cache of each free slot (decode thread only; a running
         # sequence's own tokens are tracked on the sequence and stored here on release).
@@ -225,11 +229,11 @@ class Scheduler:
                     n = self._common(run.prompt, prompt)
                     if n > share:
                         pending, share = run, n
-            if pending is not None and share >= max(best, own) + MIN_COPY_TOKENS:
+            if pending is not None and share >= max(best, own) + self._min_copy:
                 self._forget(slot)
                 seq.source, seq.share = pending, share
                 return
-            if src != slot and best < own + MIN_COPY_TOKENS:
+            if src != slot and best < own + self._min_copy:
                 best, src = own, slot
         self._place(seq, src, best)
 
@@ -306,17 +310,16 @@ class Scheduler:
             if not seq.prefilling and seq.source is None:
                 takes.append((seq, 1))
                 decoded += 1
-        budget = self._budget(decoded) - decoded
-        budget = min(self._prefill_chunk, budget)
         # Prompt room goes to the shortest rest of a prompt first (within a priority), so a
         # short prompt joins at once instead of queueing behind a long one's chunks.
+        taken, room = 0, min(self._prefill_chunk, self._model.n_batch - decoded)
         for seq in sorted(self._running, key=_prefill_order):
-            if budget <= 0:
-                break
             if seq.prefilling and seq.source is None:
-                take = min(budget, len(seq.prompt) - seq.cursor)
-                takes.append((seq, take))
-                budget -= take
+                rest = len(seq.prompt) - seq.cursor
+                take = min(self._budget.take(decoded, taken, rest), room - taken)
+                if take > 0:
+                    takes.append((seq, take))
+                    taken += take
         if not takes:
             return
         # Tokens go in in slot (sequence id) order: llama.cpp decodes each run of
@@ -369,14 +372,6 @@ class Scheduler:
             if seq.batch_index >= 0:
                 self._sample(seq)
         self._flush()
-
-    def _budget(self, decoding: int) -> int:
-        """Most tokens in a step with `decoding` sequences decoding."""
-        if self._step_tokens is not None:
-            budget = self._step_tokens
-        else:
-            budget = max(2 * decoding, MIN_STEP_TOKENS)
-        return min(budget, self._model.n_batch)
 
     def _kv_cells_used(self) -> int:
         held = sum(seq.n_past for seq in self._running)

@@ -1,0 +1,55 @@
+"""How many prompt tokens a decode step takes beside its decodes (the per-step token budget).
+
+On a CPU a step's time grows about linearly with its tokens (about 4 ms a token for the
+packaged SmolLM2 on two cores, prompt and decode tokens alike: docs/benchmarks.md), so every
+prompt token in a step delays every running stream by the same amount whichever step it is
+in. A budget therefore cannot make prompt work cheaper for the running streams; what it
+decides is how the work is spread: a long prompt in chunks keeps any one step from stalling
+the streams for long (a 1,000-token prompt in one step stalls them for four seconds), while a
+short prompt split over two steps only delays its own first token by a step and spares
+nobody anything.
+
+`AdaptiveBudget` (the default) lets a step hold twice its decodes, at least
+`MIN_STEP_TOKENS`, and lets a prompt whose rest fits in that on its own join whole;
+`FixedBudget` (`step_tokens` set) is a hard cap on a step's tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+MIN_STEP_TOKENS = 32
+"""The adaptive budget's floor: prompt work a step can always take beside few decodes
+(a 31-token chat prompt joins a lone stream in one step)."""
+
+
+class StepBudget(Protocol):
+    def take(self, decoding: int, taken: int, rest: int) -> int:
+        """Prompt tokens the next prefilling sequence may add to a step that already holds
+        `decoding` decodes and `taken` prompt tokens, of its `rest` still to prefill."""
+        ...
+
+
+class FixedBudget:
+    """At most `step_tokens` tokens a step, decodes first (as vLLM's
+    ``max_num_batched_tokens``)."""
+
+    def __init__(self, step_tokens: int) -> None:
+        self.step_tokens = step_tokens
+
+    def take(self, decoding: int, taken: int, rest: int) -> int:
+        return max(0, min(rest, self.step_tokens - decoding - taken))
+
+
+class AdaptiveBudget:
+    """A step of twice its decodes (at least `MIN_STEP_TOKENS`): with many streams running
+    a step with prompt work takes about twice a decode-only one, so running streams'
+    inter-token time at most doubles while a long prompt joins. A prompt whose rest fits in
+    that budget on its own joins whole (the step then holds up to the decodes plus the
+    budget), so a chat prompt beside sixteen streams gets its first token a step sooner."""
+
+    def take(self, decoding: int, taken: int, rest: int) -> int:
+        budget = max(2 * decoding, MIN_STEP_TOKENS)
+        if taken + rest <= budget:
+            return rest
+        return max(0, min(rest, budget - decoding - taken))
