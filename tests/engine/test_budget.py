@@ -39,7 +39,8 @@ def test_adaptive_budget_lets_a_prompt_that_fits_join_whole() -> None:
     # A second one would take the step past decodes + budget: it gets nothing this step.
     assert fill(AdaptiveBudget(), 15, [20, 20]) == [20, 0]
     # With nobody decoding, short prompts share the floor, the last one in part.
-    assert fill(AdaptiveBudget(), 0, [10, 12, 20]) == [10, 12, 10]
+    assert MIN_STEP_TOKENS == 16
+    assert fill(AdaptiveBudget(), 0, [6, 8, 20]) == [6, 8, 2]
 
 
 def test_adaptive_budget_never_exceeds_decodes_plus_budget() -> None:
