@@ -134,6 +134,7 @@ class LocalRequestDefaults(_Strict):
     top_k: int = Field(
         50,
         ge=0,
+        le=2**31 - 1,
         description="sample among the k likeliest tokens only (0: all of them); 50 is what "
         "the model card's sampling ran with (Hugging Face's default), and it spares "
         "llama.cpp's top_p a sort of the whole vocabulary",
@@ -165,7 +166,7 @@ class LocalDeployment(_Strict):
         None,
         ge=2,
         description="most tokens a decode step takes: one per decoding sequence first, then "
-        "prompt chunks (default: adaptive, twice the decoding sequences, at least 32, and a "
+        "prompt chunks (default: adaptive, twice the decoding sequences, at least 16, and a "
         "prompt that fits in that joins whole)",
     )
     max_queue: int = Field(256, ge=0, description="requests waiting for a slot before 429")

@@ -7,11 +7,13 @@ import pytest
 from sluice.engine.budget import MIN_STEP_TOKENS, AdaptiveBudget, FixedBudget
 
 
-def fill(budget: AdaptiveBudget | FixedBudget, decoding: int, rests: list[int]) -> list[int]:
+def fill(
+    budget: AdaptiveBudget | FixedBudget, decoding: int, rests: list[int], split: bool = False
+) -> list[int]:
     """What each prefilling sequence gets, in order, as the scheduler asks."""
     taken, out = 0, []
     for rest in rests:
-        take = budget.take(decoding, taken, rest)
+        take = budget.take(decoding, taken, rest, split)
         out.append(take)
         taken += take
     return out
@@ -50,3 +52,39 @@ def test_adaptive_budget_never_exceeds_decodes_plus_budget() -> None:
         for rests in ([1] * 40, [5, 31, 64, 200], [33, 33], [budget, 1], [budget + 1]):
             assert decoding + sum(fill(adaptive, decoding, rests)) <= decoding + budget
             assert all(t >= 0 for t in fill(adaptive, decoding, rests))
+
+
+def test_a_split_prompt_ends_in_chunks_too() -> None:
+    # The last 20 tokens of a long prompt beside 15 decodes: a chunk of 15, not all 20
+    # (which would make the step three times a decode-only one).
+    assert fill(AdaptiveBudget(), 15, [20], split=True) == [15]
+    assert fill(AdaptiveBudget(), 15, [20], split=False) == [20]
+
+
+@pytest.mark.parametrize("budget", [AdaptiveBudget(), FixedBudget(65)])
+def test_the_first_prompt_of_a_step_always_makes_progress(budget: AdaptiveBudget) -> None:
+    # The scheduler relies on it: below `parallel` decodes (step_tokens > parallel), the
+    # first prefilling sequence of a step gets at least one token, split or not.
+    for decoding in range(0, 64):
+        for rest in (1, 2, 17, 1000):
+            for split in (False, True):
+                assert budget.take(decoding, 0, rest, split) >= 1
+
+
+def test_a_long_waiting_prompt_goes_first_within_its_priority() -> None:
+    from types import SimpleNamespace
+
+    pytest.importorskip("llama_cpp")
+    from sluice.engine.scheduler import PREFILL_AGING_S, _prefill_order
+
+    def seq(order: int, rest: int, waited: float, priority: int = 0) -> SimpleNamespace:
+        req = SimpleNamespace(priority=priority)
+        prompt = [0] * rest
+        return SimpleNamespace(req=req, prompt=prompt, cursor=0, admitted_at=-waited, order=order)
+
+    fresh_long, short = seq(1, 900, 0.0), seq(2, 10, 0.0)
+    aged_long = seq(3, 900, PREFILL_AGING_S)
+    urgent = seq(4, 500, 0.0, priority=1)
+    everyone = [fresh_long, short, aged_long, urgent]
+    ranked = sorted(everyone, key=lambda s: _prefill_order(s, 0.0))  # type: ignore[arg-type]
+    assert ranked == [urgent, aged_long, short, fresh_long]

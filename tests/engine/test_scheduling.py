@@ -144,23 +144,24 @@ async def test_default_budget_is_twice_the_decodes_with_a_floor() -> None:
 
 
 async def test_a_short_prompt_joins_running_streams_whole() -> None:
-    eng = await _engine(parallel=12)
+    eng = await _engine(parallel=17)
     try:
-        runners = [eng.tokenize(f"Count to {i}:", add_special=False) for i in range(11)]
+        runners = [prompt_of(eng, f"Write a long story about the number {i}.") for i in range(16)]
         words = "apple river stone cloud lamp bread window horse garden candle"
-        late = eng.tokenize(f"{words} {words}", add_special=False)
-        # The budget beside 11 decodes is 22 tokens: 11 free, and this prompt fits in 22.
-        assert 11 < len(late) <= 22
+        late = eng.tokenize(f"{words} {words} {words}", add_special=False)
+        # Beside 16 decodes the budget is 32 tokens, 16 of them free: this prompt is longer
+        # than that (the old budget split it) and fits in 32 (it now joins whole).
+        assert 16 < len(late) <= 32
         streams = [eng.generate(greedy(p, 500)) for p in runners]
         for stream in streams:
-            await anext(stream)  # all eleven decode
+            await anext(stream)  # all sixteen decode
         with batches(eng) as seen:
             await collect(eng, greedy(late, 2))
         for stream in streams:
             await stream.aclose()
-        joined = [b for b in seen if any(slot == 11 and t > 1 for slot, t in b)]
-        assert len(joined) == 1  # the whole prompt in one step, beside the eleven decodes
-        assert sorted(joined[0]) == [(s, 1) for s in range(11)] + [(11, len(late))]
+        joined = [b for b in seen if any(slot == 16 and t > 1 for slot, t in b)]
+        assert len(joined) == 1  # the whole prompt in one step, beside the sixteen decodes
+        assert sorted(joined[0]) == [(s, 1) for s in range(16)] + [(16, len(late))]
     finally:
         await eng.close()
 

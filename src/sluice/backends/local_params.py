@@ -64,8 +64,8 @@ class RequestDefaults:
             raise ValueError("temperature must be between 0 and 2")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be greater than 0 and at most 1")
-        if self.top_k < 0:
-            raise ValueError("top_k must be at least 0")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise ValueError("top_k must be at least 0 and below 2**31")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
 

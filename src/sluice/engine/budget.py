@@ -10,9 +10,10 @@ short prompt split over two steps only delays its own first token by a step and 
 nobody anything.
 
 `AdaptiveBudget` (the default) lets a step hold twice its decodes, at least
-`MIN_STEP_TOKENS`, and lets a prompt whose rest fits in that on its own join whole (a step
-then holds up to three times its decodes, once per short prompt);
-`FixedBudget` (`step_tokens` set) is a hard cap on a step's tokens.
+`MIN_STEP_TOKENS`, and lets a prompt not split yet join whole when it fits in that budget
+beside the prompt tokens the step already took (the step then holds up to the decodes plus
+the budget: three times a decode-only step at most); `FixedBudget` (`step_tokens` set) is a
+hard cap on a step's tokens.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ decode-only step, but for less than anyone watching them sees."""
 
 
 class StepBudget(Protocol):
-    def take(self, decoding: int, taken: int, rest: int) -> int:
+    def take(self, decoding: int, taken: int, rest: int, split: bool) -> int:
         """Prompt tokens the next prefilling sequence may add to a step that already holds
-        `decoding` decodes and `taken` prompt tokens, of its `rest` still to prefill."""
+        `decoding` decodes and `taken` prompt tokens, of its `rest` still to prefill
+        (`split`: earlier steps took part of it). At least 1 for the first prefilling
+        sequence of a step (`taken` 0) while `decoding` is below the budget's own floor, so
+        every step makes prompt progress."""
         ...
 
 
@@ -40,19 +44,20 @@ class FixedBudget:
     def __init__(self, step_tokens: int) -> None:
         self.step_tokens = step_tokens
 
-    def take(self, decoding: int, taken: int, rest: int) -> int:
+    def take(self, decoding: int, taken: int, rest: int, split: bool) -> int:
         return max(0, min(rest, self.step_tokens - decoding - taken))
 
 
 class AdaptiveBudget:
     """A step of twice its decodes (at least `MIN_STEP_TOKENS`): with many streams running
     a step with prompt work takes about twice a decode-only one, so running streams'
-    inter-token time at most doubles while a long prompt joins. A prompt whose rest fits in
-    that budget on its own joins whole (the step then holds up to the decodes plus the
-    budget), so a chat prompt beside sixteen streams gets its first token a step sooner."""
+    inter-token time at most doubles while a long prompt joins, chunk by chunk to its last.
+    A prompt not split yet that fits in the budget beside what the step already took joins
+    whole (the step then holds up to the decodes plus the budget), so a chat prompt beside
+    sixteen streams gets its first token a step sooner."""
 
-    def take(self, decoding: int, taken: int, rest: int) -> int:
+    def take(self, decoding: int, taken: int, rest: int, split: bool) -> int:
         budget = max(2 * decoding, MIN_STEP_TOKENS)
-        if taken + rest <= budget:
+        if not split and taken + rest <= budget:
             return rest
         return max(0, min(rest, budget - decoding - taken))

@@ -31,7 +31,7 @@ class EngineConfig:
     """Most tokens in one decode step (as vLLM's ``max_num_batched_tokens``): one token for
     each decoding sequence first, then prompt chunks up to the cap, so a long prompt joins a
     little each step instead of stalling running streams. None: the adaptive budget of
-    `sluice.engine.budget` (twice the decoding sequences, at least 32, and a prompt that
+    `sluice.engine.budget` (twice the decoding sequences, at least 16, and a prompt that
     fits in that joins whole). Set, it must exceed `parallel` so that prompts always make
     progress."""
     cache_prompt: bool = True

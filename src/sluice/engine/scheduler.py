@@ -16,7 +16,7 @@ packed and a step is one pass (plus the rest of a prompt chunk longer than the d
 it); among such slots, the one where the least cached work is overwritten.
 
 The token budget (`engine/budget.py`): by default a step holds twice its decodes (at least
-32 tokens) and a prompt whose rest fits in that joins whole, longer prompts in chunks;
+16 tokens) and a prompt whose rest fits in that joins whole, longer prompts in chunks;
 `step_tokens` makes it a fixed cap.
 
 Prompt caching (`cache_prompt`, like llama.cpp server's slot reuse and its prompt cache):
@@ -63,6 +63,8 @@ StepObserver = Callable[[int, int, int], None]
 """Called after each step with (sequences, prompt tokens, decoded tokens)."""
 BatchObserver = Callable[[list[tuple[int, int]]], None]
 """Called before each decode with the batch's (slot, tokens) in batch order."""
+PREFILL_AGING_S = 10.0
+"""A prompt prefilling for this long goes ahead of shorter ones of its priority."""
 
 
 def min_copy_tokens(n_ctx: int) -> int:
@@ -225,7 +227,9 @@ class Scheduler:
             # A prompt still being prefilled that will hold a longer prefix: wait for it.
             pending, share = None, best
             for run in self._running:
-                if run is not seq and run.prefilling and run.source is None:
+                # Never behind a lower priority's prefill: it may get no room for long.
+                lower = run.req.priority < seq.req.priority
+                if run is not seq and run.prefilling and run.source is None and not lower:
                     n = self._common(run.prompt, prompt)
                     if n > share:
                         pending, share = run, n
@@ -310,13 +314,18 @@ class Scheduler:
             if not seq.prefilling and seq.source is None:
                 takes.append((seq, 1))
                 decoded += 1
-        # Prompt room goes to the shortest rest of a prompt first (within a priority), so a
-        # short prompt joins at once instead of queueing behind a long one's chunks.
+        # Prompt room goes to the shortest rest of a prompt first within a priority (so a
+        # short prompt joins at once instead of queueing behind a long one's chunks), except
+        # that a prompt prefilling for PREFILL_AGING_S goes first (shortest first alone lets
+        # a stream of short prompts starve a long one). Room a higher priority leaves over
+        # goes to the lower ones.
+        now = time.monotonic()
         taken, room = 0, min(self._prefill_chunk, self._model.n_batch - decoded)
-        for seq in sorted(self._running, key=_prefill_order):
+        for seq in sorted(self._running, key=lambda s: _prefill_order(s, now)):
             if seq.prefilling and seq.source is None:
                 rest = len(seq.prompt) - seq.cursor
-                take = min(self._budget.take(decoded, taken, rest), room - taken)
+                split = seq.cursor > seq.reused
+                take = min(self._budget.take(decoded, taken, rest, split), room - taken)
                 if take > 0:
                     takes.append((seq, take))
                     taken += take
@@ -421,5 +430,9 @@ def _slot_of_take(take: tuple[Sequence, int]) -> int:
     return take[0].slot
 
 
-def _prefill_order(seq: Sequence) -> tuple[int, int, int]:
-    return (-seq.req.priority, len(seq.prompt) - seq.cursor, seq.order)
+def _prefill_order(seq: Sequence, now: float) -> tuple[int, int, int]:
+    """Higher priority first; within one, prompts prefilling for PREFILL_AGING_S in arrival
+    order, then the shortest rest first."""
+    rest = len(seq.prompt) - seq.cursor
+    aged = now - seq.admitted_at >= PREFILL_AGING_S
+    return (-seq.req.priority, 0 if aged else rest, seq.order)
