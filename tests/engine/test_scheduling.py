@@ -166,6 +166,19 @@ async def test_a_short_prompt_joins_running_streams_whole() -> None:
         await eng.close()
 
 
+async def test_prefill_chunk_caps_a_prompt_that_would_join_whole() -> None:
+    eng = await _engine(parallel=2, prefill_chunk=4)
+    try:
+        prompt = eng.tokenize("apple river stone cloud lamp bread window horse", add_special=False)
+        assert 4 < len(prompt) <= 16  # the adaptive budget alone would take it whole
+        with batches(eng) as seen:
+            await collect(eng, greedy(prompt, 2))
+        assert max(t for b in seen for _, t in b) == 4
+        assert sum(t for b in seen for _, t in b) == len(prompt) + 1
+    finally:
+        await eng.close()
+
+
 async def test_a_short_common_prefix_is_copied_from_another_slot() -> None:
     from sluice.engine.scheduler import min_copy_tokens
 
