@@ -179,6 +179,44 @@ async def test_prefill_chunk_caps_a_prompt_that_would_join_whole() -> None:
         await eng.close()
 
 
+async def test_a_higher_priority_never_waits_for_a_lower_ones_prefill() -> None:
+    eng = await _engine(parallel=2)
+    try:
+        long_system = SYSTEM * 4
+        low, high = (
+            eng.tokenize_chat(
+                [{"role": "system", "content": long_system}, {"role": "user", "content": q}]
+            )
+            for q in ("When is the market?", "Which flour for rye?")
+        )
+        assert len(low) > 150
+        first: list[str] = []
+
+        async def run(name: str, prompt: list[int], priority: int) -> None:
+            request = GenerationRequest(prompt, max_tokens=2, temperature=0.0, priority=priority)
+            async for _ in eng.generate(request):
+                first.append(name)
+                return
+
+        with batches(eng) as seen:
+            low_task = asyncio.create_task(run("low", low, 0))
+            for _ in range(1000):  # until the low one is prefilling, 16 tokens a step
+                if len(seen) >= 2:
+                    break
+                await asyncio.sleep(0.005)
+            await run("high", high, 1)
+            await low_task
+        # Waiting to copy the low one's prefill, the high one (slot 1) would have started only
+        # as the low one's prefill ended; it takes what the low one has computed so far and
+        # prefills the rest at once, first by its priority, while the low one waits.
+        assert first == ["high", "low"]
+        high_from = min(i for i, b in enumerate(seen) if any(s == 1 for s, _ in b))
+        low_until = max(i for i, b in enumerate(seen) if any(s == 0 and t > 1 for s, t in b))
+        assert high_from < low_until - 3  # prefilling while the low one still had far to go
+    finally:
+        await eng.close()
+
+
 async def test_a_short_common_prefix_is_copied_from_another_slot() -> None:
     from sluice.engine.scheduler import min_copy_tokens
 
