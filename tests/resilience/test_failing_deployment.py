@@ -90,7 +90,9 @@ def test_a_stall_after_the_first_byte_is_never_retried(
 def test_a_slow_deployment_gets_little_traffic_with_latency_balancing(
     a: MockUpstream, b: MockUpstream, client: httpx.Client
 ) -> None:
-    a.set_faults(added_latency_ms=100)
+    # Far slower than a cold first answer from "b" can be on a loaded machine (a CI run saw
+    # "a" get a fourth call at 100 ms: "b"'s first, cold, answer looked slower than that).
+    a.set_faults(added_latency_ms=400)
     settings = config(deployment(a, "a"), deployment(b, "b"), model={"balancing": "latency"})
     with running_gateway(settings) as base:
         answers = [chat(client, base) for _ in range(30)]
