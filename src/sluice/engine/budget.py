@@ -1,13 +1,13 @@
 """How many prompt tokens a decode step takes beside its decodes (the per-step token budget).
 
-On a CPU a step's time grows about linearly with its tokens (3-4 ms a token for the
-packaged SmolLM2 on two cores, prompt and decode tokens alike, more deep in a long prompt:
-`bench/engine_costs.py`, docs/benchmarks.md), so every prompt token in a step delays every
-running stream by about the same amount whichever step it is in. A budget therefore cannot
-make prompt work cheaper for the running streams; what it decides is how the work is
-spread: a long prompt in chunks keeps any one step from stalling the streams for long (a
-1,000-token prompt in one step stalls them for three to four seconds), while a short prompt
-split over two steps only delays its own first token by a step and spares nobody anything.
+On a CPU a step's time grows about linearly with its tokens, prompt and decode tokens
+alike (more deep in a long prompt; measured by `bench/engine_costs.py`, figures in
+docs/benchmarks.md), so every prompt token in a step delays every running stream by about
+the same amount whichever step it is in. A budget therefore cannot make prompt work cheaper
+for the running streams; what it decides is how the work is spread: a long prompt in chunks
+keeps any one step from stalling the streams for long (a long prompt in one step stalls them
+for seconds), while a short prompt split over two steps only delays its own first token by a
+step and spares nobody anything.
 
 `AdaptiveBudget` (the default) lets a step hold twice its decodes, at least
 `MIN_STEP_TOKENS`, and lets a prompt not split yet join whole when it fits in that budget
@@ -23,8 +23,8 @@ from typing import Protocol
 MIN_STEP_TOKENS = 16
 """The adaptive budget's floor: prompt work a step can always take beside few decodes. From
 8 decoding streams up the budget is exactly twice the decodes; below that a step of 16
-tokens (about 70 ms on two cores) stalls a few streams for longer than twice their
-decode-only step, but for less than anyone watching them sees."""
+tokens stalls a few streams for longer than twice their decode-only step, but for less than
+anyone watching them sees (docs/benchmarks.md)."""
 
 
 class StepBudget(Protocol):

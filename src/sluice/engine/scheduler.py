@@ -24,9 +24,9 @@ a finished or cancelled sequence leaves its KV cells in its slot, and the schedu
 remembers which tokens they hold. A new sequence takes the longest prefix of its prompt that
 any slot holds: its own slot's kept cells are trimmed to the prefix (`llama_memory_seq_rm`);
 another slot's cells, kept or of a running sequence, are copied (`llama_memory_seq_cp`, a
-copy of that slot's whole KV stream, done inside the next `llama_decode`: about as long as
-computing 1.5 tokens for 1,024 cells, so only for a prefix `min_copy_tokens` longer than
-the slot's own) and trimmed. A prompt that shares a long prefix with one still being
+copy of that slot's whole KV stream, done inside the next `llama_decode` and cheaper than
+computing a few tokens, so only for a prefix `min_copy_tokens` longer than the slot's own)
+and trimmed. A prompt that shares a long prefix with one still being
 prefilled (the `n` choices of one request, a burst with one long system prompt) waits for
 that prefill and copies it instead of computing it twice. At least the last prompt token is
 always decoded again, so that position yields the logits of the first sampled token. A
@@ -69,9 +69,9 @@ PREFILL_AGING_S = 10.0
 
 def min_copy_tokens(n_ctx: int) -> int:
     """Prefix tokens another slot must add over a slot's own cache to be worth copying. The
-    copy moves that slot's whole KV stream (n_ctx cells): for 1,024 cells about 6 ms inside
-    the next decode, 1.5 tokens' worth of compute (docs/benchmarks.md); it grows with the
-    cells, so the bar does too, with a margin of two to three."""
+    copy moves that slot's whole KV stream (n_ctx cells), measured at under two tokens'
+    worth of compute for 1,024 cells (docs/architecture.md); it grows with the cells, so the
+    bar does too, with a margin of two to three."""
     return max(4, n_ctx // 256)
 
 
